@@ -1,0 +1,99 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
+//   0 pure:      PortcullisCore, PortcullisRules, PortcullisPolicy      (no NIO, no sockets)
+//   1 adapters:  PortcullisTelemetry (log writers), PortcullisNIO (channel handlers)
+//   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
+//   3 exe:       portcullis (check / run)
+let strictSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+// Socket structs (sockaddr_in, linger) are declared through NIO's C shim modules, which
+// MemberImportVisibility would make every file import by name; the NIO layers skip it.
+let nioSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "portcullis",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "portcullis", targets: ["portcullis"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // Layer 0
+        .target(name: "PortcullisCore", swiftSettings: strictSettings),
+        .target(name: "PortcullisRules", dependencies: ["PortcullisCore"], swiftSettings: strictSettings),
+        .target(name: "PortcullisPolicy", dependencies: ["PortcullisCore", "PortcullisRules"], swiftSettings: strictSettings),
+        // Layer 1
+        .target(
+            name: "PortcullisTelemetry",
+            dependencies: ["PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictSettings
+        ),
+        .target(
+            name: "PortcullisNIO",
+            dependencies: [
+                "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: nioSettings
+        ),
+        // Layer 2
+        .target(
+            name: "PortcullisGateway",
+            dependencies: [
+                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisTelemetry", "PortcullisNIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: nioSettings
+        ),
+        // Layer 3
+        .executableTarget(
+            name: "portcullis",
+            dependencies: [
+                "PortcullisRules", "PortcullisPolicy", "PortcullisGateway",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // Tests
+        .target(
+            name: "PortcullisTestSupport",
+            dependencies: [
+                "PortcullisCore", "PortcullisPolicy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Tests/PortcullisTestSupport"
+        ),
+        .testTarget(name: "PortcullisCoreTests", dependencies: ["PortcullisCore"]),
+        .testTarget(name: "PortcullisRulesTests", dependencies: ["PortcullisRules", "PortcullisPolicy"]),
+        .testTarget(name: "PortcullisPolicyTests", dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore"]),
+        .testTarget(name: "PortcullisTelemetryTests", dependencies: ["PortcullisTelemetry", "PortcullisPolicy"]),
+        .testTarget(
+            name: "PortcullisEndToEndTests",
+            dependencies: [
+                "portcullis", "PortcullisGateway", "PortcullisTestSupport", "PortcullisPolicy", "PortcullisRules",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+    ]
+)

@@ -1,0 +1,215 @@
+/// An IPv4 or IPv6 address as a plain integer, so that CIDR arithmetic and table lookups are
+/// integer comparisons. Parsing and formatting follow what nginx prints for `$remote_addr`.
+public enum IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible {
+    case v4(UInt32)
+    case v6(UInt128)
+
+    /// The IPv4 address embedded in an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), if any.
+    public var mappedIPv4: UInt32? {
+        guard case .v6(let value) = self, value >> 32 == 0xFFFF else { return nil }
+        return UInt32(truncatingIfNeeded: value)
+    }
+
+    /// IPv4-mapped IPv6 folded to IPv4; everything else unchanged. One client, one identity.
+    public var folded: IPAddress {
+        if let v4 = mappedIPv4 { return .v4(v4) }
+        return self
+    }
+
+    public var isIPv4: Bool { if case .v4 = self { return true } else { return false } }
+
+    /// Network-order bytes: 4 for IPv4, 16 for IPv6 (as nginx's `$binary_remote_addr`).
+    public var bytes: [UInt8] {
+        switch self {
+        case .v4(let value):
+            return (0..<4).map { UInt8(truncatingIfNeeded: value >> (24 - 8 * $0)) }
+        case .v6(let value):
+            return (0..<16).map { UInt8(truncatingIfNeeded: value >> (120 - 8 * $0)) }
+        }
+    }
+
+    public init?(bytes: some Collection<UInt8>) {
+        switch bytes.count {
+        case 4: self = .v4(bytes.reduce(0) { $0 << 8 | UInt32($1) })
+        case 16: self = .v6(bytes.reduce(0) { $0 << 8 | UInt128($1) })
+        default: return nil
+        }
+    }
+
+    /// Parses dotted-quad IPv4 (no leading zeros, as inet_pton) or IPv6 text (with `::` and
+    /// an embedded IPv4 tail). Brackets and zone ids are not accepted here.
+    public init?(_ text: some StringProtocol) {
+        let utf8 = Array(text.utf8)
+        if utf8.contains(UInt8(ascii: ":")) {
+            guard let value = Self.parseIPv6(utf8) else { return nil }
+            self = .v6(value)
+        } else {
+            guard let value = Self.parseIPv4(utf8[...]) else { return nil }
+            self = .v4(value)
+        }
+    }
+
+    static func parseIPv4(_ text: ArraySlice<UInt8>) -> UInt32? {
+        var result: UInt32 = 0
+        var octets = 0
+        var current: UInt32 = 0
+        var digits = 0
+        for byte in text {
+            if byte == UInt8(ascii: ".") {
+                guard digits > 0, octets < 3 else { return nil }
+                result = result << 8 | current
+                octets += 1
+                current = 0
+                digits = 0
+            } else if byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9") {
+                if digits > 0 && current == 0 { return nil }  // leading zero
+                current = current * 10 + UInt32(byte - UInt8(ascii: "0"))
+                digits += 1
+                guard current <= 255 else { return nil }
+            } else {
+                return nil
+            }
+        }
+        guard digits > 0, octets == 3 else { return nil }
+        return result << 8 | current
+    }
+
+    static func parseIPv6(_ text: [UInt8]) -> UInt128? {
+        var head: [UInt16] = []
+        var tail: [UInt16] = []
+        var sawDoubleColon = false
+        var index = 0
+        let count = text.count
+        if count >= 2 && text[0] == UInt8(ascii: ":") {
+            guard text[1] == UInt8(ascii: ":") else { return nil }
+            sawDoubleColon = true
+            index = 2
+        }
+        while index < count {
+            // One group: hex digits, or a trailing dotted IPv4.
+            var end = index
+            while end < count && text[end] != UInt8(ascii: ":") { end += 1 }
+            let group = text[index..<end]
+            if group.contains(UInt8(ascii: ".")) {
+                guard end == count, let v4 = parseIPv4(group) else { return nil }
+                let words = [UInt16(v4 >> 16), UInt16(truncatingIfNeeded: v4)]
+                if sawDoubleColon { tail += words } else { head += words }
+                index = end
+                break
+            }
+            guard !group.isEmpty, group.count <= 4 else { return nil }
+            var word: UInt16 = 0
+            for byte in group {
+                guard let nibble = hexValue(byte) else { return nil }
+                word = word << 4 | UInt16(nibble)
+            }
+            if sawDoubleColon { tail.append(word) } else { head.append(word) }
+            index = end
+            if index < count {
+                // At a colon: either a separator or the start of "::".
+                index += 1
+                if index < count && text[index] == UInt8(ascii: ":") {
+                    guard !sawDoubleColon else { return nil }
+                    sawDoubleColon = true
+                    index += 1
+                } else if index == count {
+                    return nil  // trailing single colon
+                }
+            }
+        }
+        let total = head.count + tail.count
+        if sawDoubleColon {
+            guard total <= 7 else { return nil }
+        } else {
+            guard total == 8 else { return nil }
+        }
+        let words = head + Array(repeating: 0, count: 8 - total) + tail
+        return words.reduce(0) { $0 << 16 | UInt128($1) }
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .v4(let value): return Self.formatIPv4(value)
+        case .v6(let value): return Self.formatIPv6(value)
+        }
+    }
+
+    static func formatIPv4(_ value: UInt32) -> String {
+        "\(value >> 24).\(value >> 16 & 0xFF).\(value >> 8 & 0xFF).\(value & 0xFF)"
+    }
+
+    /// RFC 5952 text, with nginx's (and glibc's) dotted tail for IPv4-mapped and
+    /// IPv4-compatible addresses, e.g. `::ffff:10.0.0.1`.
+    static func formatIPv6(_ value: UInt128) -> String {
+        let words = (0..<8).map { UInt16(truncatingIfNeeded: value >> (112 - 16 * $0)) }
+        var bestStart = -1, bestLength = 0, runStart = -1
+        for i in 0...8 {
+            if i < 8 && words[i] == 0 {
+                if runStart < 0 { runStart = i }
+            } else if runStart >= 0 {
+                if i - runStart > bestLength { bestStart = runStart; bestLength = i - runStart }
+                runStart = -1
+            }
+        }
+        if bestLength < 2 { bestStart = -1 }
+        let dottedTail = bestStart == 0
+            && (bestLength == 6 || (bestLength == 5 && words[5] == 0xFFFF))
+            && !(bestLength == 6 && words[6] == 0 && words[7] <= 1)
+        let groups = dottedTail ? 6 : 8
+        var out = ""
+        var i = 0
+        while i < groups {
+            if i == bestStart {
+                out += i == 0 ? "::" : ":"
+                i += bestLength
+                continue
+            }
+            out += String(words[i], radix: 16)
+            if i < 7 && i + 1 != bestStart { out += ":" }
+            i += 1
+        }
+        if dottedTail {
+            out += formatIPv4(UInt32(truncatingIfNeeded: value))
+        } else if out.hasSuffix(":") && !out.hasSuffix("::") {
+            out.removeLast()
+        }
+        return out
+    }
+
+    public static func < (lhs: IPAddress, rhs: IPAddress) -> Bool {
+        switch (lhs, rhs) {
+        case (.v4(let a), .v4(let b)): return a < b
+        case (.v6(let a), .v6(let b)): return a < b
+        case (.v4, .v6): return true
+        case (.v6, .v4): return false
+        }
+    }
+}
+
+/// An address and port, as the two ends of a session are described in logs and PROXY headers.
+public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
+    public var address: IPAddress
+    public var port: UInt16
+
+    public init(address: IPAddress, port: UInt16) {
+        self.address = address
+        self.port = port
+    }
+
+    /// `1.2.3.4:80` or `[::1]:80`, as nginx prints `$upstream_addr`.
+    public var description: String {
+        switch address {
+        case .v4: return "\(address):\(port)"
+        case .v6: return "[\(address)]:\(port)"
+        }
+    }
+}

@@ -1,0 +1,50 @@
+import NIOCore
+public import Logging
+public import PortcullisPolicy
+public import PortcullisTelemetry
+import Synchronization
+
+/// What every session of one `server { }` needs: its compiled policy and where to log.
+public struct ServerRuntime: Sendable {
+    public var policy: ServerPolicy
+    public var listen: ListenSpec
+    public var sessionLogger: SessionLogger
+    public var errorLog: Logger
+    public var registry: SessionRegistry
+
+    public init(policy: ServerPolicy, listen: ListenSpec, sessionLogger: SessionLogger, errorLog: Logger,
+                registry: SessionRegistry) {
+        self.policy = policy
+        self.listen = listen
+        self.sessionLogger = sessionLogger
+        self.errorLog = errorLog
+        self.registry = registry
+    }
+}
+
+/// Live sessions, so that a graceful stop can wait for them and then close the stragglers.
+/// Also hands out `$connection` numbers.
+public final class SessionRegistry: Sendable {
+    private let nextConnection = Atomic<UInt64>(1)
+    private let live = Mutex<[UInt64: any Channel]>([:])
+
+    public init() {}
+
+    func open(_ channel: any Channel) -> UInt64 {
+        let id = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
+        live.withLock { $0[id] = channel }
+        return id
+    }
+
+    func close(_ id: UInt64) {
+        _ = live.withLock { $0.removeValue(forKey: id) }
+    }
+
+    public var count: Int { live.withLock { $0.count } }
+
+    /// Closes every live session's client connection (the end of a drain).
+    public func closeAll() {
+        let channels = live.withLock { Array($0.values) }
+        for channel in channels { channel.close(promise: nil) }
+    }
+}

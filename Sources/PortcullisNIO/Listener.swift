@@ -1,0 +1,95 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOCore
+import NIOPosix
+import PortcullisCore
+import PortcullisPolicy
+import Synchronization
+
+/// The current runtime of one listener. Reload swaps it; every accept reads it once, so a
+/// session keeps the policy it started with.
+public final class RuntimeBox: Sendable {
+    private let current: Mutex<ServerRuntime>
+
+    public init(_ runtime: ServerRuntime) { current = Mutex(runtime) }
+    public var runtime: ServerRuntime { current.withLock { $0 } }
+    public func replace(with runtime: ServerRuntime) { current.withLock { $0 = runtime } }
+}
+
+public struct ListenError: Error, CustomStringConvertible {
+    public var listen: ListenSpec
+    public var underlying: any Error
+
+    public var description: String {
+        let reason: String
+        if let io = underlying as? IOError {
+            reason = "\(String(cString: strerror(io.errnoCode))) (\(io.errnoCode))"
+        } else {
+            reason = "\(underlying)"
+        }
+        return "cannot listen on \(listen) (\(listen.location)): \(reason)"
+    }
+}
+
+/// Opens the listening sockets of one `listen`. With `reuseport`, one socket per event loop
+/// (the kernel spreads connections, no cross-thread hand-off); without it, one socket whose
+/// connections are spread over the loops, as nginx does without `reuseport`.
+public enum Listener {
+    public static func bind(_ box: RuntimeBox, group: MultiThreadedEventLoopGroup) async throws -> [any Channel] {
+        let listen = box.runtime.listen
+        let loops: [any EventLoopGroup] = listen.reusePort ? group.makeIterator().map { $0 } : [group]
+        var channels: [any Channel] = []
+        do {
+            for loop in loops {
+                let bootstrap = ServerBootstrap(group: loop)
+                    .serverChannelOption(.backlog, value: Int32(clamping: listen.backlog))
+                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .serverChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            if listen.reusePort {
+                                try channel.syncOptions!.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
+                            }
+                            if case .v6 = listen.address {
+                                try channel.syncOptions!.setOption(.ipOption(.init(rawValue: IPV6_V6ONLY)), value: listen.ipv6Only ? 1 : 0)
+                            }
+                        }
+                    }
+                    .childChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try configureClient(channel, box.runtime)
+                        }
+                    }
+                channels.append(try await bootstrap.bind(to: listen.endpoint.socketAddress).get())
+            }
+        } catch {
+            for channel in channels { try? await channel.close() }
+            throw ListenError(listen: listen, underlying: error)
+        }
+        return channels
+    }
+
+    /// Per-connection options through `syncOptions` (no future per option) and the one handler.
+    static func configureClient(_ channel: any Channel, _ runtime: ServerRuntime) throws {
+        let options = channel.syncOptions!
+        try options.setOption(.autoRead, value: false)
+        try options.setOption(.allowRemoteHalfClosure, value: true)
+        try options.setOption(
+            .recvAllocator,
+            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 * 1024))
+        if !runtime.policy.proxy.tcpNoDelay {
+            try options.setOption(.tcpOption(.tcp_nodelay), value: 0)
+        }
+        switch runtime.listen.keepalive {
+        case .systemDefault: break
+        case .off: try options.setOption(.socketOption(.so_keepalive), value: 0)
+        case .on: try options.setOption(.socketOption(.so_keepalive), value: 1)
+        case .tuned(let idle, let interval, let count):
+            try options.setOption(.socketOption(.so_keepalive), value: 1)
+            if let idle { try options.setOption(.tcpOption(.init(rawValue: TCP_KEEPIDLE)), value: idle) }
+            if let interval { try options.setOption(.tcpOption(.init(rawValue: TCP_KEEPINTVL)), value: interval) }
+            if let count { try options.setOption(.tcpOption(.init(rawValue: TCP_KEEPCNT)), value: count) }
+        }
+        try channel.pipeline.syncOperations.addHandler(RelayHandler(side: .client, runtime: runtime))
+    }
+}

@@ -1,0 +1,132 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOCore
+
+/// One side of the relay: bytes read here are written to the partner on the other channel of
+/// the same event loop. Backpressure: `autoRead` is off and this side asks the kernel for more
+/// only while its partner is writable, so a fast sender and a slow receiver hold at most the
+/// partner's write-buffer high-water mark plus one read batch in memory.
+final class RelayHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Side { case client, upstream }
+
+    let side: Side
+    /// The client side creates the session once its channel is active.
+    private let runtime: ServerRuntime?
+    var session: RelaySession?
+    private var context: ChannelHandlerContext?
+    private var partner: RelayHandler?
+    private var wantsRead = false
+    private(set) var inputIsClosed = false
+    private var closing = false
+    private var resetWhenClosing = false
+
+    init(side: Side, runtime: ServerRuntime? = nil) {
+        self.side = side
+        self.runtime = runtime
+    }
+
+    var isActive: Bool { context?.channel.isActive ?? false }
+    private var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        partner = nil
+        session = nil  // breaks the session ↔ handler cycle
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if side == .client, let runtime {
+            let session = RelaySession(runtime: runtime, channel: context.channel, client: self)
+            self.session = session
+            session.start()
+        }
+        context.fireChannelActive()
+    }
+
+    /// Joins the two sides and starts reading both.
+    func pair(with other: RelayHandler) {
+        partner = other
+        other.partner = self
+        context?.read()
+        other.context?.read()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        session?.noteActivity()
+        session?.counted(buffer.readableBytes, readBy: side)
+        partner?.context?.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        // Flush once per read batch, never hold back bytes that could be forwarded.
+        partner?.context?.flush()
+        if partner?.isWritable == true {
+            context.read()
+        } else {
+            wantsRead = true
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { partner?.resumeReading() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func resumeReading() {
+        guard wantsRead, !inputIsClosed, let context else { return }
+        wantsRead = false
+        context.read()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            inputIsClosed = true
+            session?.inputClosed(on: side)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        session?.channelClosed(side, handler: self)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        session?.failed(on: side, error: error)
+    }
+
+    /// Shuts this side's output once what is queued has been written, then calls `done`.
+    func shutdownOutput(then done: @escaping () -> Void) {
+        guard let context, context.channel.isActive else {
+            done()
+            return
+        }
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        context.close(mode: .output, promise: promise)
+        promise.futureResult.assumeIsolated().whenComplete { _ in done() }
+    }
+
+    /// Makes the coming close send a TCP reset (SO_LINGER 0), to pass a peer's reset on.
+    func resetOnClose() { resetWhenClosing = true }
+
+    func close() {
+        guard let context, !closing else { return }
+        closing = true
+        if resetWhenClosing, let socket = context.channel as? any SocketOptionProvider {
+            socket.setSoLinger(linger(l_onoff: 1, l_linger: 0)).assumeIsolated().whenComplete { _ in
+                context.close(promise: nil)
+            }
+        } else {
+            context.close(promise: nil)
+        }
+    }
+}

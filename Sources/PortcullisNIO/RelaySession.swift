@@ -1,0 +1,272 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import PortcullisCore
+import PortcullisPolicy
+import PortcullisTelemetry
+
+/// One TCP session from accept to log: runs the access phase, dials the upstream on the
+/// client's event loop, pairs the two relay handlers, enforces `proxy_timeout`, and writes
+/// exactly one record when both sides are gone. Lives on the client's event loop only.
+final class RelaySession {
+    let runtime: ServerRuntime
+    let eventLoop: any EventLoop
+    var record: SessionRecord
+    let id: UInt64
+
+    private let client: RelayHandler
+    private var upstream: RelayHandler?
+    private var triedUpstreams: [Int] = []
+    private var connectStarted: NIODeadline = .now()
+    private var upstreamConnectedAt: NIODeadline?
+    private var idleTimer: Scheduled<Void>?
+    private(set) var lastActivity = NIODeadline.now()
+    private var clientOpen = true
+    private var upstreamOpen = false
+    private var connecting = false
+    private var finished = false
+
+    init(runtime: ServerRuntime, channel: any Channel, client: RelayHandler) {
+        self.runtime = runtime
+        self.eventLoop = channel.eventLoop
+        self.client = client
+        self.id = runtime.registry.open(channel)
+        let peer = channel.remoteAddress.flatMap(SocketEndpoint.init) ?? SocketEndpoint(address: .v4(0), port: 0)
+        let local = channel.localAddress.flatMap(SocketEndpoint.init) ?? runtime.listen.endpoint
+        record = SessionRecord(
+            connection: id, transport: .tcp, client: peer, server: local,
+            listener: runtime.listen.description, startTime: Date().timeIntervalSince1970)
+    }
+
+    private var logger: Logger {
+        var logger = runtime.errorLog
+        logger[metadataKey: "connection"] = "\(id)"
+        return logger
+    }
+
+    private var where_: String { "client: \(record.client.address), server: \(record.server)" }
+
+    // MARK: Phases
+
+    /// accept → access → upstream_pick. Called once the client channel is active.
+    func start() {
+        let verdict = runtime.policy.access.evaluate(record.client.address)
+        guard verdict.allowed else {
+            record.status = .forbidden
+            record.phase = .access
+            record.rule = verdict.rule?.reference
+            record.reason = "access forbidden by rule"
+            logger.error("access forbidden by rule, \(where_)")
+            client.close()
+            return
+        }
+        connectStarted = .now()
+        connectNextUpstream()
+    }
+
+    private func connectNextUpstream() {
+        let group = runtime.policy.upstream
+        let proxy = runtime.policy.proxy
+        let tries = triedUpstreams.count
+        let outOfTries = proxy.nextUpstreamTries > 0 && tries >= proxy.nextUpstreamTries
+        let outOfTime = proxy.nextUpstreamTimeoutMilliseconds > 0
+            && NIODeadline.now() - connectStarted >= .milliseconds(Int64(proxy.nextUpstreamTimeoutMilliseconds))
+        let mayRetry = tries == 0 || (proxy.nextUpstream && !outOfTries && !outOfTime)
+        guard clientOpen else { return }
+        guard mayRetry, let index = group.pick(excluding: triedUpstreams, now: Self.milliseconds()) else {
+            if tries == 0 { logger.error("no live upstreams while connecting to upstream, \(where_)") }
+            refuse(.badGateway, phase: .upstreamPick, reason: tries == 0 ? "no live upstreams" : "upstream unreachable")
+            return
+        }
+        triedUpstreams.append(index)
+        let server = group.servers[index]
+        let handler = RelayHandler(side: .upstream)
+        handler.session = self
+        let boundHandler = NIOLoopBound(handler, eventLoop: eventLoop)
+        let attemptStart = NIODeadline.now()
+        connecting = true
+        let tcpNoDelay = proxy.tcpNoDelay
+        let keepalive = proxy.socketKeepalive
+        ClientBootstrap(group: eventLoop)
+            .connectTimeout(.milliseconds(Int64(proxy.connectTimeoutMilliseconds)))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let options = channel.syncOptions!
+                    try options.setOption(.autoRead, value: false)
+                    try options.setOption(.allowRemoteHalfClosure, value: true)
+                    if !tcpNoDelay { try options.setOption(.tcpOption(.tcp_nodelay), value: 0) }
+                    if keepalive { try options.setOption(.socketOption(.so_keepalive), value: 1) }
+                    try channel.pipeline.syncOperations.addHandler(boundHandler.value)
+                }
+            }
+            .connect(to: server.endpoint.socketAddress)
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                connecting = false
+                let now = Self.milliseconds()
+                switch result {
+                case .success(let channel):
+                    group.report(index, succeeded: true, now: now)
+                    let elapsed = Double((NIODeadline.now() - attemptStart).nanoseconds) / 1e9
+                    record.upstreamAttempts.append(UpstreamAttempt(address: server.endpoint, connectTime: elapsed))
+                    guard clientOpen else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    upstreamOpen = true
+                    upstream = handler
+                    upstreamConnectedAt = .now()
+                    client.pair(with: handler)
+                    armIdleTimer()
+                case .failure(let error):
+                    group.report(index, succeeded: false, now: now)
+                    record.upstreamAttempts.append(UpstreamAttempt(address: server.endpoint, connectTime: nil))
+                    logger.error("\(Self.describe(connectError: error)) while connecting to upstream, \(where_), upstream: \"\(server.endpoint)\"")
+                    connectNextUpstream()
+                }
+            }
+    }
+
+    static func describe(connectError error: any Error) -> String {
+        if let io = error as? IOError {
+            return "connect() failed (\(io.errnoCode): \(String(cString: strerror(io.errnoCode))))"
+        }
+        if case ChannelError.connectTimeout = error {
+            return "upstream timed out (110: Connection timed out)"
+        }
+        return "connect() failed (\(error))"
+    }
+
+    private func refuse(_ status: SessionStatus, phase: Phase, reason: String) {
+        record.status = status
+        record.phase = phase
+        record.reason = reason
+        client.close()
+    }
+
+    // MARK: Relay events
+
+    func noteActivity() { lastActivity = .now() }
+
+    func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
+        if side == .client {
+            record.bytesReceived += UInt64(bytes)
+            record.upstreamBytesSent += UInt64(bytes)
+        } else {
+            record.upstreamBytesReceived += UInt64(bytes)
+            record.bytesSent += UInt64(bytes)
+        }
+    }
+
+    /// One side sent EOF. With `proxy_half_close on` the other side's output is shut once its
+    /// pending bytes are written, and the session ends when both directions are done; with it
+    /// off (nginx's default) the session ends as soon as the pending bytes are written.
+    func inputClosed(on side: RelayHandler.Side) {
+        let (from, to) = side == .client ? (client, upstream) : (upstream, client)
+        guard let from else { return }
+        guard let to, to.isActive else {
+            from.close()
+            return
+        }
+        let halfClose = runtime.policy.proxy.halfClose
+        to.shutdownOutput { [self] in
+            if !halfClose || (client.inputIsClosed && upstream?.inputIsClosed == true) {
+                closeBoth()
+            }
+        }
+    }
+
+    /// One side failed (reset, timeout, …): end both, passing a reset on as a reset.
+    func failed(on side: RelayHandler.Side, error: any Error) {
+        let other = side == .client ? upstream : client
+        if let io = error as? IOError, io.errnoCode == ECONNRESET || io.errnoCode == EPIPE {
+            other?.resetOnClose()
+        } else if !(error is ChannelError) {
+            logger.info("\(error) while proxying, \(where_)")
+        }
+        closeBoth()
+    }
+
+    func channelClosed(_ side: RelayHandler.Side, handler: RelayHandler) {
+        if side == .client {
+            clientOpen = false
+            upstream?.close()
+        } else {
+            // A failed connect attempt's channel is not the session's upstream: ignore it.
+            guard handler === upstream else { return }
+            upstreamOpen = false
+            client.close()
+        }
+        maybeFinish()
+    }
+
+    func closeBoth() {
+        client.close()
+        upstream?.close()
+    }
+
+    private func armIdleTimer() {
+        let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
+        idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
+            if NIODeadline.now() - lastActivity >= timeout {
+                logger.info("connection timed out (proxy_timeout), \(where_)")
+                closeBoth()
+            } else {
+                armIdleTimer()
+            }
+        }
+    }
+
+    private func maybeFinish() {
+        guard !finished, !clientOpen, !upstreamOpen, !connecting else { return }
+        finished = true
+        idleTimer?.cancel()
+        record.endTime = Date().timeIntervalSince1970
+        if let upstreamConnectedAt {
+            record.upstreamSessionTime = Double((NIODeadline.now() - upstreamConnectedAt).nanoseconds) / 1e9
+        }
+        runtime.registry.close(id)
+        runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs)
+    }
+
+    static func milliseconds() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+}
+
+extension SocketEndpoint {
+    init?(_ address: SocketAddress) {
+        switch address {
+        case .v4(let v4):
+            self.init(address: .v4(UInt32(bigEndian: v4.address.sin_addr.s_addr)), port: UInt16(address.port ?? 0))
+        case .v6(let v6):
+            let bytes = withUnsafeBytes(of: v6.address.sin6_addr) { Array($0) }
+            guard let ip = IPAddress(bytes: bytes) else { return nil }
+            self.init(address: ip, port: UInt16(address.port ?? 0))
+        case .unixDomainSocket:
+            return nil
+        }
+    }
+
+    var socketAddress: SocketAddress {
+        switch address {
+        case .v4(let value):
+            var sin = sockaddr_in()
+            sin.sin_family = sa_family_t(AF_INET)
+            sin.sin_port = port.bigEndian
+            sin.sin_addr.s_addr = value.bigEndian
+            return SocketAddress(sin, host: "")
+        case .v6:
+            var sin6 = sockaddr_in6()
+            sin6.sin6_family = sa_family_t(AF_INET6)
+            sin6.sin6_port = port.bigEndian
+            let bytes = address.bytes
+            withUnsafeMutableBytes(of: &sin6.sin6_addr) { raw in
+                for i in 0..<16 { raw[i] = bytes[i] }
+            }
+            return SocketAddress(sin6, host: "")
+        }
+    }
+}

@@ -1,0 +1,33 @@
+import PortcullisCore
+
+/// One JSON line of the audit log for a refused session: who, when, where, and which rule.
+/// Every string goes through the JSON escaper, so a hostile value cannot forge a field or a line.
+public enum AuditLine {
+    public static func render(_ r: SessionRecord, dryRun: Bool = false) -> String {
+        var fields: [(String, String)] = [
+            ("time", LogEscaping.jsonString(TimeText.iso8601(r.endTime, milliseconds: true))),
+            ("connection", String(r.connection)),
+            ("listener", LogEscaping.jsonString(r.listener)),
+            ("protocol", LogEscaping.jsonString(r.transport.rawValue)),
+            ("client", LogEscaping.jsonString(r.client.address.description)),
+            ("client_port", String(r.client.port)),
+            ("server", LogEscaping.jsonString(r.server.description)),
+            ("status", String(r.status.rawValue)),
+            ("phase", LogEscaping.jsonString(r.phase.rawValue)),
+        ]
+        if let rule = r.rule {
+            fields.append(("rule", "{\"at\":\(LogEscaping.jsonString(rule.position)),"
+                + "\"file\":\(LogEscaping.jsonString(rule.file)),\"line\":\(rule.line),"
+                + "\"text\":\(LogEscaping.jsonString(rule.text))}"))
+        } else {
+            fields.append(("rule", "null"))
+        }
+        if let reason = r.reason { fields.append(("reason", LogEscaping.jsonString(reason))) }
+        if !r.upstreamAttempts.isEmpty {
+            let list = r.upstreamAttempts.map { LogEscaping.jsonString($0.address.description) }
+            fields.append(("upstream", "[" + list.joined(separator: ",") + "]"))
+        }
+        fields.append(("dry_run", dryRun ? "true" : "false"))
+        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+    }
+}

@@ -1,0 +1,708 @@
+import PortcullisCore
+public import PortcullisRules
+
+/// What compiling a rule file produced: a snapshot if there were no errors, and every
+/// diagnostic either way.
+public struct CompileResult: Sendable {
+    public var snapshot: PolicySnapshot?
+    public var diagnostics: [Diagnostic]
+    public var sources: SourceFiles
+
+    public var hasErrors: Bool { diagnostics.contains { $0.severity == .error } }
+    public var rendered: String { sources.render(diagnostics) }
+}
+
+/// Parses and compiles rule files. `check`, `run` and the tests all go through here.
+public enum RuleLoader {
+    public static func load(path: String, resolver: any HostResolver = SystemHostResolver()) -> CompileResult {
+        var parser = RuleParser()
+        let file = parser.parse(file: path)
+        return compile(file, parseDiagnostics: parser.diagnostics.all, resolver: resolver)
+    }
+
+    public static func load(text: String, file: String = "test.conf",
+                            resolver: any HostResolver = SystemHostResolver()) -> CompileResult {
+        var parser = RuleParser()
+        let parsed = parser.parse(text: text, file: file)
+        return compile(parsed, parseDiagnostics: parser.diagnostics.all, resolver: resolver)
+    }
+
+    static func compile(_ file: RuleFile, parseDiagnostics: [Diagnostic], resolver: any HostResolver) -> CompileResult {
+        var compiler = PolicyCompiler(resolver: resolver)
+        compiler.diagnostics.append(contentsOf: parseDiagnostics)
+        let snapshot = compiler.compile(file.directives)
+        let diagnostics = compiler.diagnostics.all
+        let failed = diagnostics.contains { $0.severity == .error }
+        return CompileResult(snapshot: failed ? nil : snapshot, diagnostics: diagnostics, sources: file.sources)
+    }
+}
+
+/// Turns directives into a `PolicySnapshot`, checking everything that can be checked before a
+/// single connection arrives: names, contexts, argument counts and forms, references between
+/// blocks, duplicates.
+struct PolicyCompiler {
+    var diagnostics = DiagnosticBag()
+    let resolver: any HostResolver
+
+    init(resolver: any HostResolver) { self.resolver = resolver }
+
+    // MARK: Structure
+
+    /// Checks a directive against the table. Returns its spec when the compiler should act on it.
+    mutating func admit(_ d: Directive, in context: BlockContext, seen: inout [String: Directive]) -> DirectiveSpec? {
+        guard let spec = DirectiveTable.spec(d.name, in: context) else {
+            var message = "unknown directive \"\(d.name)\""
+            if let guess = closestMatch(to: d.name, in: DirectiveTable.allNames) { message += "; did you mean \"\(guess)\"?" }
+            error(message, at: d)
+            return nil
+        }
+        guard spec.contexts.contains(context) else {
+            let allowed = spec.contexts.map(\.rawValue).sorted().joined(separator: ", ")
+            error("\"\(d.name)\" directive is not allowed in \(context.rawValue) context; it belongs in: \(allowed)", at: d)
+            return nil
+        }
+        if spec.takesBlock && d.block == nil {
+            error("directive \"\(d.name)\" has no opening \"{\"", at: d)
+            return nil
+        }
+        if !spec.takesBlock && d.block != nil {
+            error("directive \"\(d.name)\" takes no block; expected \";\"", at: d)
+            return nil
+        }
+        guard spec.arguments.contains(d.arguments.count) else {
+            error("invalid number of arguments in \"\(d.name)\" directive: \(expected(spec.arguments)), got \(d.arguments.count)", at: d)
+            return nil
+        }
+        switch spec.support {
+        case .supported: break
+        case .ignored(let note):
+            if let note { diagnostics.note(note, at: d.nameLocation, length: d.name.count) }
+            return nil
+        case .planned(let what):
+            error("\"\(d.name)\" is part of the rule language but not supported yet: \(what) is not built", at: d)
+            return nil
+        case .refused(let why):
+            error(why, at: d)
+            return nil
+        }
+        if spec.single {
+            if let first = seen[d.name] {
+                error("\"\(d.name)\" directive is duplicate; it was first set at \(first.nameLocation)", at: d)
+                return nil
+            }
+            seen[d.name] = d
+        }
+        return spec
+    }
+
+    private func expected(_ range: ClosedRange<Int>) -> String {
+        if range.lowerBound == range.upperBound { return "expected \(range.lowerBound)" }
+        if range.upperBound == DirectiveTable.unlimited { return "expected at least \(range.lowerBound)" }
+        return "expected \(range.lowerBound) to \(range.upperBound)"
+    }
+
+    mutating func error(_ message: String, at d: Directive) {
+        diagnostics.error(message, at: d.nameLocation, length: d.name.count)
+    }
+
+    mutating func error(_ message: String, at a: Argument) {
+        diagnostics.error(message, at: a.location, length: a.length)
+    }
+
+    // MARK: Main
+
+    mutating func compile(_ directives: [Directive]) -> PolicySnapshot? {
+        var main = MainSettings()
+        var seen: [String: Directive] = [:]
+        var stream: Directive?
+        for d in directives {
+            guard admit(d, in: .main, seen: &seen) != nil else { continue }
+            switch d.name {
+            case "stream": stream = d
+            case "events":
+                var eventsSeen: [String: Directive] = [:]
+                for child in d.block ?? [] { _ = admit(child, in: .events, seen: &eventsSeen) }
+            case "worker_processes":
+                if d.arguments[0].text == "auto" {
+                    main.workerProcesses = nil
+                } else if let n = positiveInt(d.arguments[0], in: d) {
+                    main.workerProcesses = n
+                }
+            case "worker_rlimit_nofile": main.workerRlimitNofile = positiveInt(d.arguments[0], in: d)
+            case "worker_shutdown_timeout": main.workerShutdownTimeoutMilliseconds = time(d.arguments[0], in: d)
+            case "pid": main.pidFile = d.arguments[0].text == "off" ? nil : d.arguments[0].text
+            case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
+            case "user":
+                main.user = d.arguments[0].text
+                main.group = d.arguments.count > 1 ? d.arguments[1].text : nil
+            default: break
+            }
+        }
+        guard let stream else {
+            diagnostics.error("no \"stream\" block is defined: there is nothing to listen on", at: nil)
+            return nil
+        }
+        return compileStream(stream, main: main)
+    }
+
+    mutating func errorLog(_ d: Directive) -> ErrorLogSpec? {
+        var level = ErrorLogSpec.Level.error
+        if d.arguments.count == 2 {
+            guard let parsed = ErrorLogSpec.Level(rawValue: d.arguments[1].text) else {
+                let levels = ErrorLogSpec.Level.allCases.map(\.rawValue).joined(separator: ", ")
+                error("invalid log level \"\(d.arguments[1].text)\"; expected one of: \(levels)", at: d.arguments[1])
+                return nil
+            }
+            level = parsed
+        }
+        return ErrorLogSpec(path: d.arguments[0].text, level: level)
+    }
+
+    // MARK: Stream
+
+    mutating func compileStream(_ stream: Directive, main: MainSettings) -> PolicySnapshot? {
+        var main = main
+        var seen: [String: Directive] = [:]
+        var formats: [String: LogFormat] = [:]
+        var upstreamBlocks: [Directive] = []
+        var serverBlocks: [Directive] = []
+        var streamRules: [AccessRule] = []
+        var streamLogs: [Directive] = []
+        var streamLogsOff = false
+        var proxy = ProxySettings()
+        var auditLog: AuditLogSpec?
+        let children = stream.block ?? []
+
+        // Formats first, so access_log may name a format defined further down.
+        for d in children where d.name == "log_format" {
+            guard admit(d, in: .stream, seen: &seen) != nil else { continue }
+            if let format = logFormat(d) {
+                if formats[format.name] != nil {
+                    error("duplicate \"log_format\" name \"\(format.name)\"", at: d.arguments[0])
+                } else {
+                    formats[format.name] = format
+                }
+            }
+        }
+        for d in children where d.name != "log_format" {
+            guard admit(d, in: .stream, seen: &seen) != nil else { continue }
+            switch d.name {
+            case "server": serverBlocks.append(d)
+            case "upstream": upstreamBlocks.append(d)
+            case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
+            case "access_log":
+                if d.arguments.count == 1 && d.arguments[0].text == "off" { streamLogsOff = true } else { streamLogs.append(d) }
+            case "audit_log": auditLog = AuditLogSpec(path: d.arguments[0].text)
+            case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
+            default: applyProxySetting(d, to: &proxy)
+            }
+        }
+
+        var upstreams: [String: UpstreamGroup] = [:]
+        for block in upstreamBlocks {
+            let name = block.arguments[0].text
+            if let existing = upstreams[name] {
+                error("duplicate upstream \"\(name)\"; it was first defined at \(existing.location.map(\.description) ?? "?")", at: block.arguments[0])
+                continue
+            }
+            if let group = upstream(block) { upstreams[name] = group }
+        }
+
+        let inheritedLogs = streamLogsOff ? [] : streamLogs.compactMap { accessLog($0, formats: formats) }
+        var servers: [ServerPolicy] = []
+        var listenSites: [SocketEndpoint: SourceLocation] = [:]
+        for block in serverBlocks {
+            if let server = compileServer(block, inheritedRules: streamRules, inheritedLogs: inheritedLogs,
+                                          proxy: proxy, formats: formats, upstreams: upstreams) {
+                for listen in server.listens {
+                    if let first = listenSites[listen.endpoint] {
+                        diagnostics.error("duplicate listen \(listen.endpoint); it is already used at \(first)",
+                                          at: listen.location, length: listen.description.count)
+                    } else {
+                        listenSites[listen.endpoint] = listen.location
+                    }
+                }
+                servers.append(server)
+            }
+        }
+        if serverBlocks.isEmpty {
+            error("no \"server\" block is defined in \"stream\": there is nothing to listen on", at: stream)
+        }
+        return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats)
+    }
+
+    mutating func compileServer(_ block: Directive, inheritedRules: [AccessRule], inheritedLogs: [AccessLogSpec],
+                                proxy inherited: ProxySettings, formats: [String: LogFormat],
+                                upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
+        var seen: [String: Directive] = [:]
+        var listens: [ListenSpec] = []
+        var rules: [AccessRule] = []
+        var hasOwnRules = false
+        var logs: [AccessLogSpec] = []
+        var hasOwnLogs = false
+        var proxy = inherited
+        var upstream: UpstreamGroup?
+        var failed = false
+        for d in block.block ?? [] {
+            guard admit(d, in: .server, seen: &seen) != nil else { failed = true; continue }
+            switch d.name {
+            case "listen":
+                if let listen = listen(d) { listens.append(listen) } else { failed = true }
+            case "allow", "deny":
+                hasOwnRules = true
+                if let rule = accessRule(d) { rules.append(rule) } else { failed = true }
+            case "access_log":
+                hasOwnLogs = true
+                if !(d.arguments.count == 1 && d.arguments[0].text == "off") {
+                    if let log = accessLog(d, formats: formats) { logs.append(log) } else { failed = true }
+                }
+            case "proxy_pass":
+                upstream = proxyPass(d.arguments[0], upstreams: upstreams)
+                if upstream == nil { failed = true }
+            case "error_log":
+                _ = errorLog(d)  // accepted; one error log per process for now
+            default:
+                applyProxySetting(d, to: &proxy)
+            }
+        }
+        if listens.isEmpty && !failed {
+            error("no \"listen\" is defined for this server", at: block)
+        }
+        if upstream == nil && seen["proxy_pass"] == nil {
+            error("no \"proxy_pass\" is defined for this server: it would have nowhere to send connections", at: block)
+        }
+        guard let upstream, !listens.isEmpty else { return nil }
+        // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
+        return ServerPolicy(
+            listens: listens,
+            access: AccessList(rules: hasOwnRules ? rules : inheritedRules),
+            upstream: upstream,
+            proxy: proxy,
+            accessLogs: hasOwnLogs ? logs : inheritedLogs,
+            location: block.nameLocation)
+    }
+
+    // MARK: Directives
+
+    mutating func accessRule(_ d: Directive) -> AccessRule? {
+        let argument = d.arguments[0]
+        let action: AccessRule.Action = d.name == "allow" ? .allow : .deny
+        if argument.text == "all" {
+            return AccessRule(action: action, match: .all, reference: d.reference)
+        }
+        if argument.text.hasPrefix("unix:") {
+            error("\"unix:\" rules are not supported: Portcullis listens on IP sockets only", at: argument)
+            return nil
+        }
+        if argument.text.hasPrefix("$") {
+            error("\"\(d.name) \(argument.text)\" (deny by variable) is part of the rule language but not supported yet: geo, map, geoip2 and set (issue #4) are not built", at: argument)
+            return nil
+        }
+        guard let block = CIDR(argument.text) else {
+            error("invalid address or CIDR \"\(argument.text)\" in \"\(d.name)\"; expected an IPv4 or IPv6 address, a block such as 10.0.0.0/8 or 2001:db8::/32, or \"all\"", at: argument)
+            return nil
+        }
+        if block.hostBitsSet {
+            diagnostics.warning("low address bits of \(argument.text) are meaningless; the rule applies to \(block)",
+                                at: argument.location, length: argument.length)
+        }
+        if let mapped = block.mappedIPv4Block {
+            diagnostics.warning(
+                "\(argument.text) is an IPv4-mapped block: Portcullis applies it to IPv4 clients in \(mapped) too (nginx would skip it for them)",
+                at: argument.location, length: argument.length)
+        }
+        return AccessRule(action: action, match: .block(block), reference: d.reference)
+    }
+
+    mutating func listen(_ d: Directive) -> ListenSpec? {
+        let first = d.arguments[0]
+        guard let (address, port) = parseListenAddress(first) else { return nil }
+        var spec = ListenSpec(address: address, port: port, location: first.location)
+        let parameters = ["reuseport", "backlog=", "so_keepalive=", "ipv6only=", "udp", "proxy_protocol", "ssl",
+                          "default_server", "bind", "deferred", "fastopen=", "rcvbuf=", "sndbuf=", "setfib=",
+                          "accept_filter=", "multipath"]
+        for argument in d.arguments.dropFirst() {
+            let text = argument.text
+            let (key, value) = splitParameter(text)
+            switch key {
+            case "reuseport": spec.reusePort = true
+            case "default_server", "bind", "deferred": break  // no effect on Linux sockets we open
+            case "backlog=":
+                guard let n = Int(value), n > 0 else {
+                    error("invalid backlog \"\(value)\" in \"listen\"; expected a positive number", at: argument)
+                    return nil
+                }
+                spec.backlog = n
+            case "ipv6only=":
+                guard value == "on" || value == "off" else {
+                    error("invalid value \"\(value)\" for \"ipv6only\"; it must be \"on\" or \"off\"", at: argument)
+                    return nil
+                }
+                spec.ipv6Only = value == "on"
+            case "so_keepalive=":
+                guard let keepalive = parseKeepalive(value) else {
+                    error("invalid \"so_keepalive\" value \"\(value)\"; expected on, off, or IDLE:INTERVAL:COUNT such as 30m::10", at: argument)
+                    return nil
+                }
+                spec.keepalive = keepalive
+            case "udp":
+                error("\"listen … udp\" is not supported yet: the UDP gateway (issue #6) is not built", at: argument)
+                return nil
+            case "proxy_protocol":
+                error("\"listen … proxy_protocol\" is not supported yet: the PROXY protocol (issue #3) is not built", at: argument)
+                return nil
+            case "ssl":
+                error("\"listen … ssl\" is not supported: Portcullis passes TLS through without terminating it", at: argument)
+                return nil
+            case "fastopen=", "rcvbuf=", "sndbuf=", "setfib=", "accept_filter=", "multipath":
+                diagnostics.note("\"\(key)\" is accepted but has no effect in Portcullis", at: argument.location, length: argument.length)
+            default:
+                var message = "invalid parameter \"\(text)\" in \"listen\""
+                if let guess = closestMatch(to: key.hasSuffix("=") ? String(key.dropLast()) : key,
+                                            in: parameters.map { $0.hasSuffix("=") ? String($0.dropLast()) : $0 }) {
+                    message += "; did you mean \"\(guess)\"?"
+                }
+                error(message, at: argument)
+                return nil
+            }
+        }
+        return spec
+    }
+
+    private func splitParameter(_ text: String) -> (String, String) {
+        guard let equals = text.firstIndex(of: "=") else { return (text, "") }
+        return (String(text[...equals]), String(text[text.index(after: equals)...]))
+    }
+
+    mutating func parseKeepalive(_ text: String) -> ListenSpec.Keepalive? {
+        if text == "on" { return .on }
+        if text == "off" { return .off }
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 3 else { return nil }
+        func seconds(_ part: Substring) -> Int?? {
+            if part.isEmpty { return .some(nil) }
+            guard let ms = Units.milliseconds(String(part)) else { return nil }
+            return .some(ms / 1000)
+        }
+        guard let idle = seconds(parts[0]), let interval = seconds(parts[1]) else { return nil }
+        var count: Int?
+        if !parts[2].isEmpty {
+            guard let n = Int(parts[2]), n > 0 else { return nil }
+            count = n
+        }
+        return .tuned(idle: idle, interval: interval, count: count)
+    }
+
+    /// `ADDR:PORT`, `[V6]:PORT`, `*:PORT` or `PORT`.
+    mutating func parseListenAddress(_ argument: Argument) -> (IPAddress, UInt16)? {
+        let text = argument.text
+        if text.hasPrefix("unix:") {
+            error("\"listen unix:…\" is not supported: Portcullis listens on IP sockets only", at: argument)
+            return nil
+        }
+        if let port = UInt16(text) {
+            guard port > 0 else { error("invalid port \"0\" in \"listen\"; expected 1-65535", at: argument); return nil }
+            return (.v4(0), port)
+        }
+        guard let (host, portText) = splitHostPort(text), !host.isEmpty else {
+            error("invalid listen address \"\(text)\"; expected ADDRESS:PORT, [IPV6]:PORT or PORT", at: argument)
+            return nil
+        }
+        guard let port = UInt16(portText), port > 0 else {
+            error("invalid port \"\(portText)\" in \"listen \(text)\"; expected 1-65535", at: argument)
+            return nil
+        }
+        if host == "*" { return (.v4(0), port) }
+        if let address = IPAddress(host) { return (address, port) }
+        let resolved = resolver.addresses(of: host)
+        guard let address = resolved.first else {
+            error("host not found in \"\(text)\" of the \"listen\" directive", at: argument)
+            return nil
+        }
+        return (address, port)
+    }
+
+    /// Splits `host:port` or `[v6]:port`; nil if there is no port.
+    private func splitHostPort(_ text: String) -> (String, String)? {
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { return nil }
+            let host = String(text[text.index(after: text.startIndex)..<close])
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { return nil }
+            return (host, String(rest.dropFirst()))
+        }
+        guard let colon = text.lastIndex(of: ":"), text.firstIndex(of: ":") == colon else { return nil }
+        return (String(text[..<colon]), String(text[text.index(after: colon)...]))
+    }
+
+    /// The endpoints a `host:port` names: an address, or every address the host resolves to.
+    mutating func endpoints(_ argument: Argument, text: String, in directive: String) -> [SocketEndpoint]? {
+        guard let (host, portText) = splitHostPort(text) else {
+            error("no port in \"\(text)\" of \"\(directive)\"; expected HOST:PORT", at: argument)
+            return nil
+        }
+        guard let port = UInt16(portText), port > 0 else {
+            error("invalid port \"\(portText)\" in \"\(text)\"; expected 1-65535", at: argument)
+            return nil
+        }
+        if let address = IPAddress(host) { return [SocketEndpoint(address: address, port: port)] }
+        let addresses = resolver.addresses(of: host)
+        guard !addresses.isEmpty else {
+            error("host not found in \"\(text)\" of \"\(directive)\"", at: argument)
+            return nil
+        }
+        return addresses.map { SocketEndpoint(address: $0, port: port) }
+    }
+
+    mutating func proxyPass(_ argument: Argument, upstreams: [String: UpstreamGroup]) -> UpstreamGroup? {
+        let text = argument.text
+        if let group = upstreams[text] { return group }
+        if text.hasPrefix("$") {
+            error("\"proxy_pass \(text)\" (by variable) is not supported yet: variables come with geo and map (issue #4)", at: argument)
+            return nil
+        }
+        if text.hasPrefix("unix:") {
+            error("\"proxy_pass unix:…\" is not supported: Portcullis connects to IP upstreams only", at: argument)
+            return nil
+        }
+        guard text.contains(":") else {
+            var message = "unknown upstream \"\(text)\" in \"proxy_pass\""
+            if let guess = closestMatch(to: text, in: upstreams.keys) {
+                message += "; did you mean \"\(guess)\"?"
+            } else {
+                message += "; expected the name of an upstream block or HOST:PORT"
+            }
+            error(message, at: argument)
+            return nil
+        }
+        guard let endpoints = endpoints(argument, text: text, in: "proxy_pass") else { return nil }
+        let servers = endpoints.map { UpstreamServer(endpoint: $0, name: text) }
+        return UpstreamGroup(name: text, servers: servers, location: argument.location)
+    }
+
+    mutating func upstream(_ block: Directive) -> UpstreamGroup? {
+        var servers: [UpstreamServer] = []
+        var seen: [String: Directive] = [:]
+        for d in block.block ?? [] {
+            guard admit(d, in: .upstream, seen: &seen) != nil else { continue }
+            guard d.name == "server" else { continue }
+            guard let endpoints = endpoints(d.arguments[0], text: d.arguments[0].text, in: "server") else { continue }
+            var template = UpstreamServer(endpoint: endpoints[0], name: d.arguments[0].text)
+            var valid = true
+            for argument in d.arguments.dropFirst() {
+                let (key, value) = splitParameter(argument.text)
+                switch key {
+                case "weight=":
+                    guard let n = Int(value), n > 0 else {
+                        error("invalid weight \"\(value)\"; expected a positive number", at: argument); valid = false; continue
+                    }
+                    template.weight = n
+                case "max_fails=":
+                    guard let n = Int(value), n >= 0 else {
+                        error("invalid max_fails \"\(value)\"; expected a number", at: argument); valid = false; continue
+                    }
+                    template.maxFails = n
+                case "fail_timeout=":
+                    guard let ms = Units.milliseconds(value) else {
+                        error("invalid fail_timeout \"\(value)\"; expected a time such as 10s", at: argument); valid = false; continue
+                    }
+                    template.failTimeoutMilliseconds = ms
+                case "backup": template.backup = true
+                case "down": template.down = true
+                case "max_conns=":
+                    error("\"max_conns\" is not supported yet", at: argument); valid = false
+                default:
+                    var message = "invalid parameter \"\(argument.text)\" in upstream \"server\""
+                    if let guess = closestMatch(to: key, in: ["weight=", "max_fails=", "fail_timeout=", "backup", "down"]) {
+                        message += "; did you mean \"\(guess)\"?"
+                    }
+                    error(message, at: argument)
+                    valid = false
+                }
+            }
+            guard valid else { continue }
+            for endpoint in endpoints {
+                var server = template
+                server.endpoint = endpoint
+                servers.append(server)
+            }
+        }
+        let name = block.arguments[0].text
+        if servers.isEmpty {
+            if !diagnostics.hasErrors { error("no servers are inside upstream \"\(name)\"", at: block) }
+            return nil
+        }
+        return UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location)
+    }
+
+    mutating func applyProxySetting(_ d: Directive, to proxy: inout ProxySettings) {
+        let argument = d.arguments[0]
+        switch d.name {
+        case "proxy_connect_timeout": if let t = time(argument, in: d) { proxy.connectTimeoutMilliseconds = t }
+        case "proxy_timeout": if let t = time(argument, in: d) { proxy.idleTimeoutMilliseconds = t }
+        case "proxy_next_upstream_timeout": if let t = time(argument, in: d) { proxy.nextUpstreamTimeoutMilliseconds = t }
+        case "proxy_half_close": if let v = flag(argument, in: d) { proxy.halfClose = v }
+        case "tcp_nodelay": if let v = flag(argument, in: d) { proxy.tcpNoDelay = v }
+        case "proxy_socket_keepalive": if let v = flag(argument, in: d) { proxy.socketKeepalive = v }
+        case "proxy_next_upstream": if let v = flag(argument, in: d) { proxy.nextUpstream = v }
+        case "proxy_buffer_size": if let s = size(argument, in: d) { proxy.bufferSize = s }
+        case "proxy_next_upstream_tries":
+            guard let n = Int(argument.text), n >= 0 else {
+                error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a number (0 = unlimited)", at: argument)
+                return
+            }
+            proxy.nextUpstreamTries = n
+        case "proxy_responses", "proxy_requests":
+            // UDP only in nginx; accepted and checked so TCP servers may share an nginx file.
+            if Int(argument.text) == nil || Int(argument.text)! < 0 {
+                error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a number", at: argument)
+            }
+        case "proxy_protocol_timeout", "preread_timeout": _ = time(argument, in: d)
+        case "preread_buffer_size": _ = size(argument, in: d)
+        default: break
+        }
+    }
+
+    mutating func logFormat(_ d: Directive) -> LogFormat? {
+        let name = d.arguments[0].text
+        var strings = d.arguments.dropFirst()
+        var escape = LogEscape.default
+        if let first = strings.first, first.text.hasPrefix("escape="), !first.quoted {
+            let value = String(first.text.dropFirst("escape=".count))
+            guard let parsed = LogEscape(rawValue: value) else {
+                error("unknown log format escaping \"\(value)\"; expected default, json or none", at: first)
+                return nil
+            }
+            escape = parsed
+            strings = strings.dropFirst()
+        }
+        guard !strings.isEmpty else {
+            error("log format \"\(name)\" has no format string", at: d)
+            return nil
+        }
+        var parts: [LogTemplate.Part] = []
+        var ok = true
+        for argument in strings {
+            guard let template = template(argument, in: d) else { ok = false; continue }
+            parts += template.parts
+        }
+        return ok ? LogFormat(name: name, escape: escape, template: LogTemplate(parts: parts)) : nil
+    }
+
+    mutating func template(_ argument: Argument, in d: Directive) -> LogTemplate? {
+        do {
+            return try LogTemplate.parse(argument.text)
+        } catch {
+            var location = argument.location
+            let offset: Int
+            let message: String
+            switch error {
+            case .unknownVariable(let name, let at):
+                offset = at
+                var text = "unknown variable \"$\(name)\" in \"\(d.name)\""
+                if let guess = closestMatch(to: name, in: LogVariable.allCases.map(\.rawValue)) {
+                    text += "; did you mean \"$\(guess)\"?"
+                }
+                message = text
+            case .unterminatedBrace(let at):
+                offset = at
+                message = "the variable name in \"\(argument.text)\" has no closing \"}\""
+            case .emptyName(let at):
+                offset = at
+                message = "invalid variable name in \"\(argument.text)\": \"$\" must be followed by a name"
+            }
+            location.column += offset + (argument.quoted ? 1 : 0)
+            diagnostics.error(message, at: location)
+            return nil
+        }
+    }
+
+    mutating func accessLog(_ d: Directive, formats: [String: LogFormat]) -> AccessLogSpec? {
+        let path = d.arguments[0]
+        if path.text.hasPrefix("syslog:") {
+            error("\"syslog:\" access logs are not supported yet; log to a file", at: path)
+            return nil
+        }
+        var format = LogFormat.basic
+        var condition: LogTemplate?
+        var rest = d.arguments.dropFirst()
+        if let name = rest.first, !name.text.contains("=") || name.quoted {
+            guard let named = formats[name.text] else {
+                var message = "unknown log format \"\(name.text)\""
+                if let guess = closestMatch(to: name.text, in: formats.keys) { message += "; did you mean \"\(guess)\"?" }
+                error(message, at: name)
+                return nil
+            }
+            format = named
+            rest = rest.dropFirst()
+        }
+        for argument in rest {
+            let (key, value) = splitParameter(argument.text)
+            switch key {
+            case "if=":
+                guard let parsed = template(argument, in: d) else { return nil }
+                // The template was parsed with the "if=" prefix; drop that literal text.
+                var parts = parsed.parts
+                if case .literal(let text) = parts.first {
+                    let rest = String(text.dropFirst(3))
+                    if rest.isEmpty { parts.removeFirst() } else { parts[0] = .literal(rest) }
+                }
+                condition = LogTemplate(parts: parts)
+            case "buffer=":
+                guard size(value, argument, in: d) != nil else { return nil }
+            case "flush=":
+                guard Units.milliseconds(value) != nil else {
+                    error("invalid time \"\(value)\" in \"flush=\"; expected a time such as 5s", at: argument)
+                    return nil
+                }
+            case "gzip", "gzip=":
+                error("gzip-compressed access logs are not supported; compress when rotating", at: argument)
+                return nil
+            default:
+                error("invalid parameter \"\(argument.text)\" in \"access_log\"; expected buffer=, flush= or if=", at: argument)
+                return nil
+            }
+        }
+        return AccessLogSpec(path: path.text, format: format, condition: condition)
+    }
+
+    // MARK: Values
+
+    mutating func flag(_ argument: Argument, in d: Directive) -> Bool? {
+        switch argument.text {
+        case "on": return true
+        case "off": return false
+        default:
+            error("invalid value \"\(argument.text)\" in \"\(d.name)\"; it must be \"on\" or \"off\"", at: argument)
+            return nil
+        }
+    }
+
+    mutating func time(_ argument: Argument, in d: Directive) -> Int? {
+        guard let ms = Units.milliseconds(argument.text) else {
+            error("invalid time \"\(argument.text)\" in \"\(d.name)\"; expected a time such as 500ms, 30s, 10m or 1m30s", at: argument)
+            return nil
+        }
+        return ms
+    }
+
+    mutating func size(_ argument: Argument, in d: Directive) -> Int? {
+        size(argument.text, argument, in: d)
+    }
+
+    mutating func size(_ text: String, _ argument: Argument, in d: Directive) -> Int? {
+        guard let bytes = Units.size(text) else {
+            error("invalid size \"\(text)\" in \"\(d.name)\"; expected a size such as 512, 16k or 10m", at: argument)
+            return nil
+        }
+        return bytes
+    }
+
+    mutating func positiveInt(_ argument: Argument, in d: Directive) -> Int? {
+        guard let n = Int(argument.text), n > 0 else {
+            error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a positive number", at: argument)
+            return nil
+        }
+        return n
+    }
+}

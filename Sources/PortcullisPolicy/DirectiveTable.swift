@@ -1,0 +1,124 @@
+import PortcullisRules
+
+/// Where a directive may appear.
+enum BlockContext: String, Sendable {
+    case main, events, stream, server, upstream
+}
+
+/// What the compiler knows about a directive name in one context.
+struct DirectiveSpec: Sendable {
+    enum Support: Sendable {
+        case supported
+        /// Accepted so an nginx file loads unchanged; has no effect here.
+        case ignored(note: String?)
+        /// Part of the rule language but not built yet.
+        case planned(String)
+        /// Not Portcullis's business.
+        case refused(String)
+    }
+
+    var contexts: Set<BlockContext>
+    var arguments: ClosedRange<Int>
+    var takesBlock = false
+    /// A directive that may appear once per context ("is duplicate" otherwise).
+    var single = true
+    var support = Support.supported
+}
+
+/// Every directive name the compiler knows, by context. `server` is two directives: a block in
+/// `stream`, a simple directive in `upstream`.
+enum DirectiveTable {
+    static let unlimited = Int.max
+
+    static func spec(_ name: String, in context: BlockContext) -> DirectiveSpec? {
+        if name == "server" {
+            return context == .upstream
+                ? DirectiveSpec(contexts: [.upstream], arguments: 1...unlimited, single: false)
+                : DirectiveSpec(contexts: [.stream], arguments: 0...0, takesBlock: true, single: false)
+        }
+        return table[name]
+    }
+
+    static var allNames: [String] { Array(table.keys) + ["server"] }
+
+    private static let streamServer: Set<BlockContext> = [.stream, .server]
+    private static func planned(_ what: String) -> DirectiveSpec.Support { .planned(what) }
+
+    static let table: [String: DirectiveSpec] = {
+        var t: [String: DirectiveSpec] = [:]
+        // Main context (RULES.md "Top level").
+        t["events"] = DirectiveSpec(contexts: [.main], arguments: 0...0, takesBlock: true)
+        t["stream"] = DirectiveSpec(contexts: [.main], arguments: 0...0, takesBlock: true)
+        t["http"] = DirectiveSpec(
+            contexts: [.main], arguments: 0...0, takesBlock: true,
+            support: .refused("an \"http\" block is not Portcullis's business: Portcullis is a TCP/UDP gateway and reads only \"stream\"; keep HTTP configuration in nginx"))
+        t["mail"] = DirectiveSpec(
+            contexts: [.main], arguments: 0...0, takesBlock: true,
+            support: .refused("a \"mail\" block is not Portcullis's business: Portcullis reads only \"stream\""))
+        t["worker_processes"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
+        t["worker_rlimit_nofile"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
+        t["worker_shutdown_timeout"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
+        t["pid"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
+        t["error_log"] = DirectiveSpec(contexts: [.main, .stream, .server], arguments: 1...2)
+        t["user"] = DirectiveSpec(contexts: [.main], arguments: 1...2)
+        t["daemon"] = DirectiveSpec(contexts: [.main], arguments: 1...1, support: .ignored(note: nil))
+        t["master_process"] = DirectiveSpec(contexts: [.main], arguments: 1...1, support: .ignored(note: nil))
+        t["load_module"] = DirectiveSpec(
+            contexts: [.main], arguments: 1...1, single: false,
+            support: .ignored(note: "\"load_module\" is ignored: every stream feature Portcullis has is built in"))
+        t["env"] = DirectiveSpec(
+            contexts: [.main], arguments: 1...1, single: false,
+            support: .ignored(note: "\"env\" is ignored: Portcullis keeps its environment as it is"))
+        // events { } — accepted so nginx files load; Portcullis sizes itself.
+        for name in ["worker_connections", "use", "multi_accept", "accept_mutex", "accept_mutex_delay",
+                     "worker_aio_requests"] {
+            t[name] = DirectiveSpec(contexts: [.events], arguments: 1...1, support: .ignored(note: nil))
+        }
+        t["debug_connection"] = DirectiveSpec(
+            contexts: [.events], arguments: 1...1, single: false, support: .ignored(note: nil))
+
+        // stream { } and server { }
+        t["upstream"] = DirectiveSpec(contexts: [.stream], arguments: 1...1, takesBlock: true, single: false)
+        t["listen"] = DirectiveSpec(contexts: [.server], arguments: 1...unlimited, single: false)
+        t["allow"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
+        t["deny"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
+        t["log_format"] = DirectiveSpec(contexts: [.stream], arguments: 2...unlimited, single: false)
+        t["access_log"] = DirectiveSpec(contexts: streamServer, arguments: 1...unlimited, single: false)
+        t["audit_log"] = DirectiveSpec(contexts: [.stream], arguments: 1...2)
+        t["proxy_pass"] = DirectiveSpec(contexts: [.server], arguments: 1...1)
+        for name in ["proxy_connect_timeout", "proxy_timeout", "proxy_half_close", "tcp_nodelay", "proxy_buffer_size",
+                     "proxy_socket_keepalive", "proxy_next_upstream", "proxy_next_upstream_tries",
+                     "proxy_next_upstream_timeout", "proxy_responses", "proxy_requests",
+                     "proxy_protocol_timeout", "preread_timeout", "preread_buffer_size"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
+        }
+        // upstream { }
+        t["zone"] = DirectiveSpec(
+            contexts: [.upstream], arguments: 1...2,
+            support: .ignored(note: "\"zone\" is not needed: upstream state is always shared by every event loop"))
+        for name in ["hash", "least_conn", "random"] {
+            t[name] = DirectiveSpec(contexts: [.upstream], arguments: 0...2, support: planned("balancing methods other than weighted round-robin"))
+        }
+
+        // Later issues: the rule language names them, the compiler does not build them yet.
+        let geo = "geo, map, geoip2 and set (issue #4)"
+        for name in ["geo", "map", "geoip2"] {
+            t[name] = DirectiveSpec(contexts: [.stream], arguments: 1...2, takesBlock: true, single: false, support: planned(geo))
+        }
+        t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false, support: planned(geo))
+        let limits = "limits (issue #5)"
+        for name in ["limit_conn_zone", "limit_conn", "limit_conn_dry_run", "limit_conn_log_level", "limit_rate_zone",
+                     "limit_rate", "limit_rate_dry_run", "proxy_upload_rate", "proxy_download_rate"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...4, single: false, support: planned(limits))
+        }
+        let proxyProtocol = "the PROXY protocol (issue #3)"
+        for name in ["proxy_protocol", "proxy_protocol_tlv", "proxy_protocol_crc32c", "set_real_ip_from"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...2, single: false, support: planned(proxyProtocol))
+        }
+        for name in ["access_dry_run", "ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
+                     "ssl_ciphers", "proxy_ssl", "return", "resolver", "server_name"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("\"\(name)\""))
+        }
+        return t
+    }()
+}

@@ -1,0 +1,294 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+public import PortcullisCore
+
+/// The variables that exist at this stage, with nginx's names. Anything else in a
+/// `log_format` is a compile error.
+public enum LogVariable: String, Sendable, CaseIterable {
+    case remoteAddr = "remote_addr"
+    case remotePort = "remote_port"
+    case binaryRemoteAddr = "binary_remote_addr"
+    case serverAddr = "server_addr"
+    case serverPort = "server_port"
+    case `protocol` = "protocol"
+    case connection
+    case status
+    case bytesSent = "bytes_sent"
+    case bytesReceived = "bytes_received"
+    case sessionTime = "session_time"
+    case msec
+    case timeISO8601 = "time_iso8601"
+    case timeLocal = "time_local"
+    case hostname
+    case pid
+    case upstreamAddr = "upstream_addr"
+    case upstreamConnectTime = "upstream_connect_time"
+    case upstreamBytesSent = "upstream_bytes_sent"
+    case upstreamBytesReceived = "upstream_bytes_received"
+    case upstreamSessionTime = "upstream_session_time"
+}
+
+/// `log_format`'s `escape=` parameter.
+public enum LogEscape: String, Sendable {
+    case `default`, json, none
+}
+
+/// A format string compiled into literal text and variable references.
+public struct LogTemplate: Sendable, Equatable {
+    public enum Part: Sendable, Equatable {
+        case literal(String)
+        case variable(LogVariable)
+    }
+
+    public var parts: [Part]
+
+    public init(parts: [Part]) { self.parts = parts }
+
+    public enum ParseError: Error, Equatable {
+        /// The unknown name and its offset in the text (in characters).
+        case unknownVariable(String, offset: Int)
+        case unterminatedBrace(offset: Int)
+        case emptyName(offset: Int)
+    }
+
+    /// Splits `text` on `$name` and `${name}` (names are letters, digits and `_`).
+    public static func parse(_ text: String) throws(ParseError) -> LogTemplate {
+        var parts: [Part] = []
+        var literal = ""
+        let chars = Array(text)
+        var i = 0
+        while i < chars.count {
+            guard chars[i] == "$" else {
+                literal.append(chars[i])
+                i += 1
+                continue
+            }
+            let start = i
+            var name = ""
+            if i + 1 < chars.count && chars[i + 1] == "{" {
+                guard let close = chars[(i + 2)...].firstIndex(of: "}") else {
+                    throw .unterminatedBrace(offset: start)
+                }
+                name = String(chars[(i + 2)..<close])
+                i = close + 1
+            } else {
+                var j = i + 1
+                while j < chars.count && (chars[j].isLetter || chars[j].isNumber || chars[j] == "_") && chars[j].isASCII {
+                    j += 1
+                }
+                name = String(chars[(i + 1)..<j])
+                i = j
+            }
+            guard !name.isEmpty else { throw .emptyName(offset: start) }
+            guard let variable = LogVariable(rawValue: name) else { throw .unknownVariable(name, offset: start) }
+            if !literal.isEmpty { parts.append(.literal(literal)); literal = "" }
+            parts.append(.variable(variable))
+        }
+        if !literal.isEmpty { parts.append(.literal(literal)) }
+        return LogTemplate(parts: parts)
+    }
+
+    public var variables: [LogVariable] {
+        parts.compactMap { if case .variable(let v) = $0 { v } else { nil } }
+    }
+}
+
+/// A named `log_format`.
+public struct LogFormat: Sendable, Equatable {
+    public var name: String
+    public var escape: LogEscape
+    public var template: LogTemplate
+
+    public init(name: String, escape: LogEscape, template: LogTemplate) {
+        self.name = name
+        self.escape = escape
+        self.template = template
+    }
+
+    /// Used by `access_log PATH;` without a format. nginx's stream module has no predefined
+    /// format; this one is the example from nginx's own documentation.
+    public static let basic = LogFormat(
+        name: "basic", escape: .default,
+        template: try! LogTemplate.parse(
+            "$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received $session_time"))
+
+    /// One log line (without the newline) for `record`.
+    public func render(_ record: SessionRecord, host: HostFacts = .current) -> String {
+        var out = ""
+        out.reserveCapacity(128)
+        for part in template.parts {
+            switch part {
+            case .literal(let text):
+                out += text
+            case .variable(let variable):
+                guard let value = VariableRenderer.value(of: variable, in: record, host: host) else {
+                    out += "-"
+                    continue
+                }
+                LogEscaping.append(value, escape: escape, to: &out)
+            }
+        }
+        return out
+    }
+}
+
+/// Facts about this process that variables expose (`$hostname`, `$pid`).
+public struct HostFacts: Sendable {
+    public var hostname: String
+    public var pid: Int32
+
+    public init(hostname: String, pid: Int32) {
+        self.hostname = hostname
+        self.pid = pid
+    }
+
+    public static let current: HostFacts = {
+        var buffer = [CChar](repeating: 0, count: 256)
+        gethostname(&buffer, buffer.count)
+        let name = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return HostFacts(hostname: name, pid: getpid())
+    }()
+}
+
+/// Values of variables as nginx prints them. nil means "not found" (logged as `-`).
+public enum VariableRenderer {
+    public static func value(of variable: LogVariable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {
+        func text(_ s: String) -> [UInt8] { Array(s.utf8) }
+        switch variable {
+        case .remoteAddr: return text(r.client.address.description)
+        case .remotePort: return text(String(r.client.port))
+        case .binaryRemoteAddr: return r.client.address.bytes
+        case .serverAddr: return text(r.server.address.description)
+        case .serverPort: return text(String(r.server.port))
+        case .protocol: return text(r.transport.rawValue)
+        case .connection: return text(String(r.connection))
+        case .status: return text(String(r.status.rawValue))
+        case .bytesSent: return text(String(r.bytesSent))
+        case .bytesReceived: return text(String(r.bytesReceived))
+        case .sessionTime: return text(TimeText.seconds(r.sessionTime))
+        case .msec: return text(TimeText.msec(r.endTime))
+        case .timeISO8601: return text(TimeText.iso8601(r.endTime))
+        case .timeLocal: return text(TimeText.local(r.endTime))
+        case .hostname: return text(host.hostname)
+        case .pid: return text(String(host.pid))
+        case .upstreamAddr:
+            guard !r.upstreamAttempts.isEmpty else { return nil }
+            return text(r.upstreamAttempts.map(\.address.description).joined(separator: ", "))
+        case .upstreamConnectTime:
+            guard !r.upstreamAttempts.isEmpty else { return nil }
+            return text(r.upstreamAttempts.map { $0.connectTime.map(TimeText.seconds) ?? "-" }.joined(separator: ", "))
+        case .upstreamBytesSent:
+            guard !r.upstreamAttempts.isEmpty else { return nil }
+            return text(String(r.upstreamBytesSent))
+        case .upstreamBytesReceived:
+            guard !r.upstreamAttempts.isEmpty else { return nil }
+            return text(String(r.upstreamBytesReceived))
+        case .upstreamSessionTime:
+            guard let time = r.upstreamSessionTime else { return nil }
+            return text(TimeText.seconds(time))
+        }
+    }
+}
+
+/// nginx's three escapings of variable values in log lines.
+public enum LogEscaping {
+    private static let hex = Array("0123456789ABCDEF".utf8)
+
+    public static func append(_ value: [UInt8], escape: LogEscape, to out: inout String) {
+        switch escape {
+        case .none:
+            out += String(decoding: value, as: UTF8.self)
+        case .default:
+            // `"`, `\`, control bytes and everything above 0x7E become \xXX, so no client-chosen
+            // byte can start a new log line or forge a field.
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(value.count)
+            for byte in value {
+                if byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") || byte < 0x20 || byte > 0x7E {
+                    bytes += [UInt8(ascii: "\\"), UInt8(ascii: "x"), hex[Int(byte >> 4)], hex[Int(byte & 0xF)]]
+                } else {
+                    bytes.append(byte)
+                }
+            }
+            out += String(decoding: bytes, as: UTF8.self)
+        case .json:
+            appendJSONEscaped(value, to: &out)
+        }
+    }
+
+    /// The inside of a JSON string: `"` and `\` escaped, control bytes as `\n` or `\u00XX`.
+    public static func appendJSONEscaped(_ value: [UInt8], to out: inout String) {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(value.count)
+        for byte in value {
+            switch byte {
+            case UInt8(ascii: "\""): bytes += Array("\\\"".utf8)
+            case UInt8(ascii: "\\"): bytes += Array("\\\\".utf8)
+            case 0x0A: bytes += Array("\\n".utf8)
+            case 0x0D: bytes += Array("\\r".utf8)
+            case 0x09: bytes += Array("\\t".utf8)
+            case 0x08: bytes += Array("\\b".utf8)
+            case 0x0C: bytes += Array("\\f".utf8)
+            case 0..<0x20:
+                bytes += Array("\\u00".utf8) + [hex[Int(byte >> 4)], hex[Int(byte & 0xF)]]
+            default: bytes.append(byte)
+            }
+        }
+        out += String(decoding: bytes, as: UTF8.self)
+    }
+
+    public static func jsonString(_ text: String) -> String {
+        var out = "\""
+        appendJSONEscaped(Array(text.utf8), to: &out)
+        return out + "\""
+    }
+}
+
+/// Time text as nginx prints it, in the local time zone.
+public enum TimeText {
+    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+    /// `0.123` — seconds with millisecond resolution.
+    public static func seconds(_ value: Double) -> String {
+        let ms = Int((value * 1000).rounded())
+        return "\(ms / 1000)." + pad(ms % 1000, 3)
+    }
+
+    /// `1764270000.123`
+    public static func msec(_ time: Double) -> String { seconds(time) }
+
+    /// `2026-11-27T18:57:55+00:00`
+    public static func iso8601(_ time: Double, milliseconds: Bool = false) -> String {
+        let (t, offset) = brokenDown(time)
+        var text = "\(t.tm_year + 1900)-\(pad(Int(t.tm_mon) + 1, 2))-\(pad(Int(t.tm_mday), 2))T"
+            + "\(pad(Int(t.tm_hour), 2)):\(pad(Int(t.tm_min), 2)):\(pad(Int(t.tm_sec), 2))"
+        if milliseconds { text += "." + pad(Int((time * 1000).rounded(.down)) % 1000, 3) }
+        return text + zone(offset, colon: true)
+    }
+
+    /// `27/Nov/2026:18:57:55 +0000`
+    public static func local(_ time: Double) -> String {
+        let (t, offset) = brokenDown(time)
+        return "\(pad(Int(t.tm_mday), 2))/\(months[Int(t.tm_mon)])/\(t.tm_year + 1900):"
+            + "\(pad(Int(t.tm_hour), 2)):\(pad(Int(t.tm_min), 2)):\(pad(Int(t.tm_sec), 2)) " + zone(offset, colon: false)
+    }
+
+    private static func brokenDown(_ time: Double) -> (tm, Int) {
+        var seconds = time_t(time.rounded(.down))
+        var result = tm()
+        localtime_r(&seconds, &result)
+        return (result, Int(result.tm_gmtoff))
+    }
+
+    private static func zone(_ offset: Int, colon: Bool) -> String {
+        let sign = offset < 0 ? "-" : "+"
+        let minutes = abs(offset) / 60
+        return sign + pad(minutes / 60, 2) + (colon ? ":" : "") + pad(minutes % 60, 2)
+    }
+
+    private static func pad(_ value: Int, _ width: Int) -> String {
+        let text = String(value)
+        return String(repeating: "0", count: max(0, width - text.count)) + text
+    }
+}

@@ -1,0 +1,56 @@
+public import PortcullisCore
+
+/// The one record every session ends in. The access log, the audit log and (later) metrics
+/// and `explain` are all rendered from it, so they can never disagree.
+public struct SessionRecord: Sendable {
+    public var connection: UInt64
+    public var transport: TransportProtocol
+    public var client: SocketEndpoint
+    public var server: SocketEndpoint
+    /// The `listen` the session arrived on, as written (`127.0.0.1:8080`).
+    public var listener: String
+    public var status: SessionStatus = .ok
+    /// The phase that ended the session when it was refused; `.relay` for a normal session.
+    public var phase: Phase = .relay
+    /// The rule that refused the session, if a rule did.
+    public var rule: RuleReference?
+    /// Why the session ended badly, in words (for the error and audit logs).
+    public var reason: String?
+    /// Bytes sent to / received from the client.
+    public var bytesSent: UInt64 = 0
+    public var bytesReceived: UInt64 = 0
+    /// One entry per upstream connect attempt.
+    public var upstreamAttempts: [UpstreamAttempt] = []
+    public var upstreamBytesSent: UInt64 = 0
+    public var upstreamBytesReceived: UInt64 = 0
+    /// Seconds from the upstream connect to the end of the session.
+    public var upstreamSessionTime: Double?
+    /// Wall-clock seconds since 1970 when the session was accepted and when it ended.
+    public var startTime: Double
+    public var endTime: Double
+
+    public init(connection: UInt64, transport: TransportProtocol, client: SocketEndpoint, server: SocketEndpoint,
+                listener: String, startTime: Double) {
+        self.connection = connection
+        self.transport = transport
+        self.client = client
+        self.server = server
+        self.listener = listener
+        self.startTime = startTime
+        self.endTime = startTime
+    }
+
+    public var sessionTime: Double { max(0, endTime - startTime) }
+    public var refused: Bool { status != .ok }
+}
+
+public struct UpstreamAttempt: Sendable, Equatable {
+    public var address: SocketEndpoint
+    /// Seconds the connect took, nil if it failed.
+    public var connectTime: Double?
+
+    public init(address: SocketEndpoint, connectTime: Double?) {
+        self.address = address
+        self.connectTime = connectTime
+    }
+}

@@ -1,0 +1,190 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Synchronization
+public import PortcullisPolicy
+
+/// What waits in a log file's queue: ready text, or a record still to be formatted.
+enum LogEntry: Sendable {
+    case text(String)
+    case access(SessionRecord, LogFormat)
+    case audit(SessionRecord)
+
+    var text: String {
+        switch self {
+        case .text(let line): return line
+        case .access(let record, let format): return format.render(record)
+        case .audit(let record): return AuditLine.render(record)
+        }
+    }
+}
+
+/// One log file written by one background thread. Event loops hand it finished lines (or
+/// records to format) through a bounded queue and never wait: when the queue is full the line
+/// is dropped and counted, because a stalled disk must never stall the relay.
+///
+/// `reopen()` (SIGUSR1) closes and reopens the path at the next batch, as logrotate expects.
+public final class LogFile: Sendable {
+    public let path: String
+    private let capacity: Int
+
+    private struct State {
+        var pending: [LogEntry] = []
+        var dropped: UInt64 = 0
+        var reopenRequested = false
+        var closing = false
+        var written: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+    private let wakeup = ConditionLock()
+    private let finished = Atomic<Bool>(false)
+    /// File descriptor, owned by the writer thread after start.
+    private let fd = Atomic<Int32>(-1)
+
+    public struct OpenError: Error, CustomStringConvertible {
+        public var path: String
+        public var reason: String
+        public var description: String { "cannot open log file \"\(path)\": \(reason)" }
+    }
+
+    /// Opens (creating, appending) `path` now, so that a bad path fails at start-up.
+    public init(path: String, capacity: Int = 65_536) throws(OpenError) {
+        self.path = path
+        self.capacity = capacity
+        let descriptor = Self.open(path)
+        guard descriptor >= 0 else { throw OpenError(path: path, reason: String(cString: strerror(errno))) }
+        fd.store(descriptor, ordering: .relaxed)
+        let thread = Thread { [self] in
+            self.run()
+            self.finished.store(true, ordering: .releasing)
+        }
+        thread.name = "log " + (path as NSString).lastPathComponent
+        thread.start()
+    }
+
+    private static func open(_ path: String) -> Int32 {
+        if path == "stderr" || path == "/dev/stderr" { return dup(STDERR_FILENO) }
+        if path == "stdout" || path == "/dev/stdout" { return dup(STDOUT_FILENO) }
+        return Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+    }
+
+    /// Queues one line (a newline is added). Never blocks.
+    public func write(_ line: String) { enqueue(.text(line)) }
+
+    /// Queues a finished session; the line is formatted on the writer thread, not the caller's.
+    public func write(_ record: SessionRecord, format: LogFormat) { enqueue(.access(record, format)) }
+
+    /// Queues the audit line of a refused session, formatted on the writer thread.
+    public func writeAudit(_ record: SessionRecord) { enqueue(.audit(record)) }
+
+    private func enqueue(_ line: LogEntry) {
+        let accepted = state.withLock { s -> Bool in
+            guard !s.closing, s.pending.count < capacity else {
+                s.dropped += 1
+                return false
+            }
+            s.pending.append(line)
+            return s.pending.count == 1
+        }
+        if accepted { wakeup.signal() }
+    }
+
+    /// Asks the writer to reopen the file before its next write (log rotation).
+    public func reopen() {
+        state.withLock { $0.reopenRequested = true }
+        wakeup.signal()
+    }
+
+    /// Lines dropped because the queue was full.
+    public var droppedLines: UInt64 { state.withLock { $0.dropped } }
+    public var writtenLines: UInt64 { state.withLock { $0.written } }
+
+    /// Writes what is queued and stops the thread. Blocks until done.
+    public func close() {
+        let alreadyClosing = state.withLock { s -> Bool in
+            defer { s.closing = true }
+            return s.closing
+        }
+        guard !alreadyClosing else { return }
+        wakeup.signal()
+        while !finished.load(ordering: .acquiring) { usleep(1000) }
+    }
+
+    /// Blocks until every line queued so far is on disk (tests, shutdown).
+    public func flush() {
+        while state.withLock({ !$0.pending.isEmpty }) {
+            wakeup.signal()
+            usleep(500)
+        }
+        // The batch taken last may still be in write(2); a final round trip settles it.
+        usleep(1000)
+    }
+
+    private func run() {
+        while true {
+            wakeup.wait(timeoutMilliseconds: 200)
+            let (batch, reopen, closing) = state.withLock { s -> ([LogEntry], Bool, Bool) in
+                defer { s.pending.removeAll(keepingCapacity: true); s.reopenRequested = false }
+                return (s.pending, s.reopenRequested, s.closing)
+            }
+            if reopen {
+                let fresh = Self.open(path)
+                if fresh >= 0 {
+                    Glibc.close(fd.exchange(fresh, ordering: .relaxed))
+                }
+            }
+            if !batch.isEmpty {
+                var data = batch.map(\.text).joined(separator: "\n")
+                data += "\n"
+                writeAll(data)
+                state.withLock { $0.written += UInt64(batch.count) }
+            }
+            if closing {
+                let remaining = state.withLock { !$0.pending.isEmpty }
+                if remaining { continue }
+                Glibc.close(fd.exchange(-1, ordering: .relaxed))
+                return
+            }
+        }
+    }
+
+    private func writeAll(_ text: String) {
+        var text = text
+        text.withUTF8 { buffer in
+            var offset = 0
+            while offset < buffer.count {
+                let n = Glibc.write(fd.load(ordering: .relaxed), buffer.baseAddress! + offset, buffer.count - offset)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return  // disk full or similar: drop the batch, keep serving
+                }
+                offset += n
+            }
+        }
+    }
+}
+
+/// A condition variable with a "something happened" flag, so a signal sent before the
+/// writer waits is not lost.
+final class ConditionLock: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var signalled = false
+
+    func signal() {
+        condition.lock()
+        signalled = true
+        condition.signal()
+        condition.unlock()
+    }
+
+    func wait(timeoutMilliseconds: Int) {
+        condition.lock()
+        if !signalled {
+            _ = condition.wait(until: Date(timeIntervalSinceNow: Double(timeoutMilliseconds) / 1000))
+        }
+        signalled = false
+        condition.unlock()
+    }
+}

@@ -1,0 +1,137 @@
+import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import PortcullisGateway
+import PortcullisPolicy
+import PortcullisRules
+import ServiceLifecycle
+import Logging
+import NIOCore
+
+@main
+struct Portcullis: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "portcullis",
+        abstract: "A TCP access-control gateway that reads nginx stream rule files.",
+        discussion: """
+            Rule files use nginx's stream syntax: see docs/directives.md.
+            Signals while running: TERM/INT stop (sessions get up to worker_shutdown_timeout, \
+            default 5s, to finish), QUIT stops gracefully (waits for every session unless \
+            worker_shutdown_timeout is set), USR1 reopens log files.
+            """,
+        subcommands: [Check.self, Run.self])
+}
+
+struct RuleFileOption: ParsableArguments {
+    @Option(name: [.customShort("c"), .long], help: "The rule file to read.")
+    var config = "rules/gateway.conf"
+}
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check a rule file and report every problem (like nginx -t).",
+        discussion: "Exits 0 with a one-line summary if the file compiles, 1 with every diagnostic if not.")
+
+    @OptionGroup var options: RuleFileOption
+
+    func run() throws {
+        let result = RuleLoader.load(path: options.config)
+        if !result.diagnostics.isEmpty {
+            FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
+        }
+        guard let snapshot = result.snapshot else {
+            let count = result.diagnostics.filter { $0.severity == .error }.count
+            FileHandle.standardError.write(Data("portcullis: \(options.config): \(count) error\(count == 1 ? "" : "s"), test failed\n".utf8))
+            throw ExitCode(1)
+        }
+        let listens = snapshot.servers.reduce(0) { $0 + $1.listens.count }
+        let rules = snapshot.servers.reduce(0) { $0 + $1.access.rules.count }
+        print("portcullis: \(options.config): syntax is ok, test is successful "
+            + "(\(snapshot.servers.count) server\(snapshot.servers.count == 1 ? "" : "s"), \(listens) listen, \(rules) access rules)")
+    }
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the gateway in the foreground on a rule file.",
+        discussion: "Refuses to start (exit 1) if the rule file has errors or a listen address cannot be bound.")
+
+    @OptionGroup var options: RuleFileOption
+
+    func run() async throws {
+        let result = RuleLoader.load(path: options.config)
+        if !result.diagnostics.isEmpty {
+            FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
+        }
+        guard let snapshot = result.snapshot else {
+            fail("\(options.config) has errors; not starting")
+        }
+        let gateway: Gateway
+        do {
+            try ProcessSetup.applyLimits(snapshot.main)
+            gateway = try Gateway(snapshot: snapshot)
+            try await gateway.start()
+            try ProcessSetup.dropPrivileges(snapshot.main, log: gateway.errorLog)
+            try ProcessSetup.writePidFile(snapshot.main)
+        } catch {
+            fail("\(error)")
+        }
+        defer { ProcessSetup.removePidFile(snapshot.main) }
+
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: gateway)],
+            gracefulShutdownSignals: [],
+            cancellationSignals: [],
+            logger: Logger(label: "portcullis.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })))
+        let signals = SignalHandlers(gateway: gateway, group: group)
+        signals.install()
+        try await group.run()
+        signals.cancel()
+    }
+
+    private func fail(_ message: String) -> Never {
+        FileHandle.standardError.write(Data("portcullis: [emerg] \(message)\n".utf8))
+        Foundation.exit(1)
+    }
+}
+
+/// nginx's signals: TERM/INT stop (short drain), QUIT stops gracefully, USR1 reopens logs.
+final class SignalHandlers: @unchecked Sendable {
+    private var sources: [any DispatchSourceSignal] = []
+    private let gateway: Gateway
+    private let group: ServiceGroup
+    private let queue = DispatchQueue(label: "portcullis.signals")
+
+    init(gateway: Gateway, group: ServiceGroup) {
+        self.gateway = gateway
+        self.group = group
+    }
+
+    func install() {
+        on(SIGTERM) { [gateway, group] in
+            gateway.setDrainTimeout(.seconds(5))
+            Task { await group.triggerGracefulShutdown() }
+        }
+        on(SIGINT) { [gateway, group] in
+            gateway.setDrainTimeout(.seconds(5))
+            Task { await group.triggerGracefulShutdown() }
+        }
+        on(SIGQUIT) { [gateway, group] in
+            gateway.setDrainTimeout(nil)
+            Task { await group.triggerGracefulShutdown() }
+        }
+        on(SIGUSR1) { [gateway] in gateway.reopenLogs() }
+    }
+
+    private func on(_ signal: Int32, _ handler: @escaping @Sendable () -> Void) {
+        Glibc.signal(signal, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: signal, queue: queue)
+        source.setEventHandler(handler: handler)
+        source.resume()
+        sources.append(source)
+    }
+
+    func cancel() { sources.forEach { $0.cancel() } }
+}
