@@ -20,7 +20,8 @@ public struct FirstMatchTable<Key: FixedWidthInteger & UnsignedInteger & Sendabl
         let closes = ranges.filter { $0.range.upperBound != Key.max }
             .sorted { $0.range.upperBound < $1.range.upperBound }
         var heap = MinHeap()
-        var active = [Bool](repeating: false, count: (ranges.map { Int($0.rule) }.max() ?? -1) + 1)
+        // How many of each rule's ranges cover the sweep point (a rule may have several).
+        var active = [Int32](repeating: 0, count: (ranges.map { Int($0.rule) }.max() ?? -1) + 1)
         var starts: [Key] = [0]
         var values: [Int32] = [-1]
         var o = 0, c = 0
@@ -37,14 +38,14 @@ public struct FirstMatchTable<Key: FixedWidthInteger & UnsignedInteger & Sendabl
             }
             while o < opens.count && opens[o].range.lowerBound == point {
                 heap.push(opens[o].rule)
-                active[Int(opens[o].rule)] = true
+                active[Int(opens[o].rule)] += 1
                 o += 1
             }
             while c < closes.count && closes[c].range.upperBound + 1 == point {
-                active[Int(closes[c].rule)] = false
+                active[Int(closes[c].rule)] -= 1
                 c += 1
             }
-            while let top = heap.top, !active[Int(top)] { heap.pop() }
+            while let top = heap.top, active[Int(top)] == 0 { heap.pop() }
             let value = heap.top ?? -1
             if starts.last == point {
                 values[values.count - 1] = value

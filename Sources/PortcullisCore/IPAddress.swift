@@ -169,18 +169,17 @@ public enum IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible {
         var i = 0
         while i < groups {
             if i == bestStart {
-                out += i == 0 ? "::" : ":"
+                out += "::"
                 i += bestLength
                 continue
             }
             out += String(words[i], radix: 16)
-            if i < 7 && i + 1 != bestStart { out += ":" }
+            if i < groups - 1 && i + 1 != bestStart { out += ":" }
             i += 1
         }
         if dottedTail {
+            if !out.hasSuffix(":") { out += ":" }
             out += formatIPv4(UInt32(truncatingIfNeeded: value))
-        } else if out.hasSuffix(":") && !out.hasSuffix("::") {
-            out.removeLast()
         }
         return out
     }

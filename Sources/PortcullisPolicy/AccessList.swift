@@ -33,15 +33,18 @@ public struct AccessVerdict: Sendable, Equatable {
 /// An IPv4-mapped client (`::ffff:a.b.c.d`) is checked against the IPv4 list whenever the IPv4
 /// list has any rule, and against the IPv6 list otherwise.
 ///
-/// One deliberate difference, for safety: an IPv6 rule inside `::ffff:0:0/96` is also entered
-/// into the IPv4 list (the compiler warns), so `deny ::ffff:10.0.0.0/104` denies 10.0.0.0/8
-/// however the client arrives. nginx would ignore such a rule for IPv4 clients.
+/// One deliberate difference, for safety: an IPv6 rule inside `::ffff:0:0/96` is also entered,
+/// at its place in the order, into the IPv4 list (the compiler warns), so
+/// `deny ::ffff:10.0.0.0/104` denies 10.0.0.0/8 however the client arrives. nginx would ignore
+/// such a rule for IPv4 clients. Which list a mapped client uses is still decided by nginx's
+/// test, on the genuine IPv4 rules and `all` only, so adding a rule never lets a client in.
 public struct AccessList: Sendable {
     public let rules: [AccessRule]
     private let ipv4: FirstMatchTable<UInt32>
     private let ipv6: FirstMatchTable<UInt128>
-    private let hasIPv4Rules: Bool
-    private let hasIPv6Rules: Bool
+    /// IPv4 rules and `all`, not counting folded mapped-IPv6 rules: nginx's test for whether
+    /// a mapped client is checked as IPv4.
+    private let hasGenuineIPv4Rules: Bool
 
     public static let empty = AccessList(rules: [])
 
@@ -49,20 +52,24 @@ public struct AccessList: Sendable {
         self.rules = rules
         var v4: [(range: ClosedRange<UInt32>, rule: Int32)] = []
         var v6: [(range: ClosedRange<UInt128>, rule: Int32)] = []
+        var genuineIPv4 = false
         for (index, rule) in rules.enumerated() {
             let index = Int32(index)
             switch rule.match {
             case .all:
+                genuineIPv4 = true
                 v4.append((0...UInt32.max, index))
                 v6.append((0...UInt128.max, index))
             case .block(let block):
-                if let range = block.ipv4Range { v4.append((range, index)) }
+                if let range = block.ipv4Range {
+                    genuineIPv4 = true
+                    v4.append((range, index))
+                }
                 if let range = block.ipv6Range { v6.append((range, index)) }
                 if let range = block.mappedIPv4Block?.ipv4Range { v4.append((range, index)) }
             }
         }
-        hasIPv4Rules = !v4.isEmpty
-        hasIPv6Rules = !v6.isEmpty
+        hasGenuineIPv4Rules = genuineIPv4
         ipv4 = FirstMatchTable(ranges: v4)
         ipv6 = FirstMatchTable(ranges: v6)
     }
@@ -73,12 +80,12 @@ public struct AccessList: Sendable {
         let index: Int32?
         switch address {
         case .v4(let value):
-            index = hasIPv4Rules ? ipv4.firstMatch(value) : nil
+            index = ipv4.firstMatch(value)
         case .v6(let value):
-            if let mapped = address.mappedIPv4, hasIPv4Rules {
+            if let mapped = address.mappedIPv4, hasGenuineIPv4Rules {
                 index = ipv4.firstMatch(mapped)
             } else {
-                index = hasIPv6Rules ? ipv6.firstMatch(value) : nil
+                index = ipv6.firstMatch(value)
             }
         }
         guard let index else { return AccessVerdict(allowed: true, rule: nil) }
@@ -88,7 +95,7 @@ public struct AccessList: Sendable {
 
     /// The obvious implementation, kept as the reference the compiled tables are tested against.
     public func evaluateByScan(_ address: IPAddress) -> AccessVerdict {
-        let useIPv4List = address.isIPv4 || (address.mappedIPv4 != nil && hasIPv4Rules)
+        let useIPv4List = address.isIPv4 || (address.mappedIPv4 != nil && hasGenuineIPv4Rules)
         let probe: IPAddress = address.mappedIPv4.map { useIPv4List ? .v4($0) : address } ?? address
         for rule in rules {
             switch rule.match {
