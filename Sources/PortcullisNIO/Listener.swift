@@ -51,7 +51,9 @@ public enum Listener {
                                 try channel.syncOptions!.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
                             }
                             if case .v6 = listen.address {
-                                try channel.syncOptions!.setOption(.ipOption(.init(rawValue: IPV6_V6ONLY)), value: listen.ipv6Only ? 1 : 0)
+                                try channel.syncOptions!.setOption(
+                                    ChannelOptions.Types.SocketOption(level: .ipv6, name: .init(rawValue: IPV6_V6ONLY)),
+                                    value: listen.ipv6Only ? 1 : 0)
                             }
                         }
                     }

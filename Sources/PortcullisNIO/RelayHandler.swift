@@ -22,6 +22,15 @@ final class RelayHandler: ChannelDuplexHandler {
     private var partner: RelayHandler?
     private var wantsRead = false
     private(set) var inputIsClosed = false
+    /// This side's write direction is shut and everything queued before it was written.
+    private(set) var outputIsClosed = false
+    /// This side's channel closed in order: we had shut its output after its last byte, no
+    /// error was seen, and the peer's EOF then closed it (NIO turns EOF after an output
+    /// shutdown into a full close, with no inputClosed event). The partner must then finish
+    /// writing, not be cut short.
+    var endedInOrder: Bool { outputShutdownStarted && !sawError }
+    private var outputShutdownStarted = false
+    private var sawError = false
     private var closing = false
     private var resetWhenClosing = false
 
@@ -76,6 +85,8 @@ final class RelayHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // Bytes leaving for a slow reader are activity too (nginx counts write events).
+        session?.noteActivity()
         if context.channel.isWritable { partner?.resumeReading() }
         context.fireChannelWritabilityChanged()
     }
@@ -89,6 +100,9 @@ final class RelayHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
             inputIsClosed = true
+            // NIO reports EOF before the read batch's channelReadComplete: flush what this
+            // batch wrote to the partner, or shutting its output would drop those bytes.
+            partner?.context?.flush()
             session?.inputClosed(on: side)
         } else {
             context.fireUserInboundEventTriggered(event)
@@ -96,23 +110,44 @@ final class RelayHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        // Bytes this side read in its last batch may not have been flushed yet.
+        partner?.context?.flush()
         session?.channelClosed(side, handler: self)
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        sawError = true
         session?.failed(on: side, error: error)
     }
 
     /// Shuts this side's output once what is queued has been written, then calls `done`.
+    ///
+    /// The wait is explicit (an empty write's promise completes after every earlier write):
+    /// once NIO has seen EOF on a channel, it turns `close(mode: .output)` into a full close
+    /// that cancels queued writes.
     func shutdownOutput(then done: @escaping () -> Void) {
         guard let context, context.channel.isActive else {
+            outputIsClosed = true
             done()
             return
         }
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        context.close(mode: .output, promise: promise)
-        promise.futureResult.assumeIsolated().whenComplete { _ in done() }
+        let drained = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: drained)
+        drained.futureResult.assumeIsolated().whenComplete { [self] _ in
+            guard let context = self.context, context.channel.isActive else {
+                outputIsClosed = true
+                done()
+                return
+            }
+            outputShutdownStarted = true
+            let closed = context.eventLoop.makePromise(of: Void.self)
+            context.close(mode: .output, promise: closed)
+            closed.futureResult.assumeIsolated().whenComplete { [self] _ in
+                outputIsClosed = true
+                done()
+            }
+        }
     }
 
     /// Makes the coming close send a TCP reset (SO_LINGER 0), to pass a peer's reset on.

@@ -120,6 +120,7 @@ final class RelaySession {
                     upstreamOpen = true
                     upstream = handler
                     upstreamConnectedAt = .now()
+                    lastActivity = .now()  // proxy_timeout counts from the connect, as nginx
                     client.pair(with: handler)
                     armIdleTimer()
                 case .failure(let error):
@@ -174,7 +175,9 @@ final class RelaySession {
         }
         let halfClose = runtime.policy.proxy.halfClose
         to.shutdownOutput { [self] in
-            if !halfClose || (client.inputIsClosed && upstream?.inputIsClosed == true) {
+            // Done when both directions are: each output shut after its last byte was written.
+            // Closing on "both inputs ended" instead would drop bytes still queued.
+            if !halfClose || (client.outputIsClosed && upstream?.outputIsClosed == true) {
                 closeBoth()
             }
         }
@@ -192,14 +195,22 @@ final class RelaySession {
     }
 
     func channelClosed(_ side: RelayHandler.Side, handler: RelayHandler) {
+        let other: RelayHandler?
         if side == .client {
             clientOpen = false
-            upstream?.close()
+            other = upstream
         } else {
             // A failed connect attempt's channel is not the session's upstream: ignore it.
             guard handler === upstream else { return }
             upstreamOpen = false
-            client.close()
+            other = client
+        }
+        // A side that ended in order is an EOF for its partner: let the partner write what it
+        // holds, then close. Any other end (reset, error, timeout, refusal) ends the session now.
+        if handler.endedInOrder, let other, other.isActive {
+            other.shutdownOutput { [self] in closeBoth() }
+        } else {
+            other?.close()
         }
         maybeFinish()
     }
