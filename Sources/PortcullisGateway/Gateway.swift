@@ -69,9 +69,20 @@ public final class Gateway: Service, Sendable {
     /// `worker_shutdown_timeout`), a time closes what is left after it.
     public func setDrainTimeout(_ timeout: TimeAmount?) {
         if snapshot.main.workerShutdownTimeoutMilliseconds == nil {
-            drainTimeout.withLock { $0 = timeout }
+            let stopping = self.stopping
+            drainTimeout.withLock { current in
+                // Once stopping, a second signal may shorten the drain, never lengthen it.
+                guard stopping else { current = timeout; return }
+                switch (current, timeout) {
+                case (nil, _): current = timeout
+                case (let existing?, let new?): current = min(existing, new)
+                case (_, nil): break
+                }
+            }
         }
     }
+
+    private var stopping: Bool { channels.withLock { $0.isEmpty } }
 
     /// Stops accepting, lets sessions finish up to the drain timeout, closes the rest, and
     /// writes every pending log line.
@@ -81,13 +92,13 @@ public final class Gateway: Service, Sendable {
             return channels
         }
         for channel in listening { try? await channel.close() }
-        let timeout = drainTimeout.withLock { $0 }
-        let deadline = timeout.map { NIODeadline.now() + $0 }
+        let drainStart = NIODeadline.now()
         if registry.count > 0 {
             errorLog.notice("gracefully shutting down, waiting for \(registry.count) sessions")
         }
         while registry.count > 0 {
-            if let deadline, NIODeadline.now() >= deadline { break }
+            // Read each round: a TERM after a QUIT shortens an unbounded drain.
+            if let timeout = drainTimeout.withLock({ $0 }), NIODeadline.now() >= drainStart + timeout { break }
             try? await Task.sleep(for: .milliseconds(20))
         }
         if registry.count > 0 {

@@ -79,7 +79,7 @@ struct PolicyCompiler {
             if let note { diagnostics.note(note, at: d.nameLocation, length: d.name.count) }
             return nil
         case .planned(let what):
-            error("\"\(d.name)\" is part of the rule language but not supported yet: \(what) is not built", at: d)
+            error("\"\(d.name)\" is part of the rule language but not supported yet (\(what))", at: d)
             return nil
         case .refused(let why):
             error(why, at: d)
@@ -139,7 +139,10 @@ struct PolicyCompiler {
             }
         }
         guard let stream else {
-            diagnostics.error("no \"stream\" block is defined: there is nothing to listen on", at: nil)
+            // After a syntax error the block may simply not have been read: say nothing more.
+            if !diagnostics.hasErrors {
+                diagnostics.error("no \"stream\" block is defined: there is nothing to listen on", at: nil)
+            }
             return nil
         }
         return compileStream(stream, main: main)
@@ -191,8 +194,18 @@ struct PolicyCompiler {
             case "upstream": upstreamBlocks.append(d)
             case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
             case "access_log":
-                if d.arguments.count == 1 && d.arguments[0].text == "off" { streamLogsOff = true } else { streamLogs.append(d) }
-            case "audit_log": auditLog = AuditLogSpec(path: d.arguments[0].text)
+                if d.arguments[0].text == "off" {
+                    streamLogsOff = true
+                    if d.arguments.count > 1 { error("\"access_log off\" takes no other parameters", at: d.arguments[1]) }
+                } else {
+                    streamLogs.append(d)
+                }
+            case "audit_log":
+                if d.arguments.count > 1 {
+                    error("\"\(d.arguments[1].text)\" in \"audit_log\" is not supported yet: the flood cap (sample=) comes with the limits issue (#5)", at: d.arguments[1])
+                } else {
+                    auditLog = AuditLogSpec(path: d.arguments[0].text)
+                }
             case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
             default: applyProxySetting(d, to: &proxy)
             }
@@ -217,7 +230,7 @@ struct PolicyCompiler {
                 for listen in server.listens {
                     if let first = listenSites[listen.endpoint] {
                         diagnostics.error("duplicate listen \(listen.endpoint); it is already used at \(first)",
-                                          at: listen.location, length: listen.description.count)
+                                          at: listen.location, length: listen.writtenLength)
                     } else {
                         listenSites[listen.endpoint] = listen.location
                     }
@@ -240,6 +253,7 @@ struct PolicyCompiler {
         var hasOwnRules = false
         var logs: [AccessLogSpec] = []
         var hasOwnLogs = false
+        var logsOff = false
         var proxy = inherited
         var upstream: UpstreamGroup?
         var failed = false
@@ -253,8 +267,13 @@ struct PolicyCompiler {
                 if let rule = accessRule(d) { rules.append(rule) } else { failed = true }
             case "access_log":
                 hasOwnLogs = true
-                if !(d.arguments.count == 1 && d.arguments[0].text == "off") {
-                    if let log = accessLog(d, formats: formats) { logs.append(log) } else { failed = true }
+                if d.arguments[0].text == "off" {
+                    logsOff = true  // nginx: "off" cancels every access_log on this level
+                    if d.arguments.count > 1 { error("\"access_log off\" takes no other parameters", at: d.arguments[1]) }
+                } else if let log = accessLog(d, formats: formats) {
+                    logs.append(log)
+                } else {
+                    failed = true
                 }
             case "proxy_pass":
                 upstream = proxyPass(d.arguments[0], upstreams: upstreams)
@@ -278,7 +297,7 @@ struct PolicyCompiler {
             access: AccessList(rules: hasOwnRules ? rules : inheritedRules),
             upstream: upstream,
             proxy: proxy,
-            accessLogs: hasOwnLogs ? logs : inheritedLogs,
+            accessLogs: hasOwnLogs ? (logsOff ? [] : logs) : inheritedLogs,
             location: block.nameLocation)
     }
 
@@ -318,6 +337,7 @@ struct PolicyCompiler {
         let first = d.arguments[0]
         guard let (address, port) = parseListenAddress(first) else { return nil }
         var spec = ListenSpec(address: address, port: port, location: first.location)
+        spec.writtenLength = first.length
         let parameters = ["reuseport", "backlog=", "so_keepalive=", "ipv6only=", "udp", "proxy_protocol", "ssl",
                           "default_server", "bind", "deferred", "fastopen=", "rcvbuf=", "sndbuf=", "setfib=",
                           "accept_filter=", "multipath"]
@@ -381,7 +401,8 @@ struct PolicyCompiler {
         guard parts.count == 3 else { return nil }
         func seconds(_ part: Substring) -> Int?? {
             if part.isEmpty { return .some(nil) }
-            guard let ms = Units.milliseconds(String(part)) else { return nil }
+            // Whole seconds only, as nginx (TCP_KEEPIDLE/KEEPINTVL take seconds, and 0 fails).
+            guard let ms = Units.milliseconds(String(part)), ms >= 1000, ms % 1000 == 0 else { return nil }
             return .some(ms / 1000)
         }
         guard let idle = seconds(parts[0]), let interval = seconds(parts[1]) else { return nil }

@@ -97,27 +97,27 @@ enum DirectiveTable {
             contexts: [.upstream], arguments: 1...2,
             support: .ignored(note: "\"zone\" is not needed: upstream state is always shared by every event loop"))
         for name in ["hash", "least_conn", "random"] {
-            t[name] = DirectiveSpec(contexts: [.upstream], arguments: 0...2, support: planned("balancing methods other than weighted round-robin"))
+            t[name] = DirectiveSpec(contexts: [.upstream], arguments: 0...2, support: planned("only weighted round-robin balancing is built"))
         }
 
         // Later issues: the rule language names them, the compiler does not build them yet.
-        let geo = "geo, map, geoip2 and set (issue #4)"
+        let geo = "geo, map, geoip2 and set come with issue #4"
         for name in ["geo", "map", "geoip2"] {
             t[name] = DirectiveSpec(contexts: [.stream], arguments: 1...2, takesBlock: true, single: false, support: planned(geo))
         }
         t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false, support: planned(geo))
-        let limits = "limits (issue #5)"
+        let limits = "limits come with issue #5"
         for name in ["limit_conn_zone", "limit_conn", "limit_conn_dry_run", "limit_conn_log_level", "limit_rate_zone",
                      "limit_rate", "limit_rate_dry_run", "proxy_upload_rate", "proxy_download_rate"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...4, single: false, support: planned(limits))
         }
-        let proxyProtocol = "the PROXY protocol (issue #3)"
+        let proxyProtocol = "the PROXY protocol comes with issue #3"
         for name in ["proxy_protocol", "proxy_protocol_tlv", "proxy_protocol_crc32c", "set_real_ip_from"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...2, single: false, support: planned(proxyProtocol))
         }
         for name in ["access_dry_run", "ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
                      "ssl_ciphers", "proxy_ssl", "return", "resolver", "server_name"] {
-            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("\"\(name)\""))
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("not built yet"))
         }
         return t
     }()

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-public import PortcullisCore
+import PortcullisCore
 
 /// The variables that exist at this stage, with nginx's names. Anything else in a
 /// `log_format` is a compile error.
@@ -123,7 +123,8 @@ public struct LogFormat: Sendable, Equatable {
                 out += text
             case .variable(let variable):
                 guard let value = VariableRenderer.value(of: variable, in: record, host: host) else {
-                    out += "-"
+                    // nginx: "-" with default escaping, nothing with json or none.
+                    if escape == .default { out += "-" }
                     continue
                 }
                 LogEscaping.append(value, escape: escape, to: &out)

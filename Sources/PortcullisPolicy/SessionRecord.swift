@@ -7,7 +7,7 @@ public struct SessionRecord: Sendable {
     public var transport: TransportProtocol
     public var client: SocketEndpoint
     public var server: SocketEndpoint
-    /// The `listen` the session arrived on, as written (`127.0.0.1:8080`).
+    /// The `listen` the session arrived on, as an endpoint (`127.0.0.1:8080`, `0.0.0.0:8080`).
     public var listener: String
     public var status: SessionStatus = .ok
     /// The phase that ended the session when it was refused; `.relay` for a normal session.

@@ -72,6 +72,8 @@ public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {
     public var keepalive = Keepalive.systemDefault
     public var ipv6Only = true
     public var location: SourceLocation
+    /// Length of the address as written, for the caret under it in diagnostics.
+    public var writtenLength = 1
 
     public var endpoint: SocketEndpoint { SocketEndpoint(address: address, port: port) }
     public var description: String { endpoint.description }

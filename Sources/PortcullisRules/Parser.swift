@@ -4,7 +4,7 @@ import Glibc
 import Darwin
 #endif
 import Foundation
-public import PortcullisCore
+import PortcullisCore
 
 /// Reads a rule file and everything it includes into directives, collecting every problem it can
 /// find instead of stopping at the first (a syntax error ends only the file it is in).
@@ -32,13 +32,21 @@ public struct RuleParser {
     }
 
     private mutating func parseFile(path: String, includedFrom: Argument?) -> [Directive] {
+        // open(2) first, for the system's own words ("No such file or directory").
+        let descriptor = open(path, O_RDONLY)
+        guard descriptor >= 0 else {
+            diagnostics.error(
+                "cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))",
+                at: includedFrom?.location, length: includedFrom?.length ?? 1)
+            return []
+        }
+        close(descriptor)
         let data: Data
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: path))
         } catch {
-            let reason = (error as NSError).localizedFailureReason ?? "\(errnoDescription(for: error))"
             diagnostics.error(
-                "cannot open rule file \"\(path)\": \(reason)",
+                "cannot read rule file \"\(path)\": \(error.localizedDescription)",
                 at: includedFrom?.location, length: includedFrom?.length ?? 1)
             return []
         }
@@ -49,26 +57,19 @@ public struct RuleParser {
         return parseText(text, file: path)
     }
 
-    private func errnoDescription(for error: any Error) -> String {
-        let nsError = error as NSError
-        if let underlying = nsError.userInfo[NSUnderlyingErrorKey] as? NSError,
-           underlying.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(underlying.code)))
-        }
-        return nsError.localizedDescription
-    }
-
     private mutating func parseText(_ text: String, file: String) -> [Directive] {
         sources.add(file: file, text: text)
         includeStack.append(file)
         defer { includeStack.removeLast() }
         var lexer = Lexer(text: text, file: file)
+        // Directives parsed before a syntax error are kept, so the rest is still checked.
+        var directives: [Directive] = []
         do {
-            return try parseBlock(&lexer, opener: nil)
+            try parseBlock(&lexer, opener: nil, into: &directives)
         } catch {
             diagnostics.error(error.message, at: error.location, length: error.length)
-            return []
         }
+        return directives
     }
 
     struct SyntaxError: Error {
@@ -78,8 +79,8 @@ public struct RuleParser {
     }
 
     /// Parses directives until the matching `}` (or end of file at top level).
-    private mutating func parseBlock(_ lexer: inout Lexer, opener: LocatedToken?) throws(SyntaxError) -> [Directive] {
-        var directives: [Directive] = []
+    private mutating func parseBlock(_ lexer: inout Lexer, opener: LocatedToken?,
+                                     into directives: inout [Directive]) throws(SyntaxError) {
         var words: [LocatedToken] = []
         while true {
             let token: LocatedToken
@@ -106,7 +107,8 @@ public struct RuleParser {
                 guard let first = words.first else {
                     throw SyntaxError(message: "unexpected \"{\"; expected a directive name before a block", location: token.location)
                 }
-                let children = try parseBlock(&lexer, opener: first)
+                var children: [Directive] = []
+                try parseBlock(&lexer, opener: first, into: &children)
                 directives.append(makeDirective(first, words.dropFirst(), block: children))
                 words = []
             case .blockEnd:
@@ -118,7 +120,7 @@ public struct RuleParser {
                 guard opener != nil else {
                     throw SyntaxError(message: "unexpected \"}\" with no block open", location: token.location)
                 }
-                return directives
+                return
             case .endOfFile:
                 if let first = words.first {
                     throw SyntaxError(
@@ -130,7 +132,7 @@ public struct RuleParser {
                         message: "unexpected end of file, expecting \"}\" to close the block \"\(wordText(opener))\" opened here",
                         location: opener.location, length: opener.length)
                 }
-                return directives
+                return
             }
         }
     }

@@ -57,10 +57,21 @@ public struct ErrorLogHandler: LogHandler {
         line += " [\(Self.nginxName(event.level))] \(getpid())#0: "
         let merged = metadata.merging(event.metadata ?? [:]) { $1 }
         if let connection = merged["connection"] { line += "*\(connection) " }
-        // Messages may quote client-chosen bytes; escape them so they cannot forge log lines.
-        var escaped = ""
-        LogEscaping.append(Array(event.message.description.utf8), escape: .default, to: &escaped)
-        line += escaped
+        // Control bytes are escaped so nothing can start a forged line; quotes stay, as nginx's
+        // `upstream: "10.0.0.1:80"` has them.
+        for byte in event.message.description.utf8 {
+            if byte < 0x20 || byte == 0x7F {
+                line += "\\x" + String(byte, radix: 16, uppercase: true).leftPadded(to: 2)
+            } else {
+                line.unicodeScalars.append(Unicode.Scalar(byte))
+            }
+        }
         file.write(line)
+    }
+}
+
+extension String {
+    fileprivate func leftPadded(to width: Int) -> String {
+        String(repeating: "0", count: max(0, width - count)) + self
     }
 }

@@ -126,13 +126,19 @@ public final class LogFile: Sendable {
         while true {
             wakeup.wait(timeoutMilliseconds: 200)
             let (batch, reopen, closing) = state.withLock { s -> ([LogEntry], Bool, Bool) in
-                defer { s.pending.removeAll(keepingCapacity: true); s.reopenRequested = false }
-                return (s.pending, s.reopenRequested, s.closing)
+                var taken: [LogEntry] = []
+                swap(&taken, &s.pending)
+                defer { s.reopenRequested = false }
+                return (taken, s.reopenRequested, s.closing)
             }
             if reopen {
                 let fresh = Self.open(path)
                 if fresh >= 0 {
                     Glibc.close(fd.exchange(fresh, ordering: .relaxed))
+                } else {
+                    // Keep writing to the old file rather than lose lines; say why once.
+                    let message = "portcullis: cannot reopen log file \"\(path)\": \(String(cString: strerror(errno))); still writing to the old file\n"
+                    _ = message.withCString { Glibc.write(STDERR_FILENO, $0, strlen($0)) }
                 }
             }
             if !batch.isEmpty {

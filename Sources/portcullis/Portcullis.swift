@@ -73,8 +73,8 @@ struct Run: AsyncParsableCommand {
             try ProcessSetup.applyLimits(snapshot.main)
             gateway = try Gateway(snapshot: snapshot)
             try await gateway.start()
+            try ProcessSetup.writePidFile(snapshot.main)  // as root, like nginx's master
             try ProcessSetup.dropPrivileges(snapshot.main, log: gateway.errorLog)
-            try ProcessSetup.writePidFile(snapshot.main)
         } catch {
             fail("\(error)")
         }
@@ -123,6 +123,11 @@ final class SignalHandlers: @unchecked Sendable {
             Task { await group.triggerGracefulShutdown() }
         }
         on(SIGUSR1) { [gateway] in gateway.reopenLogs() }
+        // Reloading is not built yet: say so instead of dying (the default action of HUP).
+        on(SIGHUP) { [gateway] in
+            gateway.errorLog.warning("SIGHUP received: reloading rule files is not supported yet; restart to apply changes")
+        }
+        on(SIGUSR2) { [gateway] in gateway.errorLog.warning("SIGUSR2 received: binary upgrade is not supported, ignored") }
     }
 
     private func on(_ signal: Int32, _ handler: @escaping @Sendable () -> Void) {
