@@ -1,0 +1,104 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Testing
+import PortcullisTestSupport
+
+@Suite("Access control", .serialized)
+struct AccessControlTests {
+    @Test("a denied client is closed, the upstream sees no connection, the audit log names the rule")
+    func deniedClient() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                log_format main '$remote_addr $status';
+                access_log {DIR}/access.log main;
+                audit_log {DIR}/audit.log;
+                server {
+                    listen 127.0.0.1:{PORT};
+                    allow 127.0.0.1;
+                    deny 127.0.0.2;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        let denied = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.2")
+        try? denied.send("let me in")
+        #expect(denied.isClosedByPeer())
+        let audit = await gateway.waitForLines(of: "audit.log") { !$0.isEmpty }
+        try #require(audit.count == 1)
+        let entry = try #require(try JSONSerialization.jsonObject(with: Data(audit[0].utf8)) as? [String: Any])
+        #expect(entry["client"] as? String == "127.0.0.2")
+        #expect(entry["status"] as? Int == 403)
+        #expect(entry["phase"] as? String == "access")
+        #expect(entry["protocol"] as? String == "TCP")
+        #expect(entry["listener"] as? String == "127.0.0.1:\(gateway.port)")
+        let rule = try #require(entry["rule"] as? [String: Any])
+        #expect(rule["at"] as? String == "\(gateway.rulePath):8")
+        #expect(rule["text"] as? String == "deny 127.0.0.2;")
+        #expect(await gateway.waitForLines(of: "access.log") { !$0.isEmpty } == ["127.0.0.2 403"])
+        // Give a wrongly-dialled upstream connection time to show up before checking.
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(upstream.connectionCount == 0)
+        await gateway.stop()
+    }
+
+    @Test("rules decide per client address, first match wins, stream rules apply to servers without their own")
+    func perAddressRules() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                allow 127.0.0.1;
+                deny 127.0.0.3;
+                allow 127.0.0.0/24;
+                deny all;
+                server { listen 127.0.0.1:{PORT}; proxy_pass 127.0.0.1:\(upstream.port); }
+            }
+            """)
+        let expectations: [(String, Bool)] = [
+            ("127.0.0.1", true), ("127.0.0.3", false), ("127.0.0.4", true), ("127.0.0.254", true),
+            ("127.0.1.1", false), ("127.1.2.3", false),
+        ]
+        for (source, allowed) in expectations {
+            let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
+            try? client.send("ping")
+            let reply = (try? client.receive(exactly: 4)) ?? []
+            #expect((reply == Array("ping".utf8)) == allowed, "client \(source)")
+            client.close()
+        }
+        await gateway.stop()
+    }
+
+    @Test("an IPv4 client on a dual-stack listener (::ffff:a.b.c.d) matches IPv4 rules: no bypass")
+    func mappedClientMatchesIPv4Rules() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                log_format main '$remote_addr $status';
+                access_log {DIR}/access.log main;
+                server {
+                    listen [::]:{PORT} ipv6only=off;
+                    deny 127.0.0.2;
+                    deny 10.0.0.0/8;
+                    allow all;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """, host: "::")
+        let denied = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.2")
+        try? denied.send("x")
+        #expect(denied.isClosedByPeer())
+        let allowed = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.5")
+        try allowed.send("y")
+        #expect(try allowed.receive(exactly: 1) == [UInt8(ascii: "y")])
+        allowed.close()
+        let v6 = try TestConnection.connect(to: "::1", port: gateway.port)
+        try v6.send("z")
+        #expect(try v6.receive(exactly: 1) == [UInt8(ascii: "z")])
+        v6.close()
+        let lines = await gateway.waitForLines(of: "access.log") { $0.count >= 3 }
+        #expect(Set(lines) == ["::ffff:127.0.0.2 403", "::ffff:127.0.0.5 200", "::1 200"])
+        await gateway.stop()
+    }
+}

@@ -1,0 +1,161 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Testing
+import PortcullisPolicy
+import PortcullisTestSupport
+
+/// The real `portcullis` binary, as an operator runs it.
+@Suite("Command line", .serialized)
+struct CommandLineTests {
+    @Test("every rule file shipped in rules/ compiles without errors")
+    func shippedRulesCompile() throws {
+        let folder = packageRoot.appendingPathComponent("rules")
+        let files = try FileManager.default.contentsOfDirectory(atPath: folder.path).filter { $0.hasSuffix(".conf") }
+        #expect(files.contains("gateway.conf"))
+        for file in files {
+            let result = RuleLoader.load(path: folder.appendingPathComponent(file).path)
+            #expect(!result.hasErrors, "\(file):\n\(result.rendered)")
+        }
+    }
+
+    @Test("check: exit 0 and one success line for a good file")
+    func checkGood() throws {
+        let output = try PortcullisBinary.run(["check", "-c", packageRoot.appendingPathComponent("rules/gateway.conf").path])
+        #expect(output.status == 0)
+        #expect(output.stdout.contains("syntax is ok, test is successful"))
+    }
+
+    @Test("check: exit 1 and every diagnostic, located and with a caret, for a bad file")
+    func checkBad() throws {
+        let directory = try makeTemporaryDirectory()
+        let path = directory.appendingPathComponent("bad.conf").path
+        try """
+            stream {
+                server {
+                    listen 127.0.0.1:8080;
+                    alow 10.0.0.0/8;
+                    deny 10.0.0.300;
+                    proxy_pass backend;
+                }
+            }
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let output = try PortcullisBinary.run(["check", "-c", path])
+        #expect(output.status == 1)
+        #expect(output.stderr.contains("\(path):4:9: error: unknown directive \"alow\"; did you mean \"allow\"?\n        alow 10.0.0.0/8;\n        ^~~~"))
+        #expect(output.stderr.contains("\(path):5:14: error: invalid address or CIDR \"10.0.0.300\""))
+        #expect(output.stderr.contains("\(path):6:20: error: unknown upstream \"backend\""))
+        #expect(output.stderr.contains("3 errors, test failed"))
+    }
+
+    @Test("run: an address that cannot be bound is a clear error and a non-zero exit")
+    func bindFailure() throws {
+        let occupied = try TestServer.echo()
+        let directory = try makeTemporaryDirectory()
+        let path = directory.appendingPathComponent("busy.conf").path
+        try """
+            stream {
+                server { listen 127.0.0.1:\(occupied.port); proxy_pass 127.0.0.1:9; }
+            }
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let output = try PortcullisBinary.run(["run", "-c", path], timeout: 20)
+        #expect(output.status == 1)
+        #expect(output.stderr.contains("cannot listen on 127.0.0.1:\(occupied.port) (\(path):2:21): Address already in use"))
+    }
+
+    @Test("run: refuses to start on a rule file with errors")
+    func refusesBadRules() throws {
+        let directory = try makeTemporaryDirectory()
+        let path = directory.appendingPathComponent("bad.conf").path
+        try "stream { server { listen 127.0.0.1:1; } }".write(toFile: path, atomically: true, encoding: .utf8)
+        let output = try PortcullisBinary.run(["run", "-c", path])
+        #expect(output.status == 1)
+        #expect(output.stderr.contains("no \"proxy_pass\" is defined for this server"))
+        #expect(output.stderr.contains("has errors; not starting"))
+    }
+
+    @Test("run: SIGTERM stops accepting, lets the session finish its log line, and exits 0; SIGUSR1 reopens logs")
+    func signals() throws {
+        let upstream = try TestServer.echo()
+        let directory = try makeTemporaryDirectory()
+        let port = try freePort()
+        let path = directory.appendingPathComponent("gateway.conf").path
+        let access = directory.appendingPathComponent("access.log").path
+        let pidFile = directory.appendingPathComponent("portcullis.pid").path
+        try """
+            pid \(pidFile);
+            stream {
+                log_format main '$remote_addr $status $bytes_received';
+                access_log \(access) main;
+                server { listen 127.0.0.1:\(port); proxy_pass 127.0.0.1:\(upstream.port); }
+            }
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let gateway = try PortcullisBinary.launch(["run", "-c", path])
+        #expect(waitUntilListening(port: port))
+        #expect((try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(gateway.pid)\n")
+
+        let first = try TestConnection.connect(to: "127.0.0.1", port: port)
+        try first.send("one")
+        #expect(try first.receive(exactly: 3) == Array("one".utf8))
+        first.close()
+        // logrotate: move the file away, signal, and the next line lands in a new file.
+        usleep(300_000)
+        try FileManager.default.moveItem(atPath: access, toPath: access + ".1")
+        gateway.signal(SIGUSR1)
+        usleep(300_000)
+        let second = try TestConnection.connect(to: "127.0.0.1", port: port)
+        try second.send("second")
+        #expect(try second.receive(exactly: 6) == Array("second".utf8))
+        // SIGTERM with a session still open: it is closed within the drain time, logged, exit 0.
+        gateway.signal(SIGTERM)
+        #expect(gateway.wait(timeout: 15) == 0)
+        #expect(try second.receiveAll().isEmpty)
+        // (The readiness probe is a session too: it sent 0 bytes.)
+        let rotated = try String(contentsOfFile: access + ".1", encoding: .utf8)
+            .split(separator: "\n").filter { !$0.hasSuffix(" 0") }
+        let fresh = try String(contentsOfFile: access, encoding: .utf8)
+        #expect(rotated == ["127.0.0.1 200 3"])
+        #expect(fresh == "127.0.0.1 200 6\n")
+        #expect(!FileManager.default.fileExists(atPath: pidFile))
+        // Stopped accepting: nothing listens any more.
+        #expect((try? TestConnection.connect(to: "127.0.0.1", port: port, timeout: 1)) == nil)
+    }
+
+    @Test("a slow reader does not grow the gateway's memory: reads from the upstream wait for the client")
+    func slowReaderBoundedMemory() throws {
+        // The upstream writes as fast as it can, up to 512 MiB; the client reads 64 KiB every 20 ms.
+        let upstream = try TestServer { connection in
+            let block = [UInt8](repeating: 0x61, count: 1 << 20)
+            for _ in 0..<512 {
+                do { try connection.send(block) } catch { break }
+            }
+            connection.close()
+        }
+        let directory = try makeTemporaryDirectory()
+        let port = try freePort()
+        let path = directory.appendingPathComponent("gateway.conf").path
+        try """
+            worker_processes 1;
+            stream { server { listen 127.0.0.1:\(port); proxy_pass 127.0.0.1:\(upstream.port); } }
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let gateway = try PortcullisBinary.launch(["run", "-c", path])
+        #expect(waitUntilListening(port: port))
+        let baseline = try #require(gateway.residentKiB())
+        let client = try TestConnection.connect(to: "127.0.0.1", port: port)
+        var peak = baseline
+        var received = 0
+        let deadline = Date().addingTimeInterval(3)
+        while Date() < deadline {
+            received += try client.receive(max: 64 << 10).count
+            usleep(20_000)
+            peak = max(peak, gateway.residentKiB() ?? 0)
+        }
+        client.close()
+        gateway.signal(SIGTERM)
+        _ = gateway.wait(timeout: 10)
+        // The upstream could have pushed hundreds of MiB in 3 s; the client took only a few.
+        #expect(received < 32 << 20)
+        #expect(peak - baseline < 16 * 1024, "RSS grew by \(peak - baseline) KiB (baseline \(baseline) KiB)")
+    }
+}
