@@ -69,10 +69,10 @@ public final class Gateway: Service, Sendable {
     /// `worker_shutdown_timeout`), a time closes what is left after it.
     public func setDrainTimeout(_ timeout: TimeAmount?) {
         if snapshot.main.workerShutdownTimeoutMilliseconds == nil {
-            let stopping = self.stopping
+            let firstSignal = !stopRequested.exchange(true, ordering: .relaxed)
             drainTimeout.withLock { current in
-                // Once stopping, a second signal may shorten the drain, never lengthen it.
-                guard stopping else { current = timeout; return }
+                // After the first stop signal, another may shorten the drain, never lengthen it.
+                guard !firstSignal else { current = timeout; return }
                 switch (current, timeout) {
                 case (nil, _): current = timeout
                 case (let existing?, let new?): current = min(existing, new)
@@ -82,7 +82,7 @@ public final class Gateway: Service, Sendable {
         }
     }
 
-    private var stopping: Bool { channels.withLock { $0.isEmpty } }
+    private let stopRequested = Atomic<Bool>(false)
 
     /// Stops accepting, lets sessions finish up to the drain timeout, closes the rest, and
     /// writes every pending log line.

@@ -372,7 +372,7 @@ struct PolicyCompiler {
                 error("\"listen … proxy_protocol\" is not supported yet: the PROXY protocol (issue #3) is not built", at: argument)
                 return nil
             case "ssl":
-                error("\"listen … ssl\" is not supported: Portcullis passes TLS through without terminating it", at: argument)
+                error("\"listen … ssl\" is part of the rule language but not supported yet: TLS termination is not built (TLS passes through untouched)", at: argument)
                 return nil
             case "fastopen=", "rcvbuf=", "sndbuf=", "setfib=", "accept_filter=", "multipath":
                 diagnostics.note("\"\(key)\" is accepted but has no effect in Portcullis", at: argument.location, length: argument.length)

@@ -152,7 +152,8 @@ public struct HostFacts: Sendable {
     }()
 }
 
-/// Values of variables as nginx prints them. nil means "not found" (logged as `-`).
+/// Values of variables as nginx prints them. nil means "not found": `-` with default
+/// escaping, nothing with json or none (see `LogFormat.render`).
 public enum VariableRenderer {
     public static func value(of variable: LogVariable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {
         func text(_ s: String) -> [UInt8] { Array(s.utf8) }

@@ -205,6 +205,31 @@ struct RelayTests {
         await gateway.stop()
     }
 
+    @Test("a client's reset reaches the upstream as a reset, not as an orderly end")
+    func resetPropagates() async throws {
+        let outcome = ReceivedHash()
+        let upstream = try TestServer { connection in
+            do {
+                let bytes = try connection.receiveAll()
+                outcome.set(hex: "eof", count: bytes.count)
+            } catch TestSocketError.system(_, let code) {
+                outcome.set(hex: code == ECONNRESET ? "reset" : "error \(code)", count: 0)
+            } catch {
+                outcome.set(hex: "\(error)", count: 0)
+            }
+        }
+        let gateway = try await GatewayHarness.start("""
+            stream { server { listen 127.0.0.1:{PORT}; proxy_pass 127.0.0.1:\(upstream.port); } }
+            """)
+        let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+        try client.send("some bytes")
+        try await Task.sleep(for: .milliseconds(100))  // let the upstream leg be established
+        client.reset()
+        let result = await outcome.wait()
+        #expect(result.hex == "reset")
+        await gateway.stop()
+    }
+
     @Test("proxy_timeout closes an idle session")
     func idleTimeout() async throws {
         let upstream = try TestServer.echo()
