@@ -83,9 +83,12 @@ let package = Package(
             // Hashing 64 MiB in tests must not take minutes in a debug build.
             swiftSettings: [.unsafeFlags(["-Ounchecked"])]
         ),
-        .testTarget(name: "PortcullisCoreTests", dependencies: ["PortcullisCore"]),
+        .testTarget(name: "PortcullisCoreTests", dependencies: ["PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(name: "PortcullisRulesTests", dependencies: ["PortcullisRules", "PortcullisPolicy"]),
-        .testTarget(name: "PortcullisPolicyTests", dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore"]),
+        .testTarget(
+            name: "PortcullisPolicyTests",
+            dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore", "PortcullisTestSupport"]
+        ),
         .testTarget(name: "PortcullisTelemetryTests", dependencies: ["PortcullisTelemetry", "PortcullisPolicy"]),
         .testTarget(
             name: "PortcullisEndToEndTests",

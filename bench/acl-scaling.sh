@@ -42,26 +42,13 @@ CONF
 PIDS+=($!)
 
 # The nginx process serves both the HTTP backend and its own stream proxies.
-modules=""
-[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-cat > "$WORK/nginx.conf" <<NGINX
-$modules
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    server { listen 127.0.0.1:$HTTP reuseport backlog=4096; location / { return 200 "ok\n"; } }
-}
-stream {
+start_nginx "
     log_format main '\$remote_addr \$status \$bytes_sent \$bytes_received';
     access_log $WORK/nginx-access.log main;
     server { listen 127.0.0.1:$N_SMALL reuseport; allow all; proxy_pass 127.0.0.1:$HTTP; }
-    server { listen 127.0.0.1:$N_BIG reuseport; include $WORK/rules.inc; proxy_pass 127.0.0.1:$HTTP; }
-}
-NGINX
-nginx -c "$WORK/nginx.conf" -p "$WORK"
+    server { listen 127.0.0.1:$N_BIG reuseport; include $WORK/rules.inc; proxy_pass 127.0.0.1:$HTTP; }" "
+    access_log off;
+    server { listen 127.0.0.1:$HTTP reuseport backlog=4096; location / { return 200 \"ok\\n\"; } }"
 for p in $HTTP $P_SMALL $P_BIG $N_SMALL $N_BIG; do wait_port $p; done
 
 rate() {  # rate PORT -> requests (= connections) per second

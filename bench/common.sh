@@ -35,7 +35,8 @@ wait_port() {  # wait_port PORT
     return 1
 }
 
-# nginx with a stream block: start_nginx CONF_BODY (the inside of the stream block).
+# nginx with a stream block and, optionally, an http block:
+# start_nginx STREAM_BODY [HTTP_BODY] (the insides of the blocks).
 start_nginx() {
     local modules=""
     [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
@@ -45,6 +46,9 @@ worker_processes 2;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log;
 events { worker_connections 16384; }
+${2:+http {
+$2
+}}
 stream {
 $1
 }

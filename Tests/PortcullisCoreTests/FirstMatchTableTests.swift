@@ -1,4 +1,5 @@
 import Testing
+import PortcullisTestSupport
 @testable import PortcullisCore
 
 @Suite struct FirstMatchTableTests {
