@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
-//   0 pure:      PortcullisCore, PortcullisRules, PortcullisPolicy      (no NIO, no sockets)
+//   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
 //   1 adapters:  PortcullisTelemetry (log writers), PortcullisNIO (channel handlers)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
 //   3 exe:       portcullis (check / run)
@@ -22,7 +22,7 @@ let package = Package(
     products: [
         .executable(name: "portcullis", targets: ["portcullis"]),
         // For bench/micro, which measures the pure layers from outside.
-        .library(name: "PortcullisPolicy", targets: ["PortcullisCore", "PortcullisRules", "PortcullisPolicy"]),
+        .library(name: "PortcullisPolicy", targets: ["PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisWire"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -34,7 +34,10 @@ let package = Package(
         // Layer 0
         .target(name: "PortcullisCore", swiftSettings: strictSettings),
         .target(name: "PortcullisRules", dependencies: ["PortcullisCore"], swiftSettings: strictSettings),
-        .target(name: "PortcullisPolicy", dependencies: ["PortcullisCore", "PortcullisRules"], swiftSettings: strictSettings),
+        .target(name: "PortcullisWire", dependencies: ["PortcullisCore"], swiftSettings: strictSettings),
+        .target(
+            name: "PortcullisPolicy", dependencies: ["PortcullisCore", "PortcullisRules", "PortcullisWire"],
+            swiftSettings: strictSettings),
         // Layer 1
         .target(
             name: "PortcullisTelemetry",
@@ -78,13 +81,17 @@ let package = Package(
         // Tests
         .target(
             name: "PortcullisTestSupport",
-            dependencies: ["PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway"],
+            dependencies: [
+                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
             path: "Tests/PortcullisTestSupport",
             // Hashing 64 MiB in tests must not take minutes in a debug build.
             swiftSettings: [.unsafeFlags(["-Ounchecked"])]
         ),
         .testTarget(name: "PortcullisCoreTests", dependencies: ["PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(name: "PortcullisRulesTests", dependencies: ["PortcullisRules", "PortcullisPolicy"]),
+        .testTarget(name: "PortcullisWireTests", dependencies: ["PortcullisWire", "PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(
             name: "PortcullisPolicyTests",
             dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore", "PortcullisTestSupport"]
@@ -94,6 +101,7 @@ let package = Package(
             name: "PortcullisEndToEndTests",
             dependencies: [
                 "portcullis", "PortcullisGateway", "PortcullisTestSupport", "PortcullisPolicy", "PortcullisRules",
+                "PortcullisWire",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]

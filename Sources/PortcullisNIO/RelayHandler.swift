@@ -59,22 +59,44 @@ final class RelayHandler: ChannelDuplexHandler {
         context.fireChannelActive()
     }
 
-    /// Joins the two sides and starts reading both.
+    /// Joins the two sides, sends what was written to either before, and starts reading both.
     func pair(with other: RelayHandler) {
         partner = other
         other.partner = self
+        other.context?.flush()
         context?.read()
         other.context?.read()
     }
 
+    /// Queues bytes on this side's channel (flushed when the sides are paired).
+    func write(_ bytes: [UInt8]) {
+        guard let context else { return }
+        var buffer = context.channel.allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        context.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    func write(_ buffer: ByteBuffer) {
+        context?.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    /// Asks for the next read while the session is still before the relay.
+    func readMore() { context?.read() }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
+        guard partner != nil else {
+            // Before the relay: the client's PROXY header (and whatever follows it).
+            session?.receivedBeforeRelay(buffer)
+            return
+        }
         session?.noteActivity()
         session?.counted(buffer.readableBytes, readBy: side)
         partner?.context?.write(wrapOutboundOut(buffer), promise: nil)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        guard partner != nil else { return }  // header reading asks for more itself
         // Flush once per read batch, never hold back bytes that could be forwarded.
         partner?.context?.flush()
         if partner?.isWritable == true {

@@ -8,6 +8,7 @@ import NIOPosix
 import PortcullisCore
 import PortcullisPolicy
 import PortcullisTelemetry
+import PortcullisWire
 
 /// One TCP session from accept to log: runs the access phase, dials the upstream on the
 /// client's event loop, pairs the two relay handlers, enforces `proxy_timeout`, and writes
@@ -25,6 +26,11 @@ final class RelaySession {
     private var upstreamConnectedAt: NIODeadline?
     private var idleTimer: Scheduled<Void>?
     private(set) var lastActivity = NIODeadline.now()
+    /// Client bytes read while waiting for the PROXY header, and those that followed it.
+    private var headerBytes: ByteBuffer?
+    private var earlyPayload: ByteBuffer?
+    private var headerTimer: Scheduled<Void>?
+    private(set) var readingProxyHeader = false
     private var clientOpen = true
     private var upstreamOpen = false
     private var connecting = false
@@ -52,8 +58,67 @@ final class RelaySession {
 
     // MARK: Phases
 
-    /// accept → access → upstream_pick. Called once the client channel is active.
+    /// accept → [proxy_header_read → realip] → access → upstream_pick. Called once the client
+    /// channel is active.
     func start() {
+        guard runtime.listen.proxyProtocol else {
+            admit()
+            return
+        }
+        readingProxyHeader = true
+        let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.proxyProtocolTimeoutMilliseconds))
+        headerTimer = eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
+            guard readingProxyHeader else { return }
+            readingProxyHeader = false
+            logger.info("client timed out while reading PROXY protocol header, \(where_)")
+            refuse(.badRequest, phase: .proxyHeaderRead, reason: "PROXY protocol header timed out")
+        }
+        client.readMore()
+    }
+
+    /// Bytes that arrived before the relay started: the PROXY header, and perhaps payload.
+    func receivedBeforeRelay(_ buffer: ByteBuffer) {
+        guard readingProxyHeader else { return }
+        if headerBytes == nil {
+            headerBytes = buffer
+        } else {
+            headerBytes!.writeImmutableBuffer(buffer)
+        }
+        let outcome = headerBytes!.withUnsafeReadableBytes { raw in
+            Result { () throws(ProxyHeaderError) in try ProxyHeaderDecoder.decode(raw) }
+        }
+        switch outcome {
+        case .success(nil):
+            client.readMore()  // bounded: a v1 line is refused after 107 bytes, v2 after 16 + 65535
+        case .failure(let error):
+            readingProxyHeader = false
+            headerTimer?.cancel()
+            logger.error("broken header: \"\(Self.excerpt(headerBytes!))\" (\(error)) while reading PROXY protocol, \(where_)")
+            refuse(.badRequest, phase: .proxyHeaderRead, reason: "broken PROXY protocol header: \(error)")
+        case .success(let (header, length)?):
+            readingProxyHeader = false
+            headerTimer?.cancel()
+            headerBytes!.moveReaderIndex(forwardBy: length)
+            if headerBytes!.readableBytes > 0 { earlyPayload = headerBytes }
+            headerBytes = nil
+            record.proxyHeader = header
+            // realip: only a trusted sender's header becomes $remote_addr, as nginx.
+            if let source = header.source, runtime.policy.realIPFrom.trusts(record.peer.address) {
+                record.client = source
+            }
+            admit()
+        }
+    }
+
+    /// Up to 64 bytes of a refused header, printable, for the error log.
+    static func excerpt(_ buffer: ByteBuffer) -> String {
+        let bytes = buffer.getBytes(at: buffer.readerIndex, length: min(64, buffer.readableBytes)) ?? []
+        return bytes.map { $0 >= 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "\"") ? String(UnicodeScalar($0)) : "\\x" + String($0, radix: 16) }
+            .joined()
+    }
+
+    /// access → upstream_pick, on the client address the earlier phases settled.
+    private func admit() {
         let verdict = runtime.policy.access.evaluate(record.client.address)
         guard verdict.allowed else {
             record.status = .forbidden
@@ -121,6 +186,12 @@ final class RelaySession {
                     upstream = handler
                     upstreamConnectedAt = .now()
                     lastActivity = .now()  // proxy_timeout counts from the connect, as nginx
+                    writeProxyHeader(to: handler)
+                    if let earlyPayload {
+                        counted(earlyPayload.readableBytes, readBy: .client)
+                        handler.write(earlyPayload)
+                        self.earlyPayload = nil
+                    }
                     client.pair(with: handler)
                     armIdleTimer()
                 case .failure(let error):
@@ -130,6 +201,30 @@ final class RelaySession {
                     connectNextUpstream()
                 }
             }
+    }
+
+    /// proxy_header_write: the header goes out before any payload, naming the client after
+    /// realip and the address it connected to.
+    private func writeProxyHeader(to upstream: RelayHandler) {
+        let proxy = runtime.policy.proxy
+        switch proxy.sendProxyProtocol {
+        case .off:
+            return
+        case .v1:
+            upstream.write(ProxyHeaderEncoder.v1(source: record.client, destination: record.server))
+        case .v2:
+            var tlvs = proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
+            // AUTHORITY and UNIQUE_ID travel on when a trusted sender gave them and the rules
+            // do not set them.
+            if let received = record.proxyHeader, runtime.policy.realIPFrom.trusts(record.peer.address) {
+                for type in [ProxyTLVType.authority, .uniqueID] where !tlvs.contains(where: { $0.type == type.rawValue }) {
+                    if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
+                }
+            }
+            upstream.write(ProxyHeaderEncoder.v2(
+                source: record.client, destination: record.server, transport: .stream, tlvs: tlvs,
+                crc32c: proxy.proxyProtocolCRC32C))
+        }
     }
 
     static func describe(connectError error: any Error) -> String {
@@ -152,6 +247,8 @@ final class RelaySession {
     // MARK: Relay events
 
     func noteActivity() { lastActivity = .now() }
+
+    var isRelaying: Bool { upstream != nil }
 
     func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
         if side == .client {
@@ -236,6 +333,7 @@ final class RelaySession {
         guard !finished, !clientOpen, !upstreamOpen, !connecting else { return }
         finished = true
         idleTimer?.cancel()
+        headerTimer?.cancel()
         record.endTime = Date().timeIntervalSince1970
         if let upstreamConnectedAt {
             record.upstreamSessionTime = Double((NIODeadline.now() - upstreamConnectedAt).nanoseconds) / 1e9

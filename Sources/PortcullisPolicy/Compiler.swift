@@ -1,5 +1,6 @@
 import PortcullisCore
 public import PortcullisRules
+import PortcullisWire
 
 /// What compiling a rule file produced: a snapshot if there were no errors, and every
 /// diagnostic either way.
@@ -170,6 +171,8 @@ struct PolicyCompiler {
         var upstreamBlocks: [Directive] = []
         var serverBlocks: [Directive] = []
         var streamRules: [AccessRule] = []
+        var streamRealIP: [(CIDR, RuleReference)] = []
+        var streamTLVs: [ProxyTLVTemplate] = []
         var streamLogs: [Directive] = []
         var streamLogsOff = false
         var proxy = ProxySettings()
@@ -193,6 +196,8 @@ struct PolicyCompiler {
             case "server": serverBlocks.append(d)
             case "upstream": upstreamBlocks.append(d)
             case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
+            case "set_real_ip_from": if let block = trustedBlock(d) { streamRealIP.append(block) }
+            case "proxy_protocol_tlv": if let tlv = proxyTLV(d, formats: formats) { streamTLVs.append(tlv) }
             case "access_log":
                 if d.arguments[0].text == "off" {
                     streamLogsOff = true
@@ -225,8 +230,11 @@ struct PolicyCompiler {
         var servers: [ServerPolicy] = []
         var listenSites: [SocketEndpoint: SourceLocation] = [:]
         for block in serverBlocks {
-            if let server = compileServer(block, inheritedRules: streamRules, inheritedLogs: inheritedLogs,
-                                          proxy: proxy, formats: formats, upstreams: upstreams) {
+            var inherited = proxy
+            inherited.proxyProtocolTLVs = streamTLVs
+            if let server = compileServer(block, inheritedRules: streamRules, inheritedRealIP: streamRealIP,
+                                          inheritedLogs: inheritedLogs,
+                                          proxy: inherited, formats: formats, upstreams: upstreams) {
                 for listen in server.listens {
                     if let first = listenSites[listen.endpoint] {
                         diagnostics.error("duplicate listen \(listen.endpoint); it is already used at \(first)",
@@ -244,13 +252,17 @@ struct PolicyCompiler {
         return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats)
     }
 
-    mutating func compileServer(_ block: Directive, inheritedRules: [AccessRule], inheritedLogs: [AccessLogSpec],
+    mutating func compileServer(_ block: Directive, inheritedRules: [AccessRule],
+                                inheritedRealIP: [(CIDR, RuleReference)], inheritedLogs: [AccessLogSpec],
                                 proxy inherited: ProxySettings, formats: [String: LogFormat],
                                 upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
         var seen: [String: Directive] = [:]
         var listens: [ListenSpec] = []
         var rules: [AccessRule] = []
         var hasOwnRules = false
+        var realIP: [(CIDR, RuleReference)] = []
+        var tlvs: [ProxyTLVTemplate] = []
+        var tlvDirectives: [Directive] = []
         var logs: [AccessLogSpec] = []
         var hasOwnLogs = false
         var logsOff = false
@@ -275,6 +287,11 @@ struct PolicyCompiler {
                 } else {
                     failed = true
                 }
+            case "set_real_ip_from":
+                if let block = trustedBlock(d) { realIP.append(block) } else { failed = true }
+            case "proxy_protocol_tlv":
+                tlvDirectives.append(d)
+                if let tlv = proxyTLV(d, formats: formats) { tlvs.append(tlv) } else { failed = true }
             case "proxy_pass":
                 upstream = proxyPass(d.arguments[0], upstreams: upstreams)
                 if upstream == nil { failed = true }
@@ -290,11 +307,18 @@ struct PolicyCompiler {
         if upstream == nil && seen["proxy_pass"] == nil {
             error("no \"proxy_pass\" is defined for this server: it would have nowhere to send connections", at: block)
         }
+        // nginx: list directives are inherited only by a level that has none of its own.
+        if !tlvDirectives.isEmpty { proxy.proxyProtocolTLVs = tlvs }
+        if proxy.sendProxyProtocol != .v2 && (!proxy.proxyProtocolTLVs.isEmpty || proxy.proxyProtocolCRC32C) {
+            let what = proxy.proxyProtocolCRC32C ? "proxy_protocol_crc32c" : "proxy_protocol_tlv"
+            error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: tlvDirectives.first ?? block)
+        }
         guard let upstream, !listens.isEmpty else { return nil }
         // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
         return ServerPolicy(
             listens: listens,
             access: AccessList(rules: hasOwnRules ? rules : inheritedRules),
+            realIPFrom: TrustedSources(realIP.isEmpty ? inheritedRealIP : realIP),
             upstream: upstream,
             proxy: proxy,
             accessLogs: hasOwnLogs ? (logsOff ? [] : logs) : inheritedLogs,
@@ -333,6 +357,55 @@ struct PolicyCompiler {
         return AccessRule(action: action, match: .block(block), reference: d.reference)
     }
 
+    /// `set_real_ip_from ADDR|CIDR;`
+    mutating func trustedBlock(_ d: Directive) -> (CIDR, RuleReference)? {
+        let argument = d.arguments[0]
+        if argument.text.hasPrefix("unix:") {
+            error("\"set_real_ip_from unix:\" is not supported: Portcullis listens on IP sockets only", at: argument)
+            return nil
+        }
+        guard let block = CIDR(argument.text) else {
+            error("invalid address or CIDR \"\(argument.text)\" in \"set_real_ip_from\"; expected an address or a block such as 10.0.0.0/8", at: argument)
+            return nil
+        }
+        if block.hostBitsSet {
+            diagnostics.warning("low address bits of \(argument.text) are meaningless; trusting \(block)",
+                                at: argument.location, length: argument.length)
+        }
+        return (block, d.reference)
+    }
+
+    /// `proxy_protocol_tlv TYPE VALUE;` — TYPE is a name nginx uses for the TLV
+    /// (`authority`, `unique_id`, …) or a number (`0xE0`, `224`).
+    mutating func proxyTLV(_ d: Directive, formats: [String: LogFormat]) -> ProxyTLVTemplate? {
+        let typeArgument = d.arguments[0]
+        let text = typeArgument.text
+        var type: UInt8?
+        if let named = ProxyTLVType(name: text) {
+            type = named.rawValue
+        } else if text.lowercased().hasPrefix("0x") {
+            type = UInt8(text.dropFirst(2), radix: 16)
+        } else {
+            type = UInt8(text)
+        }
+        guard let type else {
+            var message = "invalid TLV type \"\(text)\" in \"proxy_protocol_tlv\"; expected a name (alpn, authority, unique_id, netns) or a number such as 0xE0"
+            if let guess = closestMatch(to: text, in: ProxyTLVType.allCases.map(\.name)) { message += "; did you mean \"\(guess)\"?" }
+            error(message, at: typeArgument)
+            return nil
+        }
+        if type == ProxyTLVType.crc32c.rawValue {
+            error("the CRC32C TLV is computed, not configured: use \"proxy_protocol_crc32c on\"", at: typeArgument)
+            return nil
+        }
+        if let known = ProxyTLVType(rawValue: type), known == .ssl || known.isSSLSubType {
+            error("SSL TLVs describe a TLS session Portcullis does not terminate; they cannot be sent", at: typeArgument)
+            return nil
+        }
+        guard let value = template(d.arguments[1], in: d) else { return nil }
+        return ProxyTLVTemplate(type: type, value: value)
+    }
+
     mutating func listen(_ d: Directive) -> ListenSpec? {
         let first = d.arguments[0]
         guard let (address, port) = parseListenAddress(first) else { return nil }
@@ -369,8 +442,7 @@ struct PolicyCompiler {
                 error("\"listen … udp\" is not supported yet: the UDP gateway (issue #6) is not built", at: argument)
                 return nil
             case "proxy_protocol":
-                error("\"listen … proxy_protocol\" is not supported yet: the PROXY protocol (issue #3) is not built", at: argument)
-                return nil
+                spec.proxyProtocol = true
             case "ssl":
                 error("\"listen … ssl\" is part of the rule language but not supported yet: TLS termination is not built (TLS passes through untouched)", at: argument)
                 return nil
@@ -578,7 +650,17 @@ struct PolicyCompiler {
             if Int(argument.text) == nil || Int(argument.text)! < 0 {
                 error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a number", at: argument)
             }
-        case "proxy_protocol_timeout", "preread_timeout": _ = time(argument, in: d)
+        case "proxy_protocol_timeout": if let t = time(argument, in: d) { proxy.proxyProtocolTimeoutMilliseconds = t }
+        case "preread_timeout": _ = time(argument, in: d)
+        case "proxy_protocol_crc32c": if let v = flag(argument, in: d) { proxy.proxyProtocolCRC32C = v }
+        case "proxy_protocol":
+            switch argument.text {
+            case "off": proxy.sendProxyProtocol = .off
+            case "on", "v1": proxy.sendProxyProtocol = .v1  // nginx: on = v1
+            case "v2": proxy.sendProxyProtocol = .v2
+            default:
+                error("invalid value \"\(argument.text)\" in \"proxy_protocol\"; it must be \"on\", \"off\", \"v1\" or \"v2\"", at: argument)
+            }
         case "preread_buffer_size": _ = size(argument, in: d)
         default: break
         }
@@ -621,7 +703,7 @@ struct PolicyCompiler {
             case .unknownVariable(let name, let at):
                 offset = at
                 var text = "unknown variable \"$\(name)\" in \"\(d.name)\""
-                if let guess = closestMatch(to: name, in: LogVariable.allCases.map(\.rawValue)) {
+                if let guess = closestMatch(to: name, in: Variable.knownNames) {
                     text += "; did you mean \"$\(guess)\"?"
                 }
                 message = text

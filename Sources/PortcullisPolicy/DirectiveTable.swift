@@ -111,10 +111,11 @@ enum DirectiveTable {
                      "limit_rate", "limit_rate_dry_run", "proxy_upload_rate", "proxy_download_rate"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...4, single: false, support: planned(limits))
         }
-        let proxyProtocol = "the PROXY protocol comes with issue #3"
-        for name in ["proxy_protocol", "proxy_protocol_tlv", "proxy_protocol_crc32c", "set_real_ip_from"] {
-            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...2, single: false, support: planned(proxyProtocol))
-        }
+        // PROXY protocol: sending to upstreams, and whose received headers are believed.
+        t["proxy_protocol"] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
+        t["proxy_protocol_crc32c"] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
+        t["proxy_protocol_tlv"] = DirectiveSpec(contexts: streamServer, arguments: 2...2, single: false)
+        t["set_real_ip_from"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
         for name in ["access_dry_run", "ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
                      "ssl_ciphers", "proxy_ssl", "return", "resolver", "server_name"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("not built yet"))

@@ -2,9 +2,40 @@
 import Glibc
 #endif
 import PortcullisCore
+import PortcullisWire
 
-/// The variables that exist at this stage, with nginx's names. Anything else in a
-/// `log_format` is a compile error.
+/// A variable a format string may use: a fixed one, or one PROXY protocol TLV by type.
+public enum Variable: Sendable, Equatable {
+    case fixed(LogVariable)
+    /// `$proxy_protocol_tlv_NAME` or `$proxy_protocol_tlv_0xNN`: the TLV's raw value. SSL
+    /// sub-TLV names (`ssl_version`, `ssl_cn`, …) are looked up inside the SSL TLV.
+    case proxyProtocolTLV(UInt8)
+
+    public init?(name: String) {
+        if let fixed = LogVariable(rawValue: name) {
+            self = .fixed(fixed)
+            return
+        }
+        let prefix = "proxy_protocol_tlv_"
+        guard name.hasPrefix(prefix) else { return nil }
+        let suffix = String(name.dropFirst(prefix.count))
+        if let type = ProxyTLVType(name: suffix) {
+            self = .proxyProtocolTLV(type.rawValue)
+        } else if suffix.hasPrefix("0x"), suffix.count == 4, let type = UInt8(suffix.dropFirst(2), radix: 16) {
+            self = .proxyProtocolTLV(type)
+        } else {
+            return nil
+        }
+    }
+
+    /// Every name a variable may have, for "did you mean" suggestions.
+    public static var knownNames: [String] {
+        LogVariable.allCases.map(\.rawValue) + ProxyTLVType.allCases.map { "proxy_protocol_tlv_" + $0.name }
+    }
+}
+
+/// The fixed variables that exist at this stage, with nginx's names. Anything else in a
+/// format string is a compile error.
 public enum LogVariable: String, Sendable, CaseIterable {
     case remoteAddr = "remote_addr"
     case remotePort = "remote_port"
@@ -27,6 +58,12 @@ public enum LogVariable: String, Sendable, CaseIterable {
     case upstreamBytesSent = "upstream_bytes_sent"
     case upstreamBytesReceived = "upstream_bytes_received"
     case upstreamSessionTime = "upstream_session_time"
+    case proxyProtocolAddr = "proxy_protocol_addr"
+    case proxyProtocolPort = "proxy_protocol_port"
+    case proxyProtocolServerAddr = "proxy_protocol_server_addr"
+    case proxyProtocolServerPort = "proxy_protocol_server_port"
+    case realipRemoteAddr = "realip_remote_addr"
+    case realipRemotePort = "realip_remote_port"
 }
 
 /// `log_format`'s `escape=` parameter.
@@ -38,7 +75,7 @@ public enum LogEscape: String, Sendable {
 public struct LogTemplate: Sendable, Equatable {
     public enum Part: Sendable, Equatable {
         case literal(String)
-        case variable(LogVariable)
+        case variable(Variable)
     }
 
     public var parts: [Part]
@@ -81,7 +118,7 @@ public struct LogTemplate: Sendable, Equatable {
                 i = j
             }
             guard !name.isEmpty else { throw .emptyName(offset: start) }
-            guard let variable = LogVariable(rawValue: name) else { throw .unknownVariable(name, offset: start) }
+            guard let variable = Variable(name: name) else { throw .unknownVariable(name, offset: start) }
             if !literal.isEmpty { parts.append(.literal(literal)); literal = "" }
             parts.append(.variable(variable))
         }
@@ -89,7 +126,7 @@ public struct LogTemplate: Sendable, Equatable {
         return LogTemplate(parts: parts)
     }
 
-    public var variables: [LogVariable] {
+    public var variables: [Variable] {
         parts.compactMap { if case .variable(let v) = $0 { v } else { nil } }
     }
 }
@@ -155,6 +192,22 @@ public struct HostFacts: Sendable {
 /// Values of variables as nginx prints them. nil means "not found": `-` with default
 /// escaping, nothing with json or none (see `LogFormat.render`).
 public enum VariableRenderer {
+    public static func value(of variable: Variable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {
+        switch variable {
+        case .fixed(let fixed): return value(of: fixed, in: r, host: host)
+        case .proxyProtocolTLV(let type): return r.proxyHeader.flatMap { tlvValue(type, in: $0) }
+        }
+    }
+
+    /// A TLV's value, looking SSL sub-TLVs up inside the SSL TLV as nginx does.
+    static func tlvValue(_ type: UInt8, in header: ProxyHeader) -> [UInt8]? {
+        if let known = ProxyTLVType(rawValue: type), known.isSSLSubType {
+            guard let ssl = header.tlv(ProxyTLVType.ssl.rawValue).flatMap(ProxySSLInfo.init) else { return nil }
+            return ssl.subTLVs.first { $0.type == type }?.value
+        }
+        return header.tlv(type)
+    }
+
     public static func value(of variable: LogVariable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {
         func text(_ s: String) -> [UInt8] { Array(s.utf8) }
         switch variable {
@@ -189,6 +242,12 @@ public enum VariableRenderer {
         case .upstreamSessionTime:
             guard let time = r.upstreamSessionTime else { return nil }
             return text(TimeText.seconds(time))
+        case .proxyProtocolAddr: return r.proxyHeader?.source.map { text($0.address.description) }
+        case .proxyProtocolPort: return r.proxyHeader?.source.map { text(String($0.port)) }
+        case .proxyProtocolServerAddr: return r.proxyHeader?.destination.map { text($0.address.description) }
+        case .proxyProtocolServerPort: return r.proxyHeader?.destination.map { text(String($0.port)) }
+        case .realipRemoteAddr: return text(r.peer.address.description)
+        case .realipRemotePort: return text(String(r.peer.port))
         }
     }
 }
@@ -292,5 +351,20 @@ public enum TimeText {
     private static func pad(_ value: Int, _ width: Int) -> String {
         let text = String(value)
         return String(repeating: "0", count: max(0, width - text.count)) + text
+    }
+}
+
+extension LogTemplate {
+    /// The template's text with raw variable values (no escaping; a missing value is empty),
+    /// for values that leave in a protocol field rather than a log line, such as a TLV.
+    public func bytes(for record: SessionRecord, host: HostFacts = .current) -> [UInt8] {
+        var out: [UInt8] = []
+        for part in parts {
+            switch part {
+            case .literal(let text): out += Array(text.utf8)
+            case .variable(let variable): out += VariableRenderer.value(of: variable, in: record, host: host) ?? []
+            }
+        }
+        return out
     }
 }

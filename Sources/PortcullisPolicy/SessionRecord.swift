@@ -1,12 +1,18 @@
 public import PortcullisCore
+public import PortcullisWire
 
 /// The one record every session ends in. The access log, the audit log and (later) metrics
 /// and `explain` are all rendered from it, so they can never disagree.
 public struct SessionRecord: Sendable {
     public var connection: UInt64
     public var transport: TransportProtocol
+    /// `$remote_addr`: the client, after realip (a trusted PROXY header's source).
     public var client: SocketEndpoint
     public var server: SocketEndpoint
+    /// The TCP peer as accepted (`$realip_remote_addr`): the PROXY sender, if one was trusted.
+    public var peer: SocketEndpoint
+    /// The PROXY header read from the client, if the listener expects one.
+    public var proxyHeader: ProxyHeader?
     /// The `listen` the session arrived on, as an endpoint (`127.0.0.1:8080`, `0.0.0.0:8080`).
     public var listener: String
     public var status: SessionStatus = .ok
@@ -34,6 +40,7 @@ public struct SessionRecord: Sendable {
         self.connection = connection
         self.transport = transport
         self.client = client
+        self.peer = client
         self.server = server
         self.listener = listener
         self.startTime = startTime

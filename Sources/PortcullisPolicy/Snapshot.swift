@@ -71,6 +71,8 @@ public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {
     public var backlog = 511
     public var keepalive = Keepalive.systemDefault
     public var ipv6Only = true
+    /// `proxy_protocol`: every connection must start with a PROXY header (v1 or v2).
+    public var proxyProtocol = false
     public var location: SourceLocation
     /// Length of the address as written, for the caret under it in diagnostics.
     public var writtenLength = 1
@@ -83,6 +85,8 @@ public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {
 public struct ServerPolicy: Sendable {
     public var listens: [ListenSpec]
     public var access: AccessList
+    /// `set_real_ip_from`: peers whose PROXY header address becomes `$remote_addr`.
+    public var realIPFrom: TrustedSources
     public var upstream: UpstreamGroup
     public var proxy: ProxySettings
     public var accessLogs: [AccessLogSpec]
@@ -102,6 +106,37 @@ public struct ProxySettings: Sendable, Equatable {
     public var nextUpstreamTries = 0
     /// 0 = unlimited.
     public var nextUpstreamTimeoutMilliseconds = 0
+    /// `proxy_protocol`: the header sent to the upstream before any payload.
+    public var sendProxyProtocol = ProxyProtocolVersion.off
+    /// `proxy_protocol_tlv`: extra v2 TLVs, values rendered per session.
+    public var proxyProtocolTLVs: [ProxyTLVTemplate] = []
+    public var proxyProtocolCRC32C = false
+    /// `proxy_protocol_timeout`: how long a `listen … proxy_protocol` waits for the header.
+    public var proxyProtocolTimeoutMilliseconds = 30_000
 
     public init() {}
+}
+
+public enum ProxyProtocolVersion: String, Sendable, Equatable {
+    case off, v1, v2
+}
+
+/// One `proxy_protocol_tlv TYPE VALUE;`.
+public struct ProxyTLVTemplate: Sendable, Equatable {
+    public var type: UInt8
+    public var value: LogTemplate
+}
+
+/// `set_real_ip_from` addresses, compiled like an access list (IPv4-mapped peers folded).
+public struct TrustedSources: Sendable {
+    private let list: AccessList
+    public var isEmpty: Bool { list.isEmpty }
+
+    public init(_ blocks: [(CIDR, RuleReference)]) {
+        list = AccessList(rules: blocks.map { AccessRule(action: .allow, match: .block($0.0), reference: $0.1) })
+    }
+
+    public func trusts(_ peer: IPAddress) -> Bool {
+        !list.isEmpty && list.evaluate(peer.folded).rule != nil
+    }
 }

@@ -32,7 +32,7 @@ let host = HostFacts(hostname: "gw1", pid: 4242)
         #expect(f.render(record(), host: host) == "[192.0.2.7]200x 100%")
         // A name runs over letters, digits and "_": "$status_x" is one unknown name.
         #expect(throws: LogTemplate.ParseError.unknownVariable("status_x", offset: 0)) { try LogTemplate.parse("$status_x") }
-        #expect(try LogTemplate.parse("$status-x").variables == [.status])
+        #expect(try LogTemplate.parse("$status-x").variables == [.fixed(.status)])
     }
 
     @Test func parseErrors() {
@@ -44,8 +44,8 @@ let host = HostFacts(hostname: "gw1", pid: 4242)
 
     @Test func templateParts() throws {
         let t = try LogTemplate.parse("[${remote_addr}]$status-x")
-        #expect(t.parts == [.literal("["), .variable(.remoteAddr), .literal("]"), .variable(.status), .literal("-x")])
-        #expect(t.variables == [.remoteAddr, .status])
+        #expect(t.parts == [.literal("["), .variable(.fixed(.remoteAddr)), .literal("]"), .variable(.fixed(.status)), .literal("-x")])
+        #expect(t.variables == [.fixed(.remoteAddr), .fixed(.status)])
     }
 
     @Test func defaultEscapingOfBinaryAddress() throws {
