@@ -70,7 +70,7 @@ final class RelaySession {
         headerTimer = eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
             guard readingProxyHeader else { return }
             readingProxyHeader = false
-            logger.info("client timed out while reading PROXY protocol header, \(where_)")
+            logger.info("client timed out (110: Connection timed out) while reading PROXY protocol, \(where_)")
             refuse(.badRequest, phase: .proxyHeaderRead, reason: "PROXY protocol header timed out")
         }
         client.readMore()
@@ -101,6 +101,12 @@ final class RelaySession {
             headerBytes!.moveReaderIndex(forwardBy: length)
             if headerBytes!.readableBytes > 0 { earlyPayload = headerBytes }
             headerBytes = nil
+            var header = header
+            if header.transport != .stream {
+                // A DGRAM or UNSPEC header says nothing about a TCP client: the spec's UNSPEC
+                // fallback (nginx and HAProxy keep the peer too).
+                header.addresses = .unspecified
+            }
             record.proxyHeader = header
             // realip: only a trusted sender's header becomes $remote_addr, as nginx.
             if let source = header.source, runtime.policy.realIPFrom.trusts(record.peer.address) {
@@ -113,8 +119,11 @@ final class RelaySession {
     /// Up to 64 bytes of a refused header, printable, for the error log.
     static func excerpt(_ buffer: ByteBuffer) -> String {
         let bytes = buffer.getBytes(at: buffer.readerIndex, length: min(64, buffer.readableBytes)) ?? []
-        return bytes.map { $0 >= 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "\"") ? String(UnicodeScalar($0)) : "\\x" + String($0, radix: 16) }
-            .joined()
+        let hex = Array("0123456789ABCDEF")
+        return bytes.map { byte in
+            byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "\"") && byte != UInt8(ascii: "\\")
+                ? String(UnicodeScalar(byte)) : "\\x\(hex[Int(byte >> 4)])\(hex[Int(byte & 0xF)])"
+        }.joined()
     }
 
     /// access → upstream_pick, on the client address the earlier phases settled.
@@ -211,7 +220,9 @@ final class RelaySession {
         case .off:
             return
         case .v1:
-            upstream.write(ProxyHeaderEncoder.v1(source: record.client, destination: record.server))
+            let bytes = ProxyHeaderEncoder.v1(source: record.client, destination: record.server)
+            record.upstreamBytesSent += UInt64(bytes.count)  // nginx counts the header as sent
+            upstream.write(bytes)
         case .v2:
             var tlvs = proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
             // AUTHORITY and UNIQUE_ID travel on when a trusted sender gave them and the rules
@@ -221,9 +232,11 @@ final class RelaySession {
                     if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
                 }
             }
-            upstream.write(ProxyHeaderEncoder.v2(
+            let bytes = ProxyHeaderEncoder.v2(
                 source: record.client, destination: record.server, transport: .stream, tlvs: tlvs,
-                crc32c: proxy.proxyProtocolCRC32C))
+                crc32c: proxy.proxyProtocolCRC32C)
+            record.upstreamBytesSent += UInt64(bytes.count)
+            upstream.write(bytes)
         }
     }
 
@@ -264,6 +277,10 @@ final class RelaySession {
     /// pending bytes are written, and the session ends when both directions are done; with it
     /// off (nginx's default) the session ends as soon as the pending bytes are written.
     func inputClosed(on side: RelayHandler.Side) {
+        if side == .client && readingProxyHeader {
+            headerIncomplete("the client closed the connection")
+            return
+        }
         let (from, to) = side == .client ? (client, upstream) : (upstream, client)
         guard let from else { return }
         guard let to, to.isActive else {
@@ -281,7 +298,20 @@ final class RelaySession {
     }
 
     /// One side failed (reset, timeout, …): end both, passing a reset on as a reset.
+    /// The spec: a partial header must be rejected. nginx logs it as a broken header, 400.
+    private func headerIncomplete(_ why: String) {
+        readingProxyHeader = false
+        headerTimer?.cancel()
+        let excerpt = headerBytes.map(Self.excerpt) ?? ""
+        logger.error("broken header: \"\(excerpt)\" (\(why) before it was complete) while reading PROXY protocol, \(where_)")
+        refuse(.badRequest, phase: .proxyHeaderRead, reason: "incomplete PROXY protocol header: \(why)")
+    }
+
     func failed(on side: RelayHandler.Side, error: any Error) {
+        if side == .client && readingProxyHeader {
+            headerIncomplete("\(error)")
+            return
+        }
         let other = side == .client ? upstream : client
         if let io = error as? IOError, io.errnoCode == ECONNRESET || io.errnoCode == EPIPE {
             other?.resetOnClose()

@@ -11,6 +11,8 @@ public enum AuditLine {
             ("protocol", LogEscaping.jsonString(r.transport.rawValue)),
             ("client", LogEscaping.jsonString(r.client.address.description)),
             ("client_port", String(r.client.port)),
+            // The TCP peer: differs from the client when a trusted PROXY header named another.
+            ("peer", LogEscaping.jsonString(r.peer.description)),
             ("server", LogEscaping.jsonString(r.server.description)),
             ("status", String(r.status.rawValue)),
             ("phase", LogEscaping.jsonString(r.phase.rawValue)),

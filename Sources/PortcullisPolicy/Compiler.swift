@@ -311,7 +311,8 @@ struct PolicyCompiler {
         if !tlvDirectives.isEmpty { proxy.proxyProtocolTLVs = tlvs }
         if proxy.sendProxyProtocol != .v2 && (!proxy.proxyProtocolTLVs.isEmpty || proxy.proxyProtocolCRC32C) {
             let what = proxy.proxyProtocolCRC32C ? "proxy_protocol_crc32c" : "proxy_protocol_tlv"
-            error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: tlvDirectives.first ?? block)
+            let site = (block.block ?? []).first { $0.name == what } ?? tlvDirectives.first ?? block
+            error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: site)
         }
         guard let upstream, !listens.isEmpty else { return nil }
         // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
@@ -333,22 +334,11 @@ struct PolicyCompiler {
         if argument.text == "all" {
             return AccessRule(action: action, match: .all, reference: d.reference)
         }
-        if argument.text.hasPrefix("unix:") {
-            error("\"unix:\" rules are not supported: Portcullis listens on IP sockets only", at: argument)
-            return nil
-        }
         if argument.text.hasPrefix("$") {
             error("\"\(d.name) \(argument.text)\" (deny by variable) is part of the rule language but not supported yet: geo, map, geoip2 and set (issue #4) are not built", at: argument)
             return nil
         }
-        guard let block = CIDR(argument.text) else {
-            error("invalid address or CIDR \"\(argument.text)\" in \"\(d.name)\"; expected an IPv4 or IPv6 address, a block such as 10.0.0.0/8 or 2001:db8::/32, or \"all\"", at: argument)
-            return nil
-        }
-        if block.hostBitsSet {
-            diagnostics.warning("low address bits of \(argument.text) are meaningless; the rule applies to \(block)",
-                                at: argument.location, length: argument.length)
-        }
+        guard let block = addressBlock(argument, in: d, alternatives: ", or \"all\"") else { return nil }
         if let mapped = block.mappedIPv4Block {
             diagnostics.warning(
                 "\(argument.text) is an IPv4-mapped block: Portcullis applies it to IPv4 clients in \(mapped) too (nginx would skip it for them)",
@@ -359,20 +349,24 @@ struct PolicyCompiler {
 
     /// `set_real_ip_from ADDR|CIDR;`
     mutating func trustedBlock(_ d: Directive) -> (CIDR, RuleReference)? {
-        let argument = d.arguments[0]
+        addressBlock(d.arguments[0], in: d, alternatives: "").map { ($0, d.reference) }
+    }
+
+    /// An address or CIDR argument, with nginx's warning when host bits are set.
+    mutating func addressBlock(_ argument: Argument, in d: Directive, alternatives: String) -> CIDR? {
         if argument.text.hasPrefix("unix:") {
-            error("\"set_real_ip_from unix:\" is not supported: Portcullis listens on IP sockets only", at: argument)
+            error("\"\(d.name) unix:\" is not supported: Portcullis listens on IP sockets only", at: argument)
             return nil
         }
         guard let block = CIDR(argument.text) else {
-            error("invalid address or CIDR \"\(argument.text)\" in \"set_real_ip_from\"; expected an address or a block such as 10.0.0.0/8", at: argument)
+            error("invalid address or CIDR \"\(argument.text)\" in \"\(d.name)\"; expected an IPv4 or IPv6 address, a block such as 10.0.0.0/8 or 2001:db8::/32\(alternatives)", at: argument)
             return nil
         }
         if block.hostBitsSet {
-            diagnostics.warning("low address bits of \(argument.text) are meaningless; trusting \(block)",
+            diagnostics.warning("low address bits of \(argument.text) are meaningless; the rule applies to \(block)",
                                 at: argument.location, length: argument.length)
         }
-        return (block, d.reference)
+        return block
     }
 
     /// `proxy_protocol_tlv TYPE VALUE;` — TYPE is a name nginx uses for the TLV
@@ -384,12 +378,13 @@ struct PolicyCompiler {
         if let named = ProxyTLVType(name: text) {
             type = named.rawValue
         } else if text.lowercased().hasPrefix("0x") {
-            type = UInt8(text.dropFirst(2), radix: 16)
+            let digits = text.dropFirst(2)
+            type = digits.allSatisfy(\.isHexDigit) ? UInt8(digits, radix: 16) : nil
         } else {
-            type = UInt8(text)
+            type = text.allSatisfy(\.isWholeNumber) ? UInt8(text) : nil
         }
         guard let type else {
-            var message = "invalid TLV type \"\(text)\" in \"proxy_protocol_tlv\"; expected a name (alpn, authority, unique_id, netns) or a number such as 0xE0"
+            var message = "invalid TLV type \"\(text)\" in \"proxy_protocol_tlv\"; expected a name (alpn, authority, unique_id, netns, noop) or a number such as 0xE0"
             if let guess = closestMatch(to: text, in: ProxyTLVType.allCases.map(\.name)) { message += "; did you mean \"\(guess)\"?" }
             error(message, at: typeArgument)
             return nil
@@ -398,7 +393,7 @@ struct PolicyCompiler {
             error("the CRC32C TLV is computed, not configured: use \"proxy_protocol_crc32c on\"", at: typeArgument)
             return nil
         }
-        if let known = ProxyTLVType(rawValue: type), known == .ssl || known.isSSLSubType {
+        if type >= ProxyTLVType.ssl.rawValue && type <= 0x2F {  // SSL and its sub-TLV range
             error("SSL TLVs describe a TLS session Portcullis does not terminate; they cannot be sent", at: typeArgument)
             return nil
         }

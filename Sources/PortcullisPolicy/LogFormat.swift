@@ -7,9 +7,11 @@ import PortcullisWire
 /// A variable a format string may use: a fixed one, or one PROXY protocol TLV by type.
 public enum Variable: Sendable, Equatable {
     case fixed(LogVariable)
-    /// `$proxy_protocol_tlv_NAME` or `$proxy_protocol_tlv_0xNN`: the TLV's raw value. SSL
-    /// sub-TLV names (`ssl_version`, `ssl_cn`, …) are looked up inside the SSL TLV.
+    /// `$proxy_protocol_tlv_NAME` or `$proxy_protocol_tlv_0xNN`: a top-level TLV's raw value.
     case proxyProtocolTLV(UInt8)
+    /// `$proxy_protocol_tlv_ssl_version`, `…_ssl_cn`, …: a sub-TLV inside the SSL TLV (nginx
+    /// looks the names up there, and `0xNN` forms at the top level).
+    case proxyProtocolSSLSubTLV(UInt8)
 
     public init?(name: String) {
         if let fixed = LogVariable(rawValue: name) {
@@ -20,7 +22,7 @@ public enum Variable: Sendable, Equatable {
         guard name.hasPrefix(prefix) else { return nil }
         let suffix = String(name.dropFirst(prefix.count))
         if let type = ProxyTLVType(name: suffix) {
-            self = .proxyProtocolTLV(type.rawValue)
+            self = type.isSSLSubType ? .proxyProtocolSSLSubTLV(type.rawValue) : .proxyProtocolTLV(type.rawValue)
         } else if suffix.hasPrefix("0x"), suffix.count == 4, let type = UInt8(suffix.dropFirst(2), radix: 16) {
             self = .proxyProtocolTLV(type)
         } else {
@@ -195,17 +197,11 @@ public enum VariableRenderer {
     public static func value(of variable: Variable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {
         switch variable {
         case .fixed(let fixed): return value(of: fixed, in: r, host: host)
-        case .proxyProtocolTLV(let type): return r.proxyHeader.flatMap { tlvValue(type, in: $0) }
-        }
-    }
-
-    /// A TLV's value, looking SSL sub-TLVs up inside the SSL TLV as nginx does.
-    static func tlvValue(_ type: UInt8, in header: ProxyHeader) -> [UInt8]? {
-        if let known = ProxyTLVType(rawValue: type), known.isSSLSubType {
-            guard let ssl = header.tlv(ProxyTLVType.ssl.rawValue).flatMap(ProxySSLInfo.init) else { return nil }
+        case .proxyProtocolTLV(let type): return r.proxyHeader?.tlv(type)
+        case .proxyProtocolSSLSubTLV(let type):
+            guard let ssl = r.proxyHeader?.tlv(ProxyTLVType.ssl.rawValue).flatMap(ProxySSLInfo.init) else { return nil }
             return ssl.subTLVs.first { $0.type == type }?.value
         }
-        return header.tlv(type)
     }
 
     public static func value(of variable: LogVariable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {

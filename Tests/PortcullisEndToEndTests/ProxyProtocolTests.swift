@@ -54,7 +54,8 @@ struct ProxyProtocolTests {
         try denied.send("PROXY TCP4 192.0.2.1 203.0.113.9 40001 443\r\n")
         #expect(denied.isClosedByPeer())
         let lines = await gateway.waitForLines(of: "access.log") { $0.count >= 2 }
-        #expect(lines == [
+        // Two sessions end concurrently: their lines may come in either order.
+        #expect(Set(lines) == [
             "198.51.100.7:40000 127.0.0.1 198.51.100.7:40000 203.0.113.9:443 200",
             "192.0.2.1:40001 127.0.0.1 192.0.2.1:40001 203.0.113.9:443 403",
         ])
@@ -219,5 +220,55 @@ final class ReceivedBytes: @unchecked Sendable {
             try? await Task.sleep(for: .milliseconds(10))
         }
         return []
+    }
+}
+
+@Suite("PROXY protocol, edge cases", .serialized)
+struct ProxyProtocolEdgeTests {
+    @Test("a client that closes mid-header is a broken header (400), as the spec and nginx say")
+    func closedMidHeader() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                log_format s '$status';
+                access_log {DIR}/access.log s;
+                audit_log {DIR}/audit.log;
+                server { listen 127.0.0.1:{PORT} proxy_protocol; proxy_pass 127.0.0.1:\(upstream.port); }
+            }
+            """)
+        let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+        try client.send(ProxyHeaderDecoder.v2Signature + [0x21, 0x11])
+        client.shutdownWrite()
+        #expect(client.isClosedByPeer())
+        #expect(await gateway.waitForLines(of: "access.log") { !$0.isEmpty } == ["400"])
+        let audit = await gateway.waitForLines(of: "audit.log") { !$0.isEmpty }
+        #expect(audit.first?.contains("incomplete PROXY protocol header") == true)
+        #expect(upstream.connectionCount == 0)
+        await gateway.stop()
+    }
+
+    @Test("a v2 DGRAM header on a TCP listener names no TCP client: the peer is kept")
+    func datagramHeaderOnTCP() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                log_format s '$remote_addr [$proxy_protocol_addr]';
+                access_log {DIR}/access.log s;
+                server {
+                    listen 127.0.0.1:{PORT} proxy_protocol;
+                    set_real_ip_from 127.0.0.1;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        let header = ProxyHeaderEncoder.v2(
+            source: SocketEndpoint(address: IPAddress("198.51.100.1")!, port: 1),
+            destination: SocketEndpoint(address: IPAddress("198.51.100.2")!, port: 2), transport: .datagram)
+        let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+        try client.send(header + Array("x".utf8))
+        #expect(try client.receive(exactly: 1) == [UInt8(ascii: "x")])
+        client.close()
+        #expect(await gateway.waitForLines(of: "access.log") { !$0.isEmpty } == ["127.0.0.1 [-]"])
+        await gateway.stop()
     }
 }
