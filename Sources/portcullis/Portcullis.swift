@@ -61,6 +61,7 @@ struct Run: AsyncParsableCommand {
     @OptionGroup var options: RuleFileOption
 
     func run() async throws {
+        SignalHandlers.unblockHandledSignals()
         let result = RuleLoader.load(path: options.config)
         if !result.diagnostics.isEmpty {
             FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
@@ -107,6 +108,15 @@ final class SignalHandlers: @unchecked Sendable {
     init(gateway: Gateway, group: ServiceGroup) {
         self.gateway = gateway
         self.group = group
+    }
+
+    /// Like nginx at start: a blocked mask inherited from the parent must not silence us.
+    /// Called before any thread exists, so every thread inherits the unblocked mask.
+    static func unblockHandledSignals() {
+        var handled = sigset_t()
+        sigemptyset(&handled)
+        for signal in [SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGHUP] { sigaddset(&handled, signal) }
+        pthread_sigmask(SIG_UNBLOCK, &handled, nil)
     }
 
     func install() {

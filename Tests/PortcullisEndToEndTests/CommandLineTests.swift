@@ -93,7 +93,13 @@ struct CommandLineTests {
             """.write(toFile: path, atomically: true, encoding: .utf8)
         let gateway = try PortcullisBinary.launch(["run", "-c", path])
         #expect(waitUntilListening(port: port))
-        #expect((try? String(contentsOfFile: pidFile, encoding: .utf8)) == "\(gateway.pid)\n")
+        // The pid file is written just after the listeners are bound: give it a moment.
+        var pidText: String?
+        for _ in 0..<200 where pidText == nil {
+            pidText = try? String(contentsOfFile: pidFile, encoding: .utf8)
+            if pidText == nil { usleep(10_000) }
+        }
+        #expect(pidText == "\(gateway.pid)\n")
 
         let first = try TestConnection.connect(to: "127.0.0.1", port: port)
         try first.send("one")

@@ -48,7 +48,7 @@ public final class TestConnection: @unchecked Sendable {
     public static func connect(to host: String, port: UInt16, from source: String? = nil,
                                timeout: Double = 10) throws -> TestConnection {
         let family = host.contains(":") ? AF_INET6 : AF_INET
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         try check(fd, "socket")
         let connection = TestConnection(fd: fd)
         connection.setTimeout(timeout)
@@ -164,7 +164,7 @@ public final class TestServer: @unchecked Sendable {
         self.host = host
         self.handler = handler
         let family = host.contains(":") ? AF_INET6 : AF_INET
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         try check(fd, "socket")
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -202,6 +202,7 @@ public final class TestServer: @unchecked Sendable {
                 Glibc.close(client)
                 return
             }
+            _ = fcntl(client, F_SETFD, FD_CLOEXEC)  // children of the tests must not inherit it
             accepted.wrappingAdd(1, ordering: .relaxed)
             let connection = TestConnection(fd: client)
             connection.setTimeout(30)
@@ -210,8 +211,10 @@ public final class TestServer: @unchecked Sendable {
         }
     }
 
+    /// Stops accepting. Safe to call twice: only the first call closes the socket (a second
+    /// close could hit a descriptor number already reused by someone else).
     public func stop() {
-        stopped.store(true, ordering: .relaxed)
+        guard !stopped.exchange(true, ordering: .relaxed) else { return }
         shutdown(fd, Int32(SHUT_RDWR))
         Glibc.close(fd)
     }
@@ -232,7 +235,7 @@ public final class TestServer: @unchecked Sendable {
 /// A port that was free a moment ago (bind :0, read it, release it).
 public func freePort(host: String = "127.0.0.1") throws -> UInt16 {
     let family = host.contains(":") ? AF_INET6 : AF_INET
-    let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
+    let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     try check(fd, "socket")
     defer { Glibc.close(fd) }
     var (address, length) = makeAddress(host, 0)
