@@ -152,6 +152,7 @@ public enum ProxyHeaderError: Error, Sendable, Equatable, CustomStringConvertibl
     case v2AddressesTooShort(family: UInt8, length: Int)
     case v2TLVOverrun
     case v2BadCRC32CLength(Int)
+    case v2DuplicateCRC32C
     case v2CRC32CMismatch(expected: UInt32, computed: UInt32)
 
     public var description: String {
@@ -166,6 +167,7 @@ public enum ProxyHeaderError: Error, Sendable, Equatable, CustomStringConvertibl
             return "v2 header too short for family 0x\(String(f, radix: 16)): \(l) address bytes"
         case .v2TLVOverrun: return "v2 TLV runs past the end of the header"
         case .v2BadCRC32CLength(let l): return "v2 CRC32C TLV of \(l) bytes (must be 4)"
+        case .v2DuplicateCRC32C: return "v2 header with two CRC32C TLVs"
         case .v2CRC32CMismatch(let e, let c):
             return "v2 CRC32C mismatch (header says 0x\(String(e, radix: 16)), computed 0x\(String(c, radix: 16)))"
         }

@@ -108,9 +108,13 @@ public enum ProxyHeaderDecoder {
         guard bytes.count > 13 else { return nil }
         let familyByte = bytes[13]
         let family = familyByte >> 4
-        guard family <= 3, let transport = ProxyHeader.Transport(rawValue: familyByte & 0x0F) else {
+        // A LOCAL header's family is ignored (the spec; HAProxy does the same): only a PROXY
+        // header must name a valid family and transport.
+        let parsedTransport = ProxyHeader.Transport(rawValue: familyByte & 0x0F)
+        guard command == .local || (family <= 3 && parsedTransport != nil) else {
             throw .v2BadFamily(familyByte)
         }
+        let transport = parsedTransport ?? .unspecified
         guard bytes.count >= 16 else { return nil }
         let length = Int(bytes[14]) << 8 | Int(bytes[15])
         let total = 16 + length
@@ -157,6 +161,8 @@ public enum ProxyHeaderDecoder {
             guard total - (i + 3) >= tlvLength else { throw .v2TLVOverrun }
             if bytes[i] == ProxyTLVType.crc32c.rawValue {
                 guard tlvLength == 4 else { throw .v2BadCRC32CLength(tlvLength) }
+                // Two checksums could disagree; checking only one would be checking neither.
+                guard crcOffset < 0 else { throw .v2DuplicateCRC32C }
                 crcOffset = i + 3
             }
             i += 3 + tlvLength

@@ -13,6 +13,11 @@ public enum ProxyHeaderEncoder {
     /// A v2 header. `tlvs` are written in order; with `crc32c`, a CRC32C TLV is appended and
     /// filled in over the whole header. Mixed families follow nginx: the wider family wins
     /// (IPv4 written IPv4-mapped); two IPv4-mapped addresses are sent as AF_INET.
+    /// `len` cannot describe more than 65,535 bytes: a TLV that would not fit (a value built
+    /// from a long variable, or forwarded from a large received header) is left out, and the
+    /// ones after it that still fit are kept (a longer header would trap on the UInt16).
+    /// A CRC32C TLV in `tlvs` is not written either: only `crc32c: true` can fill one in, and a
+    /// caller's could only be wrong, making the receiver drop the connection.
     public static func v2(source: SocketEndpoint?, destination: SocketEndpoint?,
                           transport: ProxyHeader.Transport = .stream, command: ProxyHeader.Command = .proxy,
                           tlvs: [ProxyTLV] = [], crc32c: Bool = false) -> [UInt8] {
@@ -38,7 +43,10 @@ public enum ProxyHeaderEncoder {
         } else {
             out.append(0x00)  // AF_UNSPEC: LOCAL, or nothing to say about the client
         }
-        for tlv in tlvs { appendTLV(tlv.type, tlv.value, to: &body) }
+        let room = Int(UInt16.max) - (crc32c ? 7 : 0)
+        for tlv in tlvs where tlv.type != ProxyTLVType.crc32c.rawValue && body.count + 3 + tlv.value.count <= room {
+            appendTLV(tlv.type, tlv.value, to: &body)
+        }
         var crcOffset = -1
         if crc32c {
             crcOffset = 16 + body.count + 3
