@@ -235,6 +235,12 @@ final class RelaySession {
             let bytes = ProxyHeaderEncoder.v2(
                 source: record.client, destination: record.server, transport: .stream, tlvs: tlvs,
                 crc32c: proxy.proxyProtocolCRC32C)
+            // The encoder leaves out TLVs that would push the header past 65,535 bytes; say so.
+            let written = bytes.count - 16
+            let wanted = tlvs.reduce(0) { $0 + 3 + $1.value.count } + (proxy.proxyProtocolCRC32C ? 7 : 0)
+            if written < wanted + (record.client.address.folded.isIPv4 && record.server.address.folded.isIPv4 ? 12 : 36) {
+                logger.warning("PROXY v2 header to upstream: TLVs that did not fit in 65535 bytes were left out, \(where_)")
+            }
             record.upstreamBytesSent += UInt64(bytes.count)
             upstream.write(bytes)
         }
