@@ -3,7 +3,7 @@ import PackageDescription
 
 // Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
 //   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
-//   1 adapters:  PortcullisTelemetry (log writers), PortcullisNIO (channel handlers)
+//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers), PortcullisNIO (channel handlers)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
 //   3 exe:       portcullis (check / run)
 let strictSettings: [SwiftSetting] = [
@@ -39,6 +39,12 @@ let package = Package(
             name: "PortcullisPolicy", dependencies: ["PortcullisCore", "PortcullisRules", "PortcullisWire"],
             swiftSettings: strictSettings),
         // Layer 1
+        .systemLibrary(
+            name: "CMaxMindDB", pkgConfig: "libmaxminddb",
+            providers: [.apt(["libmaxminddb-dev"]), .brew(["libmaxminddb"])]),
+        .target(
+            name: "PortcullisGeoIP", dependencies: ["CMaxMindDB", "PortcullisCore"],
+            swiftSettings: nioSettings),
         .target(
             name: "PortcullisTelemetry",
             dependencies: ["PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log")],
@@ -91,6 +97,7 @@ let package = Package(
         ),
         .testTarget(name: "PortcullisCoreTests", dependencies: ["PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(name: "PortcullisRulesTests", dependencies: ["PortcullisRules", "PortcullisPolicy"]),
+        .testTarget(name: "PortcullisGeoIPTests", dependencies: ["PortcullisGeoIP", "PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(name: "PortcullisWireTests", dependencies: ["PortcullisWire", "PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(
             name: "PortcullisPolicyTests",

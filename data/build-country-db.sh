@@ -18,7 +18,7 @@ out="${1:-$here/country.mmdb}"
 packages=(tor-geoipdb iso-codes libmaxmind-db-writer-perl libnet-works-perl)
 
 installed_version() {
-    dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null |
+    { dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null || true; } |
         awk '$1 == "ii" { print $2 }'
 }
 
