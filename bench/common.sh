@@ -11,15 +11,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need() {
-    local missing=()
-    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-    if [ ${#missing[@]} -gt 0 ]; then
-        local SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-    fi
-}
+need() { bash "$ROOT/.ci/ensure-packages" "$@"; }
 
 build_release() {
     (cd "$ROOT" && swift build -c release --product portcullis >/dev/null)

@@ -22,17 +22,7 @@ installed_version() {
         awk '$1 == "ii" { print $2 }'
 }
 
-missing=()
-for p in "${packages[@]}"; do
-    [[ -n "$(installed_version "$p")" ]] || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    echo "installing: ${missing[*]}" >&2
-    sudo=()
-    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+bash "$here/../.ci/ensure-packages" "${packages[@]}"
 
 tor_version="$(installed_version tor-geoipdb)"
 iso_version="$(installed_version iso-codes)"

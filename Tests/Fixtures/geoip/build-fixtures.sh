@@ -18,24 +18,7 @@ outdir="${1:-$here}"
 
 packages=(libmaxmind-db-writer-perl libnet-works-perl)
 
-# The installed version of a package, or nothing (never fails, even under
-# set -e -o pipefail, when dpkg-query does not know the package).
-installed_version() {
-    { dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null || true; } |
-        awk '$1 == "ii" { print $2 }'
-}
-
-missing=()
-for p in "${packages[@]}"; do
-    [[ -n "$(installed_version "$p")" ]] || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    echo "installing: ${missing[*]}" >&2
-    sudo=()
-    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+bash "$here/../../../.ci/ensure-packages" "${packages[@]}"
 
 mkdir -p "$outdir"
 
@@ -56,7 +39,7 @@ perl -e 'print substr( "Portcullis test fixture: this file is not a MaxMind DB.\
     >"$outdir/not-an-mmdb.mmdb.tmp"
 mv "$outdir/not-an-mmdb.mmdb.tmp" "$outdir/not-an-mmdb.mmdb"
 
-writer_version="$(installed_version libmaxmind-db-writer-perl)"
+writer_version="$(dpkg-query -W -f='${Version}' libmaxmind-db-writer-perl 2>/dev/null || true)"
 echo "wrote $outdir (libmaxmind-db-writer-perl $writer_version)"
 for f in types.mmdb types-v2.mmdb truncated.mmdb not-an-mmdb.mmdb; do
     printf '  %-17s %6d bytes  sha256 %s\n' "$f" "$(stat -c %s "$outdir/$f")" \
