@@ -30,7 +30,7 @@ final class RelaySession {
     private var headerBytes: ByteBuffer?
     private var earlyPayload: ByteBuffer?
     private var headerTimer: Scheduled<Void>?
-    private(set) var readingProxyHeader = false
+    private var readingProxyHeader = false
     private var clientOpen = true
     private var upstreamOpen = false
     private var connecting = false
@@ -236,9 +236,10 @@ final class RelaySession {
                 source: record.client, destination: record.server, transport: .stream, tlvs: tlvs,
                 crc32c: proxy.proxyProtocolCRC32C)
             // The encoder leaves out TLVs that would push the header past 65,535 bytes; say so.
-            let written = bytes.count - 16
+            // (The family nibble it wrote says how long its address block is.)
+            let addressLength = [1: 12, 2: 36][Int(bytes[13] >> 4)] ?? 0
             let wanted = tlvs.reduce(0) { $0 + 3 + $1.value.count } + (proxy.proxyProtocolCRC32C ? 7 : 0)
-            if written < wanted + (record.client.address.folded.isIPv4 && record.server.address.folded.isIPv4 ? 12 : 36) {
+            if bytes.count - 16 - addressLength < wanted {
                 logger.warning("PROXY v2 header to upstream: TLVs that did not fit in 65535 bytes were left out, \(where_)")
             }
             record.upstreamBytesSent += UInt64(bytes.count)
@@ -266,8 +267,6 @@ final class RelaySession {
     // MARK: Relay events
 
     func noteActivity() { lastActivity = .now() }
-
-    var isRelaying: Bool { upstream != nil }
 
     func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
         if side == .client {
@@ -303,7 +302,6 @@ final class RelaySession {
         }
     }
 
-    /// One side failed (reset, timeout, …): end both, passing a reset on as a reset.
     /// The spec: a partial header must be rejected. nginx logs it as a broken header, 400.
     private func headerIncomplete(_ why: String) {
         readingProxyHeader = false
@@ -313,6 +311,7 @@ final class RelaySession {
         refuse(.badRequest, phase: .proxyHeaderRead, reason: "incomplete PROXY protocol header: \(why)")
     }
 
+    /// One side failed (reset, timeout, …): end both, passing a reset on as a reset.
     func failed(on side: RelayHandler.Side, error: any Error) {
         if side == .client && readingProxyHeader {
             headerIncomplete("\(error)")

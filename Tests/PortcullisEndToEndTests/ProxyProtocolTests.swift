@@ -247,6 +247,45 @@ struct ProxyProtocolEdgeTests {
         await gateway.stop()
     }
 
+    @Test("a TLV too large for the outgoing header is left out with a warning; the session works")
+    func oversizeTLVIsDroppedNotFatal() async throws {
+        let received = ReceivedBytes()
+        let upstream = try TestServer { connection in
+            received.set((try? connection.receiveAll()) ?? [])
+        }
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log warn;
+                server {
+                    listen 127.0.0.1:{PORT} proxy_protocol;
+                    set_real_ip_from 127.0.0.1;
+                    proxy_protocol v2;
+                    proxy_protocol_tlv 0xE1 "small";
+                    proxy_protocol_tlv 0xE0 "$proxy_protocol_tlv_0xe0$proxy_protocol_tlv_0xe0";
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        // A client's 40,000-byte TLV, doubled by the rule: 80,000 bytes cannot fit in `len`.
+        let header = ProxyHeaderEncoder.v2(
+            source: SocketEndpoint(address: IPAddress("198.51.100.4")!, port: 4),
+            destination: SocketEndpoint(address: IPAddress("198.51.100.5")!, port: 5),
+            tlvs: [ProxyTLV(type: 0xE0, value: [UInt8](repeating: 0x41, count: 40_000))])
+        let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+        try client.send(header + Array("data".utf8))
+        usleep(200_000)
+        client.close()
+        let bytes = await received.wait()
+        let (sent, length) = try #require(try ProxyHeaderDecoder.decode(bytes))
+        #expect(sent.source == SocketEndpoint(address: IPAddress("198.51.100.4")!, port: 4))
+        #expect(sent.tlv(0xE1) == Array("small".utf8))
+        #expect(sent.tlv(0xE0) == nil)
+        #expect(Array(bytes[length...]) == Array("data".utf8))
+        let errors = await gateway.waitForLines(of: "error.log") { $0.contains { $0.contains("left out") } }
+        #expect(errors.contains { $0.contains("[warn]") && $0.contains("TLVs that did not fit in 65535 bytes were left out") })
+        await gateway.stop()
+    }
+
     @Test("a v2 DGRAM header on a TCP listener names no TCP client: the peer is kept")
     func datagramHeaderOnTCP() async throws {
         let upstream = try TestServer.echo()
