@@ -3,22 +3,25 @@
 ///
 /// First match over an ordered list equals "the lowest-index rule whose range contains the key",
 /// so the list is compiled once into sorted disjoint segments, each carrying the lowest rule index
-/// that covers it. Lookup is O(log segments) whatever the list length; building is O(n log n).
+/// that covers it (a `SegmentTable`). Lookup is O(log segments) whatever the list length;
+/// building is O(n log n).
 /// See docs/decisions/0003-cidr-table.md.
 public struct FirstMatchTable<Key: FixedWidthInteger & UnsignedInteger & Sendable>: Sendable {
-    /// Segment `i` covers `starts[i] ..< starts[i + 1]` (the last one runs to `Key.max`).
-    @usableFromInline let starts: [Key]
-    /// Lowest covering rule index for each segment, or -1 where no rule covers it.
-    @usableFromInline let ruleIndexes: [Int32]
+    @usableFromInline let segments: SegmentTable<Key>
 
-    public var isEmpty: Bool { ruleIndexes.allSatisfy { $0 < 0 } }
-    public var segmentCount: Int { starts.count }
+    public var isEmpty: Bool { segments.isEmpty }
+    public var segmentCount: Int { segments.count }
 
+    @_specialize(where Key == UInt32)
+    @_specialize(where Key == UInt128)
     public init(ranges: [(range: ClosedRange<Key>, rule: Int32)]) {
         // Sweep the boundaries left to right with a min-heap of the rules currently covering.
-        let opens = ranges.sorted { $0.range.lowerBound < $1.range.lowerBound }
-        let closes = ranges.filter { $0.range.upperBound != Key.max }
-            .sorted { $0.range.upperBound < $1.range.upperBound }
+        // (Sorted through index arrays: comparing tuples in generic code costs a metadata
+        // lookup per comparison.)
+        let lows = ranges.map(\.range.lowerBound)
+        let highs = ranges.map(\.range.upperBound)
+        let opens = ranges.indices.sorted { lows[$0] < lows[$1] }.map { ranges[$0] }
+        let closes = ranges.indices.filter { highs[$0] != Key.max }.sorted { highs[$0] < highs[$1] }.map { ranges[$0] }
         var heap = MinHeap()
         // How many of each rule's ranges cover the sweep point (a rule may have several).
         var active = [Int32](repeating: 0, count: (ranges.map { Int($0.rule) }.max() ?? -1) + 1)
@@ -54,36 +57,12 @@ public struct FirstMatchTable<Key: FixedWidthInteger & UnsignedInteger & Sendabl
                 values.append(value)
             }
         }
-        // Merge neighbours that ended up with the same rule.
-        var mergedStarts: [Key] = []
-        var mergedValues: [Int32] = []
-        mergedStarts.reserveCapacity(starts.count)
-        mergedValues.reserveCapacity(starts.count)
-        for (start, value) in zip(starts, values) where mergedValues.last != value {
-            mergedStarts.append(start)
-            mergedValues.append(value)
-        }
-        self.starts = mergedStarts
-        self.ruleIndexes = mergedValues
+        segments = SegmentTable(starts: starts, values: values)
     }
 
     /// The lowest index among the rules whose range contains `key`, or nil.
     @inlinable
-    public func firstMatch(_ key: Key) -> Int32? {
-        let value = ruleIndexes[segment(containing: key)]
-        return value < 0 ? nil : value
-    }
-
-    @usableFromInline
-    func segment(containing key: Key) -> Int {
-        // Last segment whose start is <= key; starts[0] == 0 so one always exists.
-        var low = 0, high = starts.count - 1
-        while low < high {
-            let mid = (low + high + 1) >> 1
-            if starts[mid] <= key { low = mid } else { high = mid - 1 }
-        }
-        return low
-    }
+    public func firstMatch(_ key: Key) -> Int32? { segments.value(at: key) }
 }
 
 /// A binary min-heap of rule indexes, enough for the sweep above.

@@ -81,3 +81,31 @@ let start = DispatchTime.now().uptimeNanoseconds
 let result = RuleLoader.load(text: text, file: "bench.conf")
 let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
 print(String(format: "compile a 100,000-rule file: %.3f s (%@)", elapsed, result.hasErrors ? "errors!" : "ok"))
+
+// geo (longest prefix): 1,000,000 IPv4 CIDRs of mixed lengths, as issue #4's load test.
+// The table build is timed from ready-made blocks; parsing a geo block is issue #4's work.
+func residentKiB() -> Int {
+    let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+}
+var geoBlocks: [(range: ClosedRange<UInt32>, prefixLength: Int, value: Int32)] = []
+geoBlocks.reserveCapacity(1_000_000)
+for i in 0..<1_000_000 {
+    let length = [16, 20, 24, 24, 24, 28, 32][i % 7]
+    let cidr = CIDR(address: .v4(UInt32.random(in: 0...UInt32.max, using: &rng)), prefixLength: length)
+    geoBlocks.append((cidr.ipv4Range!, length, Int32(i % 250)))
+}
+let rssBefore = residentKiB()
+let geoStart = DispatchTime.now().uptimeNanoseconds
+let geo = LongestPrefixTable<UInt32>(blocks: geoBlocks)
+let geoSeconds = Double(DispatchTime.now().uptimeNanoseconds - geoStart) / 1e9
+let rssAfter = residentKiB()
+print(String(format: "geo table of 1,000,000 CIDRs: built in %.3f s, %d segments, RSS +%d KiB",
+             geoSeconds, geo.segmentCount, rssAfter - rssBefore))
+let geoProbes: [UInt32] = (0..<1_000_000).map { _ in UInt32.random(in: 0...UInt32.max, using: &rng) }
+measure("geo longest-prefix lookup, 1,000,000 CIDRs", lookups: geoProbes.count * 20) {
+    var found = 0
+    for _ in 0..<20 { for probe in geoProbes where geo.lookup(probe) != nil { found += 1 } }
+    return found
+}
