@@ -117,13 +117,12 @@ final class RelaySession {
     }
 
     /// Up to 64 bytes of a refused header, printable, for the error log.
+    /// (nginx's default log escaping: `"`, `\\`, control bytes and bytes above 0x7E as `\\xHH`.)
     static func excerpt(_ buffer: ByteBuffer) -> String {
         let bytes = buffer.getBytes(at: buffer.readerIndex, length: min(64, buffer.readableBytes)) ?? []
-        let hex = Array("0123456789ABCDEF")
-        return bytes.map { byte in
-            byte >= 0x20 && byte < 0x7F && byte != UInt8(ascii: "\"") && byte != UInt8(ascii: "\\")
-                ? String(UnicodeScalar(byte)) : "\\x\(hex[Int(byte >> 4)])\(hex[Int(byte & 0xF)])"
-        }.joined()
+        var text = ""
+        LogEscaping.append(bytes, escape: .default, to: &text)
+        return text
     }
 
     /// access → upstream_pick, on the client address the earlier phases settled.

@@ -23,8 +23,9 @@ public final class SessionLogger: Sendable {
         for spec in accessLogs {
             guard let file = files[spec.path] else { continue }
             if let condition = spec.condition {
-                let value = LogFormat(name: "if", escape: .none, template: condition).render(record)
-                if value.isEmpty || value == "0" { continue }
+                // nginx skips the line when the condition is empty or "0".
+                let value = condition.bytes(for: record)
+                if value.isEmpty || value == [UInt8(ascii: "0")] { continue }
             }
             file.write(record, format: spec.format)
         }
