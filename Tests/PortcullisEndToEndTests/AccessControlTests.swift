@@ -44,6 +44,39 @@ struct AccessControlTests {
         await gateway.stop()
     }
 
+    @Test("access_log if= skips a session whose condition is empty or \"0\" (here: no upstream was used)")
+    func conditionalAccessLog() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                log_format main '$remote_addr $status';
+                access_log {DIR}/all.log main;
+                access_log {DIR}/relayed.log main if=$upstream_addr;
+                access_log {DIR}/received.log main if=$bytes_received;
+                server {
+                    listen 127.0.0.1:{PORT};
+                    deny 127.0.0.2;
+                    allow all;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        let denied = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.2")
+        #expect(denied.isClosedByPeer())
+        let silent = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.3")
+        usleep(100_000)
+        silent.close()  // relayed, but sent nothing: $bytes_received is "0"
+        let talker = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.4")
+        try talker.send("hi")
+        #expect(try talker.receive(exactly: 2) == Array("hi".utf8))
+        talker.close()
+        let all = await gateway.waitForLines(of: "all.log") { $0.count >= 3 }
+        #expect(Set(all) == ["127.0.0.2 403", "127.0.0.3 200", "127.0.0.4 200"])
+        #expect(Set(gateway.lines(of: "relayed.log")) == ["127.0.0.3 200", "127.0.0.4 200"])
+        #expect(gateway.lines(of: "received.log") == ["127.0.0.4 200"])
+        await gateway.stop()
+    }
+
     @Test("rules decide per client address, first match wins, stream rules apply to servers without their own")
     func perAddressRules() async throws {
         let upstream = try TestServer.echo()

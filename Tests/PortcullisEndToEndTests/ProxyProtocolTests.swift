@@ -29,6 +29,7 @@ struct ProxyProtocolTests {
                 \(Self.format)
                 access_log {DIR}/access.log pp;
                 audit_log {DIR}/audit.log;
+                error_log {DIR}/error.log;
                 server {
                     listen 127.0.0.1:{PORT} proxy_protocol;
                     set_real_ip_from \(trusted);
@@ -126,6 +127,10 @@ struct ProxyProtocolTests {
         }
         let audit = await gateway.waitForLines(of: "audit.log") { $0.count >= 3 }
         #expect(audit.count == 3)
+        // The error log quotes what arrived, escaped so it cannot forge a line or a field.
+        let errors = gateway.lines(of: "error.log")
+        #expect(errors.contains { $0.contains(#"broken header: "PROXY TCP4 1.2.3.4  5.6.7.8 1 2\x0D\x0A" (malformed v1 header"#) })
+        #expect(errors.contains { $0.contains(#"broken header: "GET / HTTP/1.1\x0D\x0AHost: x\x0D\x0A\x0D\x0A" (no PROXY protocol signature)"#) })
         for line in audit {
             let entry = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
             #expect(entry["status"] as? Int == 400)

@@ -9,43 +9,38 @@ import PortcullisRules
         "stream {\n    server {\n        listen 127.0.0.1:8080 proxy_protocol;\n\(body)        proxy_pass 127.0.0.1:9000;\n    }\n}\n"
     }
 
+    /// Two servers: the first inherits the stream-level settings, the second sets its own.
+    static func twoServers(secondServer: String) -> String {
+        """
+        stream {
+            set_real_ip_from 10.0.0.0/8;
+            proxy_protocol v2;
+            proxy_protocol_tlv authority "example.com";
+            proxy_protocol_timeout 3s;
+            server { listen 127.0.0.1:8080 proxy_protocol; proxy_pass 127.0.0.1:9000; }
+            server {
+                listen 127.0.0.1:8081;
+                set_real_ip_from 192.168.0.0/16;
+        \(secondServer)
+                proxy_pass 127.0.0.1:9000;
+            }
+        }
+        """
+    }
+
     @Test func settingsCompileAndInherit() throws {
-        let result = load("""
-            stream {
-                set_real_ip_from 10.0.0.0/8;
-                proxy_protocol v2;
-                proxy_protocol_tlv authority "example.com";
-                proxy_protocol_timeout 3s;
-                server { listen 127.0.0.1:8080 proxy_protocol; proxy_pass 127.0.0.1:9000; }
-                server {
-                    listen 127.0.0.1:8081;
-                    set_real_ip_from 192.168.0.0/16;
+        // The second server sends v1 with a TLV: that is an error (v1 carries no TLVs).
+        let result = load(Self.twoServers(secondServer: """
                     proxy_protocol on;
                     proxy_protocol_tlv 0xE0 "c=$remote_addr";
-                    proxy_pass 127.0.0.1:9000;
-                }
-            }
-            """)
-        // The second server sends v1 with a TLV: that is an error (v1 carries no TLVs).
+            """))
         #expect(result.diagnostics.map(\.description) == [
             "rules.conf:11:9: error: \"proxy_protocol_tlv\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends v1",
         ])
-        let fixed = load("""
-            stream {
-                set_real_ip_from 10.0.0.0/8;
-                proxy_protocol v2;
-                proxy_protocol_tlv authority "example.com";
-                proxy_protocol_timeout 3s;
-                server { listen 127.0.0.1:8080 proxy_protocol; proxy_pass 127.0.0.1:9000; }
-                server {
-                    listen 127.0.0.1:8081;
-                    set_real_ip_from 192.168.0.0/16;
+        let fixed = load(Self.twoServers(secondServer: """
                     proxy_protocol_tlv 0xE0 "c=$remote_addr";
                     proxy_protocol_crc32c on;
-                    proxy_pass 127.0.0.1:9000;
-                }
-            }
-            """)
+            """))
         let snapshot = try #require(fixed.snapshot, "\(fixed.rendered)")
         let (first, second) = (snapshot.servers[0], snapshot.servers[1])
         #expect(first.listens[0].proxyProtocol)
