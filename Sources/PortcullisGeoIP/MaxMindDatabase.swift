@@ -11,9 +11,16 @@ public import PortcullisCore
 /// it, so any number of event loops may look up at once. Replacing a database (reload) means
 /// opening a new `MaxMindDatabase` and swapping the reference; the old one closes when the last
 /// session using it lets go.
+///
+/// libmaxminddb maps a private in-memory copy of the file, not the file itself (`PrivateCopy`):
+/// truncating or rewriting the file in place cannot crash a lookup, and the database keeps
+/// answering from the bytes it was opened with until a reload replaces it.
 public final class MaxMindDatabase: Sendable {
+    /// The file as the operator named it (libmaxminddb itself only ever sees the copy).
     public let path: String
     public let metadata: Metadata
+    /// The file version the copy was made from, for reload checks.
+    public let fileIdentity: FileIdentity
     nonisolated(unsafe) private let mmdb: UnsafeMutablePointer<MMDB_s>
 
     public struct Metadata: Sendable, Equatable {
@@ -28,6 +35,10 @@ public final class MaxMindDatabase: Sendable {
         case missing(path: String, reason: String)
         case notMaxMindDB(path: String)
         case corrupt(path: String, reason: String)
+        /// The file's size or times moved while it was being copied: someone is writing it.
+        case changedWhileReading(path: String)
+        /// The in-memory copy could not be made (memory limit, no memfd, no /proc).
+        case privateCopyFailed(path: String, reason: String)
 
         public var description: String {
             switch self {
@@ -35,38 +46,91 @@ public final class MaxMindDatabase: Sendable {
             case .notMaxMindDB(let path):
                 return "\"\(path)\" is not a MaxMind DB file (no metadata section found; is it truncated or another format?)"
             case .corrupt(let path, let reason): return "GeoIP database \"\(path)\" is damaged: \(reason)"
+            case .changedWhileReading(let path):
+                return "GeoIP database \"\(path)\" changed while being read (is it being written in place? "
+                    + "write the new file under another name and rename it over the old one)"
+            case .privateCopyFailed(let path, let reason):
+                return "cannot load GeoIP database \"\(path)\" into memory: \(reason)"
             }
         }
     }
 
+    /// Copies the file into memory, opens the copy with libmaxminddb, and reads a few records
+    /// to make sure the search tree and data section are sound (`MMDB_open` only checks the
+    /// metadata, so a damaged file would otherwise be found by the first session to look up).
     public init(path: String) throws(OpenError) {
-        // Say "No such file" in the system's words before libmaxminddb says "file open error".
-        if access(path, R_OK) != 0 {
-            throw .missing(path: path, reason: String(cString: strerror(errno)))
-        }
+        let (copy, identity) = try PrivateCopy.make(of: path)
+        // libmaxminddb opens by name: the memfd's name in /proc. Once mapped, the mapping keeps
+        // the memory alive and the descriptor can go.
+        defer { close(copy) }
         let mmdb = UnsafeMutablePointer<MMDB_s>.allocate(capacity: 1)
         mmdb.initialize(to: MMDB_s())
-        let status = MMDB_open(path, UInt32(MMDB_MODE_MMAP), mmdb)
+        let status = MMDB_open("/proc/self/fd/\(copy)", UInt32(MMDB_MODE_MMAP), mmdb)
         guard status == MMDB_SUCCESS else {
             mmdb.deallocate()
             let reason = String(cString: MMDB_strerror(status))
             switch status {
             case MMDB_INVALID_METADATA_ERROR, MMDB_UNKNOWN_DATABASE_FORMAT_ERROR:
                 throw .notMaxMindDB(path: path)
-            case MMDB_FILE_OPEN_ERROR, MMDB_IO_ERROR:
-                throw .missing(path: path, reason: reason)
+            case MMDB_FILE_OPEN_ERROR:
+                // The file itself was read already: what failed is reopening the copy by name.
+                throw .privateCopyFailed(path: path, reason: "\(reason) (through /proc/self/fd; is /proc mounted?)")
+            case MMDB_IO_ERROR, MMDB_OUT_OF_MEMORY_ERROR:
+                throw .privateCopyFailed(path: path, reason: reason)
             default:
                 throw .corrupt(path: path, reason: reason)
             }
         }
+        if let damage = Self.damage(in: mmdb) {
+            MMDB_close(mmdb)
+            mmdb.deallocate()
+            throw .corrupt(path: path, reason: damage)
+        }
         self.mmdb = mmdb
         self.path = path
+        self.fileIdentity = identity
         let meta = mmdb.pointee.metadata
         metadata = Metadata(
             buildEpoch: meta.build_epoch,
             databaseType: meta.database_type.map { String(cString: $0) } ?? "",
             ipVersion: Int(meta.ip_version),
             nodeCount: Int(meta.node_count))
+    }
+
+    /// Addresses looked up once at open: two common IPv4 ones, a documentation IPv6 one, and an
+    /// IPv4-mapped one (not folded, so the walk goes through the tree's ::ffff:0:0/96 alias).
+    private static let probes: [IPAddress] = ["1.1.1.1", "8.8.8.8", "2001:db8::1", "::ffff:1.2.3.4"].map {
+        IPAddress($0)!
+    }
+
+    /// What is wrong with a freshly opened database, or nil: the metadata decodes, and the
+    /// probe lookups and the full records they find decode. A few tree walks and record
+    /// decodes, so cheap even for a city database.
+    private static func damage(in mmdb: UnsafeMutablePointer<MMDB_s>) -> String? {
+        var list: UnsafeMutablePointer<MMDB_entry_data_list_s>? = nil
+        var status = MMDB_get_metadata_as_entry_data_list(mmdb, &list)
+        MMDB_free_entry_data_list(list)
+        guard status == MMDB_SUCCESS else {
+            return "its metadata cannot be decoded (\(String(cString: MMDB_strerror(status))))"
+        }
+        let isIPv4Only = mmdb.pointee.metadata.ip_version == 4
+        for probe in probes {
+            // An IPv4 database refuses IPv6 lookups by design; that is no damage.
+            if isIPv4Only, case .v6 = probe { continue }
+            var error: Int32 = 0
+            var result = withSocketAddress(probe) { MMDB_lookup_sockaddr(mmdb, $0, &error) }
+            guard error == MMDB_SUCCESS else {
+                return "looking up \(probe) fails (\(String(cString: MMDB_strerror(error))))"
+            }
+            guard result.found_entry else { continue }
+            list = nil
+            status = MMDB_get_entry_data_list(&result.entry, &list)
+            MMDB_free_entry_data_list(list)
+            guard status == MMDB_SUCCESS else {
+                return "the record for \(probe) cannot be decoded (\(String(cString: MMDB_strerror(status))))"
+            }
+        }
+        return nil
     }
 
     deinit {
@@ -79,7 +143,7 @@ public final class MaxMindDatabase: Sendable {
     /// IPv4-mapped IPv6 addresses are looked up as IPv4.
     public func lookup(_ address: IPAddress, path: GeoPath) -> GeoValue? {
         var error: Int32 = 0
-        var result = withSocketAddress(address.folded) { MMDB_lookup_sockaddr(mmdb, $0, &error) }
+        var result = Self.withSocketAddress(address.folded) { MMDB_lookup_sockaddr(mmdb, $0, &error) }
         guard error == MMDB_SUCCESS, result.found_entry else { return nil }
         var data = MMDB_entry_data_s()
         let status = path.withCPath { MMDB_aget_value(&result.entry, &data, $0) }
@@ -87,7 +151,7 @@ public final class MaxMindDatabase: Sendable {
         return GeoValue(data)
     }
 
-    private func withSocketAddress<T>(_ address: IPAddress, _ body: (UnsafePointer<sockaddr>) -> T) -> T {
+    private static func withSocketAddress<T>(_ address: IPAddress, _ body: (UnsafePointer<sockaddr>) -> T) -> T {
         switch address {
         case .v4(let value):
             var sin = sockaddr_in()
