@@ -43,7 +43,7 @@ let package = Package(
             name: "CMaxMindDB", pkgConfig: "libmaxminddb",
             providers: [.apt(["libmaxminddb-dev"]), .brew(["libmaxminddb"])]),
         .target(
-            name: "PortcullisGeoIP", dependencies: ["CMaxMindDB", "PortcullisCore"],
+            name: "PortcullisGeoIP", dependencies: ["CMaxMindDB", "PortcullisCore", "PortcullisPolicy"],
             swiftSettings: nioSettings),
         .target(
             name: "PortcullisTelemetry",
@@ -65,6 +65,7 @@ let package = Package(
             name: "PortcullisGateway",
             dependencies: [
                 "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisTelemetry", "PortcullisNIO",
+                "PortcullisGeoIP",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -76,7 +77,7 @@ let package = Package(
         .executableTarget(
             name: "portcullis",
             dependencies: [
-                "PortcullisRules", "PortcullisPolicy", "PortcullisGateway",
+                "PortcullisRules", "PortcullisPolicy", "PortcullisGateway", "PortcullisGeoIP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
@@ -88,7 +89,7 @@ let package = Package(
         .target(
             name: "PortcullisTestSupport",
             dependencies: [
-                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway",
+                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway", "PortcullisGeoIP",
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             path: "Tests/PortcullisTestSupport",
@@ -97,18 +98,20 @@ let package = Package(
         ),
         .testTarget(name: "PortcullisCoreTests", dependencies: ["PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(name: "PortcullisRulesTests", dependencies: ["PortcullisRules", "PortcullisPolicy"]),
-        .testTarget(name: "PortcullisGeoIPTests", dependencies: ["PortcullisGeoIP", "PortcullisCore", "PortcullisTestSupport"]),
+        .testTarget(
+            name: "PortcullisGeoIPTests",
+            dependencies: ["PortcullisGeoIP", "PortcullisCore", "PortcullisPolicy", "PortcullisTestSupport"]),
         .testTarget(name: "PortcullisWireTests", dependencies: ["PortcullisWire", "PortcullisCore", "PortcullisTestSupport"]),
         .testTarget(
             name: "PortcullisPolicyTests",
-            dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore", "PortcullisTestSupport"]
+            dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore", "PortcullisGeoIP", "PortcullisTestSupport"]
         ),
         .testTarget(name: "PortcullisTelemetryTests", dependencies: ["PortcullisTelemetry", "PortcullisPolicy"]),
         .testTarget(
             name: "PortcullisEndToEndTests",
             dependencies: [
                 "portcullis", "PortcullisGateway", "PortcullisTestSupport", "PortcullisPolicy", "PortcullisRules",
-                "PortcullisWire",
+                "PortcullisWire", "PortcullisGeoIP",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]

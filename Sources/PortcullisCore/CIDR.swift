@@ -66,3 +66,48 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { "\(network)/\(prefixLength)" }
 }
+
+extension CIDR {
+    /// The common case of `CIDR(text)` without making a string: a plain dotted-quad IPv4
+    /// address with an optional `/length`, octets without leading zeros. Anything else returns
+    /// nil, and the caller falls back to `CIDR(text)` (which decides what is valid).
+    public static func simpleIPv4(_ bytes: UnsafeBufferPointer<UInt8>) -> CIDR? {
+        var value: UInt32 = 0
+        var octet: UInt32 = 0
+        var digits = 0
+        var dots = 0
+        var i = 0
+        let zero = UInt8(ascii: "0")
+        while i < bytes.count {
+            let byte = bytes[i]
+            if byte >= zero && byte <= zero + 9 {
+                if digits == 1 && octet == 0 { return nil }  // leading zero: leave it to the full parser
+                octet = octet * 10 + UInt32(byte - zero)
+                digits += 1
+                guard digits <= 3, octet <= 255 else { return nil }
+            } else if byte == UInt8(ascii: ".") {
+                guard digits > 0, dots < 3 else { return nil }
+                value = value << 8 | octet
+                octet = 0
+                digits = 0
+                dots += 1
+            } else {
+                break
+            }
+            i += 1
+        }
+        guard dots == 3, digits > 0 else { return nil }
+        value = value << 8 | octet
+        var length = 32
+        if i < bytes.count {
+            guard bytes[i] == UInt8(ascii: "/"), i + 1 < bytes.count, bytes.count - i - 1 <= 2 else { return nil }
+            length = 0
+            for byte in bytes[(i + 1)...] {
+                guard byte >= zero && byte <= zero + 9 else { return nil }
+                length = length * 10 + Int(byte - zero)
+            }
+            guard length <= 32 else { return nil }
+        }
+        return CIDR(address: .v4(value), prefixLength: length)
+    }
+}

@@ -161,9 +161,12 @@ public enum IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible {
             }
         }
         if bestLength < 2 { bestStart = -1 }
+        // nginx's ngx_inet6_ntop: a dotted IPv4 tail after 96 zero bits, after ::ffff:, and
+        // for `::x` when x's high byte is not 0 and its low byte is not 1 (`::102` prints as
+        // `::0.0.1.2`, while `::2` and `::101` stay as they are).
         let dottedTail = bestStart == 0
-            && (bestLength == 6 || (bestLength == 5 && words[5] == 0xFFFF))
-            && !(bestLength == 6 && words[6] == 0 && words[7] <= 1)
+            && (bestLength == 6 || (bestLength == 5 && words[5] == 0xFFFF)
+                || (bestLength == 7 && words[7] >> 8 != 0 && words[7] & 0xFF != 1))
         let groups = dottedTail ? 6 : 8
         var out = ""
         var i = 0
@@ -202,6 +205,24 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
     public init(address: IPAddress, port: UInt16) {
         self.address = address
         self.port = port
+    }
+
+    /// Parses `1.2.3.4:80` or `[::1]:80` (a port from 1 to 65535; no host names).
+    public init?(_ text: some StringProtocol) {
+        let text = String(text)
+        let host: Substring
+        let port: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
+            host = text[text.index(after: text.startIndex)..<close]
+            port = text[text.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = text.lastIndex(of: ":"), text.firstIndex(of: ":") == colon else { return nil }
+            host = text[..<colon]
+            port = text[text.index(after: colon)...]
+        }
+        guard let address = IPAddress(host), let number = UInt16(port), number > 0 else { return nil }
+        self.init(address: address, port: number)
     }
 
     /// `1.2.3.4:80` or `[::1]:80`, as nginx prints `$upstream_addr`.

@@ -5,7 +5,7 @@
 /// blocks turns them into sorted disjoint segments, each carrying the value of the innermost
 /// block that covers it (a `SegmentTable`). See docs/decisions/0005-variables-and-deny-by-variable.md.
 public struct LongestPrefixTable<Key: FixedWidthInteger & UnsignedInteger & Sendable>: Sendable {
-    @usableFromInline let segments: SegmentTable<Key>
+    public let segments: SegmentTable<Key>
 
     public var segmentCount: Int { segments.count }
 
@@ -16,15 +16,7 @@ public struct LongestPrefixTable<Key: FixedWidthInteger & UnsignedInteger & Send
         // Outer blocks before inner ones at the same start; for the same block, the later wins.
         // (Sorted as plain arrays: comparing tuples in generic code costs a metadata lookup
         // per comparison, which dominated building a million-block table.)
-        let lows = blocks.map(\.range.lowerBound)
-        let lengths = blocks.map(\.prefixLength)
-        var order = Array(blocks.indices)
-        order.sort { a, b in
-            if lows[a] != lows[b] { return lows[a] < lows[b] }
-            if lengths[a] != lengths[b] { return lengths[a] < lengths[b] }
-            return a < b
-        }
-        let ordered = order.map { blocks[$0] }
+        let ordered = Self.sortedOuterFirst(blocks)
         // The same block written twice: keep one, with the later value.
         var unique: [(range: ClosedRange<Key>, prefixLength: Int, value: Int32)] = []
         unique.reserveCapacity(ordered.count)
@@ -35,10 +27,17 @@ public struct LongestPrefixTable<Key: FixedWidthInteger & UnsignedInteger & Send
                 unique.append(block)
             }
         }
+        self.init(sortedUniqueBlocks: unique.count) { i in
+            (unique[i].range.lowerBound, unique[i].range.upperBound, unique[i].value)
+        }
+    }
+
+    /// The sweep over blocks already sorted outer-first, with duplicates removed.
+    init(sortedUniqueBlocks count: Int, block: (Int) -> (low: Key, last: Key, value: Int32)) {
         var starts: [Key] = [0]
         var values: [Int32] = [-1]
-        starts.reserveCapacity(unique.count * 2 + 1)
-        values.reserveCapacity(unique.count * 2 + 1)
+        starts.reserveCapacity(count * 2 + 1)
+        values.reserveCapacity(count * 2 + 1)
         func emit(_ point: Key, _ value: Int32) {
             if starts[starts.count - 1] == point {
                 values[values.count - 1] = value
@@ -49,13 +48,14 @@ public struct LongestPrefixTable<Key: FixedWidthInteger & UnsignedInteger & Send
         }
         // Sweep: `open` holds the blocks containing the current point, innermost last.
         var open: [(last: Key, value: Int32)] = []
-        for block in unique {
-            while let top = open.last, top.last < block.range.lowerBound {
+        for i in 0..<count {
+            let (low, last, value) = block(i)
+            while let top = open.last, top.last < low {
                 open.removeLast()
                 emit(top.last + 1, open.last?.value ?? -1)
             }
-            emit(block.range.lowerBound, block.value)
-            open.append((block.range.upperBound, block.value))
+            emit(low, value)
+            open.append((last, value))
         }
         while let top = open.popLast() {
             if top.last < Key.max { emit(top.last + 1, open.last?.value ?? -1) }
@@ -63,7 +63,63 @@ public struct LongestPrefixTable<Key: FixedWidthInteger & UnsignedInteger & Send
         segments = SegmentTable(starts: starts, values: values)
     }
 
+    /// `blocks` by first key, outer (shorter prefix) before inner, file order among equals.
+    static func sortedOuterFirst(_ blocks: [(range: ClosedRange<Key>, prefixLength: Int, value: Int32)])
+        -> [(range: ClosedRange<Key>, prefixLength: Int, value: Int32)] {
+        if Key.bitWidth <= 32 && blocks.count < 1 << 26 {
+            // IPv4: the whole sort key fits one UInt64 (start, prefix length, position), and
+            // sorting plain integers is several times faster than a comparator over indexes.
+            var packed = blocks.enumerated().map { offset, block in
+                UInt64(block.range.lowerBound) << 32 | UInt64(block.prefixLength) << 26 | UInt64(offset)
+            }
+            packed.sort()
+            return packed.map { blocks[Int($0 & (1 << 26 - 1))] }
+        }
+        let lows = blocks.map(\.range.lowerBound)
+        let lengths = blocks.map(\.prefixLength)
+        var order = Array(blocks.indices)
+        order.sort { a, b in
+            if lows[a] != lows[b] { return lows[a] < lows[b] }
+            if lengths[a] != lengths[b] { return lengths[a] < lengths[b] }
+            return a < b
+        }
+        return order.map { blocks[$0] }
+    }
+
     /// The value index of the most specific block containing `key`, or nil.
     @inlinable
     public func lookup(_ key: Key) -> Int32? { segments.value(at: key) }
+}
+
+extension LongestPrefixTable where Key == UInt32 {
+    /// Packs an IPv4 block for `init(packed:values:)`: first address, prefix length, and its
+    /// position in file order (below 2^26), so that sorting plain integers orders the blocks
+    /// outer-first with the later of two equal blocks last.
+    @inlinable
+    public static func pack(first: UInt32, prefixLength: Int, position: Int) -> UInt64 {
+        UInt64(first) << 32 | UInt64(prefixLength) << 26 | UInt64(position)
+    }
+
+    public static let maximumPackedBlocks = 1 << 26
+
+    /// The bulk IPv4 path (a million-line `geo`): 8 bytes per block while building, one sort
+    /// of integers, no intermediate arrays of tuples. `values[position]` is each block's value.
+    public init(packed: [UInt64], values: [Int32]) {
+        var keys = packed
+        keys.sort()
+        // The same block written twice: keep the later (the last of a run of equal blocks).
+        var unique = 0
+        for i in keys.indices {
+            if i + 1 < keys.count && keys[i + 1] >> 26 == keys[i] >> 26 { continue }
+            keys[unique] = keys[i]
+            unique += 1
+        }
+        self.init(sortedUniqueBlocks: unique) { i in
+            let key = keys[i]
+            let low = UInt32(truncatingIfNeeded: key >> 32)
+            let length = Int(key >> 26 & 0x3F)
+            let last = length == 0 ? UInt32.max : low | (UInt32.max >> length)
+            return (low, last, values[Int(key & (1 << 26 - 1))])
+        }
+    }
 }

@@ -7,6 +7,7 @@ import NIOCore
 import NIOPosix
 public import PortcullisPolicy
 import PortcullisNIO
+import PortcullisGeoIP
 import PortcullisTelemetry
 public import ServiceLifecycle
 import Synchronization
@@ -24,6 +25,19 @@ public final class Gateway: Service, Sendable {
     private let channels = Mutex<[any Channel]>([])
     /// How long a stop waits for sessions; nil = until they end. Set by the signal that stops us.
     private let drainTimeout = Mutex<TimeAmount?>(.seconds(5))
+    /// `geoip2 … { auto_reload T; }` timers, on their own queue so that opening and checking a
+    /// new database never stalls an event loop.
+    private let reloadTimers = Mutex<[ReloadTimer]>([])
+
+    /// The last reload failure logged for one database; touched only on the reload queue.
+    private final class LastFailure: @unchecked Sendable {
+        var message: String?
+    }
+
+    /// A dispatch timer is thread-safe (resume/cancel from any thread) but not declared Sendable.
+    private struct ReloadTimer: @unchecked Sendable {
+        let source: any DispatchSourceTimer
+    }
 
     public init(snapshot: PolicySnapshot) throws {
         self.snapshot = snapshot
@@ -59,7 +73,37 @@ public final class Gateway: Service, Sendable {
             throw error
         }
         channels.withLock { $0 = opened }
+        startGeoIPReloads()
         errorLog.notice("portcullis started, listening on \(boxes.map(\.runtime.listen.description).joined(separator: ", "))")
+    }
+
+    private func startGeoIPReloads() {
+        let queue = DispatchQueue(label: "portcullis.geoip-reload")
+        let errorLog = self.errorLog
+        var timers: [ReloadTimer] = []
+        for case let database as ReloadableGeoIPDatabase in snapshot.geoipDatabases {
+            guard let interval = database.autoReloadMilliseconds else { continue }
+            errorLog.info("geoip2 \"\(database.path)\" loaded, build epoch \(database.metadata(.buildEpoch)), checked every \(interval) ms")
+            let timer = DispatchSource.makeTimerSource(queue: queue)
+            timer.schedule(deadline: .now() + .milliseconds(interval), repeating: .milliseconds(interval))
+            let lastFailure = LastFailure()
+            timer.setEventHandler {
+                switch database.reloadIfChanged() {
+                case .unchanged: break
+                case .reloaded(let epoch):
+                    lastFailure.message = nil
+                    errorLog.notice("geoip2 \"\(database.path)\" reloaded, build epoch \(epoch)")
+                case .failed(let message):
+                    // A file that stays broken is said once, not every interval.
+                    guard lastFailure.message != message else { return }
+                    lastFailure.message = message
+                    errorLog.error("geoip2 \"\(database.path)\" was not reloaded, the loaded database stays in use: \(message)")
+                }
+            }
+            timer.resume()
+            timers.append(ReloadTimer(source: timer))
+        }
+        reloadTimers.withLock { $0 = timers }
     }
 
     /// The addresses actually bound (tests listen on ephemeral ports).
@@ -92,6 +136,10 @@ public final class Gateway: Service, Sendable {
             return channels
         }
         for channel in listening { try? await channel.close() }
+        reloadTimers.withLock { timers in
+            timers.forEach { $0.source.cancel() }
+            timers = []
+        }
         let drainStart = NIODeadline.now()
         if registry.count > 0 {
             errorLog.notice("gracefully shutting down, waiting for \(registry.count) sessions")

@@ -22,6 +22,8 @@ final class RelaySession {
     private let client: RelayHandler
     private var upstream: RelayHandler?
     private var triedUpstreams: [Int] = []
+    /// The upstream group this session uses (fixed, or what `proxy_pass $var` named).
+    private var upstreamGroup: UpstreamGroup?
     private var connectStarted: NIODeadline = .now()
     private var upstreamConnectedAt: NIODeadline?
     private var idleTimer: Scheduled<Void>?
@@ -46,6 +48,7 @@ final class RelaySession {
         record = SessionRecord(
             connection: id, transport: .tcp, client: peer, server: local,
             listener: runtime.listen.description, startTime: Date().timeIntervalSince1970)
+        record.variables = runtime.policy.makeSessionVariables()
     }
 
     private var logger: Logger {
@@ -127,22 +130,41 @@ final class RelaySession {
 
     /// access → upstream_pick, on the client address the earlier phases settled.
     private func admit() {
-        let verdict = runtime.policy.access.evaluate(record.client.address)
+        let policy = runtime.policy
+        let access = policy.access
+        let verdict: AccessVerdict
+        if access.hasVariableRules {
+            // Variables are read lazily, only for variable rules that precede the address match.
+            let record = self.record
+            verdict = access.evaluate(record.client.address) { VariableRenderer.value(of: $0, in: record, host: .current) }
+        } else {
+            verdict = access.evaluate(record.client.address)
+        }
         guard verdict.allowed else {
             record.status = .forbidden
             record.phase = .access
             record.rule = verdict.rule?.reference
+            if let rule = verdict.rule, case .variable(_, let name) = rule.match {
+                record.decidingVariable = (name, verdict.variableValue ?? [])
+            }
             record.reason = "access forbidden by rule"
             logger.error("access forbidden by rule, \(where_)")
             client.close()
             return
         }
+        let (group, text) = policy.upstream(for: record)
+        guard let group else {
+            logger.error("proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(where_)")
+            refuse(.badGateway, phase: .upstreamPick, reason: "proxy_pass named no upstream: \"\(text)\"")
+            return
+        }
+        upstreamGroup = group
         connectStarted = .now()
         connectNextUpstream()
     }
 
     private func connectNextUpstream() {
-        let group = runtime.policy.upstream
+        guard let group = upstreamGroup else { return }
         let proxy = runtime.policy.proxy
         let tries = triedUpstreams.count
         let outOfTries = proxy.nextUpstreamTries > 0 && tries >= proxy.nextUpstreamTries

@@ -6,6 +6,9 @@ public struct AccessRule: Sendable, Equatable {
     public enum Match: Sendable, Equatable {
         case all
         case block(CIDR)
+        /// `allow $var;` / `deny $var;` (an extension): matches when the value is non-empty and
+        /// not "0". `name` as written, with the `$`.
+        case variable(Variable, name: String)
     }
 
     public var action: Action
@@ -24,6 +27,14 @@ public struct AccessRule: Sendable, Equatable {
 public struct AccessVerdict: Sendable, Equatable {
     public var allowed: Bool
     public var rule: AccessRule?
+    /// For a variable rule: the value that made it match.
+    public var variableValue: [UInt8]?
+
+    public init(allowed: Bool, rule: AccessRule?, variableValue: [UInt8]? = nil) {
+        self.allowed = allowed
+        self.rule = rule
+        self.variableValue = variableValue
+    }
 }
 
 /// An ordered allow/deny list compiled for lookups that do not grow with its length.
@@ -45,6 +56,8 @@ public struct AccessList: Sendable {
     /// IPv4 rules and `all`, not counting folded mapped-IPv6 rules: nginx's test for whether
     /// a mapped client is checked as IPv4.
     private let hasGenuineIPv4Rules: Bool
+    /// `allow $var` / `deny $var` rules with their positions, in order. Few, so walked.
+    private let variableRules: [(position: Int32, variable: Variable)]
 
     public static let empty = AccessList(rules: [])
 
@@ -53,9 +66,12 @@ public struct AccessList: Sendable {
         var v4: [(range: ClosedRange<UInt32>, rule: Int32)] = []
         var v6: [(range: ClosedRange<UInt128>, rule: Int32)] = []
         var genuineIPv4 = false
+        var variableRules: [(position: Int32, variable: Variable)] = []
         for (index, rule) in rules.enumerated() {
             let index = Int32(index)
             switch rule.match {
+            case .variable(let variable, _):
+                variableRules.append((index, variable))
             case .all:
                 genuineIPv4 = true
                 v4.append((0...UInt32.max, index))
@@ -70,35 +86,72 @@ public struct AccessList: Sendable {
             }
         }
         hasGenuineIPv4Rules = genuineIPv4
+        self.variableRules = variableRules
         ipv4 = FirstMatchTable(ranges: v4)
         ipv6 = FirstMatchTable(ranges: v6)
     }
 
     public var isEmpty: Bool { rules.isEmpty }
+    public var hasVariableRules: Bool { !variableRules.isEmpty }
 
-    public func evaluate(_ address: IPAddress) -> AccessVerdict {
-        let index: Int32?
-        switch address {
-        case .v4(let value):
-            index = ipv4.firstMatch(value)
-        case .v6(let value):
-            if let mapped = address.mappedIPv4, hasGenuineIPv4Rules {
-                index = ipv4.firstMatch(mapped)
-            } else {
-                index = ipv6.firstMatch(value)
+    /// Whether a variable rule matches a value: non-empty and not "0".
+    public static func isSet(_ value: [UInt8]?) -> Bool {
+        guard let value, !value.isEmpty else { return false }
+        return value != [UInt8(ascii: "0")]
+    }
+
+    /// First match over address and variable rules together: the lowest-positioned address
+    /// rule that matches (one table lookup), unless a variable rule before it matches first.
+    /// `value` reads a variable; it is called only for variable rules that precede the address
+    /// match, in order, so `deny $country` costs a lookup only when no earlier rule decided.
+    public func evaluate(_ address: IPAddress, value: (Variable) -> [UInt8]?) -> AccessVerdict {
+        let position = addressMatch(address)
+        let limit = position ?? Int32.max
+        for (position, variable) in variableRules where position < limit {
+            let current = value(variable)
+            if Self.isSet(current) {
+                let rule = rules[Int(position)]
+                return AccessVerdict(allowed: rule.action == .allow, rule: rule, variableValue: current)
             }
         }
-        guard let index else { return AccessVerdict(allowed: true, rule: nil) }
-        let rule = rules[Int(index)]
+        return verdict(position)
+    }
+
+    /// Address rules only (variable rules never match here).
+    public func evaluate(_ address: IPAddress) -> AccessVerdict {
+        verdict(addressMatch(address))
+    }
+
+    private func verdict(_ position: Int32?) -> AccessVerdict {
+        guard let position else { return AccessVerdict(allowed: true, rule: nil) }
+        let rule = rules[Int(position)]
         return AccessVerdict(allowed: rule.action == .allow, rule: rule)
     }
 
+    /// The position of the first address rule (or `all`) that matches.
+    private func addressMatch(_ address: IPAddress) -> Int32? {
+        switch address {
+        case .v4(let value):
+            return ipv4.firstMatch(value)
+        case .v6(let value):
+            if let mapped = address.mappedIPv4, hasGenuineIPv4Rules {
+                return ipv4.firstMatch(mapped)
+            }
+            return ipv6.firstMatch(value)
+        }
+    }
+
     /// The obvious implementation, kept as the reference the compiled tables are tested against.
-    public func evaluateByScan(_ address: IPAddress) -> AccessVerdict {
+    public func evaluateByScan(_ address: IPAddress, value: (Variable) -> [UInt8]? = { _ in nil }) -> AccessVerdict {
         let useIPv4List = address.isIPv4 || (address.mappedIPv4 != nil && hasGenuineIPv4Rules)
         let probe: IPAddress = address.mappedIPv4.map { useIPv4List ? .v4($0) : address } ?? address
         for rule in rules {
             switch rule.match {
+            case .variable(let variable, _):
+                let current = value(variable)
+                if Self.isSet(current) {
+                    return AccessVerdict(allowed: rule.action == .allow, rule: rule, variableValue: current)
+                }
             case .all:
                 return AccessVerdict(allowed: rule.action == .allow, rule: rule)
             case .block(let block):

@@ -24,6 +24,12 @@ public enum AuditLine {
         } else {
             fields.append(("rule", "null"))
         }
+        if let variable = r.decidingVariable {
+            // The value came from a lookup or a client-chosen header: escaped like everything else.
+            var value = "\""
+            LogEscaping.appendJSONEscaped(variable.value, to: &value)
+            fields.append(("variable", "{\"name\":\(LogEscaping.jsonString(variable.name)),\"value\":\(value)\"}"))
+        }
         if let reason = r.reason { fields.append(("reason", LogEscaping.jsonString(reason))) }
         if !r.upstreamAttempts.isEmpty {
             let list = r.upstreamAttempts.map { LogEscaping.jsonString($0.address.description) }

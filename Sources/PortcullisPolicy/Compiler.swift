@@ -15,21 +15,26 @@ public struct CompileResult: Sendable {
 
 /// Parses and compiles rule files. `check`, `run` and the tests all go through here.
 public enum RuleLoader {
-    public static func load(path: String, resolver: any HostResolver = SystemHostResolver()) -> CompileResult {
+    /// `geoip`: opens the databases of `geoip2` blocks (the gateway passes libmaxminddb's);
+    /// without one, a `geoip2` block is an error.
+    public static func load(path: String, resolver: any HostResolver = SystemHostResolver(),
+                            geoip: (any GeoIPOpener)? = nil) -> CompileResult {
         var parser = RuleParser()
         let file = parser.parse(file: path)
-        return compile(file, parseDiagnostics: parser.diagnostics.all, resolver: resolver)
+        return compile(file, parseDiagnostics: parser.diagnostics.all, resolver: resolver, geoip: geoip)
     }
 
     public static func load(text: String, file: String = "test.conf",
-                            resolver: any HostResolver = SystemHostResolver()) -> CompileResult {
+                            resolver: any HostResolver = SystemHostResolver(),
+                            geoip: (any GeoIPOpener)? = nil) -> CompileResult {
         var parser = RuleParser()
         let parsed = parser.parse(text: text, file: file)
-        return compile(parsed, parseDiagnostics: parser.diagnostics.all, resolver: resolver)
+        return compile(parsed, parseDiagnostics: parser.diagnostics.all, resolver: resolver, geoip: geoip)
     }
 
-    static func compile(_ file: RuleFile, parseDiagnostics: [Diagnostic], resolver: any HostResolver) -> CompileResult {
-        var compiler = PolicyCompiler(resolver: resolver)
+    static func compile(_ file: RuleFile, parseDiagnostics: [Diagnostic], resolver: any HostResolver,
+                        geoip: (any GeoIPOpener)?) -> CompileResult {
+        var compiler = PolicyCompiler(resolver: resolver, geoip: geoip)
         compiler.diagnostics.append(contentsOf: parseDiagnostics)
         let snapshot = compiler.compile(file.directives)
         let diagnostics = compiler.diagnostics.all
@@ -44,8 +49,17 @@ public enum RuleLoader {
 struct PolicyCompiler {
     var diagnostics = DiagnosticBag()
     let resolver: any HostResolver
+    let geoip: (any GeoIPOpener)?
+    /// Every variable `geo`, `map`, `geoip2` and `set` define, numbered.
+    var variables = VariableTable()
+    /// Which directive defines each variable ("geo", "map", "geoip2", "set").
+    var definedBy: [Int: String] = [:]
+    var geoipDatabases: [any GeoIPDatabase] = []
 
-    init(resolver: any HostResolver) { self.resolver = resolver }
+    init(resolver: any HostResolver, geoip: (any GeoIPOpener)?) {
+        self.resolver = resolver
+        self.geoip = geoip
+    }
 
     // MARK: Structure
 
@@ -178,6 +192,8 @@ struct PolicyCompiler {
         var proxy = ProxySettings()
         var auditLog: AuditLogSpec?
         let children = stream.block ?? []
+        // Variable names before anything reads them: a format may use a map defined below it.
+        declareVariables(stream: children, servers: children.filter { $0.name == "server" && $0.block != nil })
 
         // Formats first, so access_log may name a format defined further down.
         for d in children where d.name == "log_format" {
@@ -195,6 +211,9 @@ struct PolicyCompiler {
             switch d.name {
             case "server": serverBlocks.append(d)
             case "upstream": upstreamBlocks.append(d)
+            case "geo": compileGeo(d)
+            case "map": compileMap(d)
+            case "geoip2": compileGeoIP2(d)
             case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
             case "set_real_ip_from": if let block = trustedBlock(d) { streamRealIP.append(block) }
             case "proxy_protocol_tlv": if let tlv = proxyTLV(d, formats: formats) { streamTLVs.append(tlv) }
@@ -218,7 +237,8 @@ struct PolicyCompiler {
 
         var upstreams: [String: UpstreamGroup] = [:]
         for block in upstreamBlocks {
-            let name = block.arguments[0].text
+            // nginx compares upstream names without regard to case.
+            let name = block.arguments[0].text.lowercased()
             if let existing = upstreams[name] {
                 error("duplicate upstream \"\(name)\"; it was first defined at \(existing.location.map(\.description) ?? "?")", at: block.arguments[0])
                 continue
@@ -229,10 +249,10 @@ struct PolicyCompiler {
         let inheritedLogs = streamLogsOff ? [] : streamLogs.compactMap { accessLog($0, formats: formats) }
         var servers: [ServerPolicy] = []
         var listenSites: [SocketEndpoint: SourceLocation] = [:]
-        for block in serverBlocks {
+        for (ordinal, block) in serverBlocks.enumerated() {
             var inherited = proxy
             inherited.proxyProtocolTLVs = streamTLVs
-            if let server = compileServer(block, inheritedRules: streamRules, inheritedRealIP: streamRealIP,
+            if let server = compileServer(block, ordinal: ordinal, inheritedRules: streamRules, inheritedRealIP: streamRealIP,
                                           inheritedLogs: inheritedLogs,
                                           proxy: inherited, formats: formats, upstreams: upstreams) {
                 for listen in server.listens {
@@ -249,10 +269,15 @@ struct PolicyCompiler {
         if serverBlocks.isEmpty {
             error("no \"server\" block is defined in \"stream\": there is nothing to listen on", at: stream)
         }
-        return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats)
+        checkVariableCycles()
+        // Servers were compiled while `set` definitions were still being added: give every
+        // server the finished table.
+        for i in servers.indices { servers[i].variables = variables }
+        return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats,
+                              variables: variables, geoipDatabases: geoipDatabases)
     }
 
-    mutating func compileServer(_ block: Directive, inheritedRules: [AccessRule],
+    mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
                                 inheritedRealIP: [(CIDR, RuleReference)], inheritedLogs: [AccessLogSpec],
                                 proxy inherited: ProxySettings, formats: [String: LogFormat],
                                 upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
@@ -268,6 +293,7 @@ struct PolicyCompiler {
         var logsOff = false
         var proxy = inherited
         var upstream: UpstreamGroup?
+        var upstreamTemplate: LogTemplate?
         var failed = false
         for d in block.block ?? [] {
             guard admit(d, in: .server, seen: &seen) != nil else { failed = true; continue }
@@ -293,8 +319,16 @@ struct PolicyCompiler {
                 tlvDirectives.append(d)
                 if let tlv = proxyTLV(d, formats: formats) { tlvs.append(tlv) } else { failed = true }
             case "proxy_pass":
-                upstream = proxyPass(d.arguments[0], upstreams: upstreams)
-                if upstream == nil { failed = true }
+                if d.arguments[0].text.contains("$") {
+                    // nginx: a value with variables names an upstream block or HOST:PORT per session.
+                    upstreamTemplate = template(d.arguments[0], in: d)
+                    if upstreamTemplate == nil { failed = true }
+                } else {
+                    upstream = proxyPass(d.arguments[0], upstreams: upstreams)
+                    if upstream == nil { failed = true }
+                }
+            case "set":
+                if !compileSet(d, server: ordinal) { failed = true }
             case "error_log":
                 _ = errorLog(d)  // accepted; one error log per process for now
             default:
@@ -314,16 +348,20 @@ struct PolicyCompiler {
             let site = (block.block ?? []).first { $0.name == what } ?? tlvDirectives.first ?? block
             error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: site)
         }
-        guard let upstream, !listens.isEmpty else { return nil }
+        guard upstream != nil || upstreamTemplate != nil, !listens.isEmpty else { return nil }
         // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
         return ServerPolicy(
             listens: listens,
             access: AccessList(rules: hasOwnRules ? rules : inheritedRules),
             realIPFrom: TrustedSources(realIP.isEmpty ? inheritedRealIP : realIP),
             upstream: upstream,
+            upstreamTemplate: upstreamTemplate,
+            upstreams: upstreams,
             proxy: proxy,
             accessLogs: hasOwnLogs ? (logsOff ? [] : logs) : inheritedLogs,
-            location: block.nameLocation)
+            location: block.nameLocation,
+            ordinal: ordinal,
+            variables: variables)
     }
 
     // MARK: Directives
@@ -335,8 +373,15 @@ struct PolicyCompiler {
             return AccessRule(action: action, match: .all, reference: d.reference)
         }
         if argument.text.hasPrefix("$") {
-            error("\"\(d.name) \(argument.text)\" (deny by variable) is part of the rule language but not supported yet: geo, map, geoip2 and set (issue #4) are not built", at: argument)
-            return nil
+            // The extension: `deny $var;` matches when the value is non-empty and not "0".
+            let name = String(argument.text.dropFirst())
+            guard let variable = resolveVariable(name) else {
+                var message = "unknown variable \"\(argument.text)\" in \"\(d.name)\""
+                if let guess = closestMatch(to: name, in: knownVariableNames) { message += "; did you mean \"$\(guess)\"?" }
+                error(message, at: argument)
+                return nil
+            }
+            return AccessRule(action: action, match: .variable(variable, name: argument.text), reference: d.reference)
         }
         guard let block = addressBlock(argument, in: d, alternatives: ", or \"all\"") else { return nil }
         if let mapped = block.mappedIPv4Block {
@@ -544,7 +589,7 @@ struct PolicyCompiler {
 
     mutating func proxyPass(_ argument: Argument, upstreams: [String: UpstreamGroup]) -> UpstreamGroup? {
         let text = argument.text
-        if let group = upstreams[text] { return group }
+        if let group = upstreams[text.lowercased()] { return group }
         if text.hasPrefix("$") {
             error("\"proxy_pass \(text)\" (by variable) is not supported yet: variables come with geo and map (issue #4)", at: argument)
             return nil
@@ -688,8 +733,12 @@ struct PolicyCompiler {
     }
 
     mutating func template(_ argument: Argument, in d: Directive) -> LogTemplate? {
+        template(argument, in: d, resolve: resolveVariable)
+    }
+
+    mutating func template(_ argument: Argument, in d: Directive, resolve: (String) -> Variable?) -> LogTemplate? {
         do {
-            return try LogTemplate.parse(argument.text)
+            return try LogTemplate.parse(argument.text, resolve: resolve)
         } catch {
             var location = argument.location
             let offset: Int
@@ -698,7 +747,7 @@ struct PolicyCompiler {
             case .unknownVariable(let name, let at):
                 offset = at
                 var text = "unknown variable \"$\(name)\" in \"\(d.name)\""
-                if let guess = closestMatch(to: name, in: Variable.knownNames) {
+                if let guess = closestMatch(to: name, in: knownVariableNames) {
                     text += "; did you mean \"$\(guess)\"?"
                 }
                 message = text

@@ -100,12 +100,12 @@ enum DirectiveTable {
             t[name] = DirectiveSpec(contexts: [.upstream], arguments: 0...2, support: planned("only weighted round-robin balancing is built"))
         }
 
+        // Variables (issue #4). Block contents are entries, not directives: the compiler reads them.
+        t["geo"] = DirectiveSpec(contexts: [.stream], arguments: 1...2, takesBlock: true, single: false)
+        t["map"] = DirectiveSpec(contexts: [.stream], arguments: 2...2, takesBlock: true, single: false)
+        t["geoip2"] = DirectiveSpec(contexts: [.stream], arguments: 1...1, takesBlock: true, single: false)
+        t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false)
         // Later issues: the rule language names them, the compiler does not build them yet.
-        let geo = "geo, map, geoip2 and set come with issue #4"
-        for name in ["geo", "map", "geoip2"] {
-            t[name] = DirectiveSpec(contexts: [.stream], arguments: 1...2, takesBlock: true, single: false, support: planned(geo))
-        }
-        t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false, support: planned(geo))
         let limits = "limits come with issue #5"
         for name in ["limit_conn_zone", "limit_conn", "limit_conn_dry_run", "limit_conn_log_level", "limit_rate_zone",
                      "limit_rate", "limit_rate_dry_run", "proxy_upload_rate", "proxy_download_rate"] {

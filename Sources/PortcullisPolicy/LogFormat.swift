@@ -12,6 +12,13 @@ public enum Variable: Sendable, Equatable {
     /// `$proxy_protocol_tlv_ssl_version`, `…_ssl_cn`, …: a sub-TLV inside the SSL TLV (nginx
     /// looks the names up there, and `0xNN` forms at the top level).
     case proxyProtocolSSLSubTLV(UInt8)
+    /// A variable the rules define (`geo`, `map`, `geoip2`, `set`): an index into the
+    /// snapshot's `VariableTable`.
+    case defined(Int)
+    /// `$0`…`$9` in a `map` value: a numbered capture of the regex that matched.
+    case capture(Int)
+    /// `$name` in a `map` value, where the regex that matched has a group `(?<name>…)`.
+    case namedCapture(String)
 
     public init?(name: String) {
         if let fixed = LogVariable(rawValue: name) {
@@ -91,8 +98,14 @@ public struct LogTemplate: Sendable, Equatable {
         case emptyName(offset: Int)
     }
 
-    /// Splits `text` on `$name` and `${name}` (names are letters, digits and `_`).
+    /// Splits `text` on `$name` and `${name}` (names are letters, digits and `_`; as nginx,
+    /// `$1` is one digit, so `$1x` is the capture then "x"). `resolve` turns a name into a
+    /// variable; nil makes it an unknown variable.
     public static func parse(_ text: String) throws(ParseError) -> LogTemplate {
+        try parse(text, resolve: Variable.init(name:))
+    }
+
+    public static func parse(_ text: String, resolve: (String) -> Variable?) throws(ParseError) -> LogTemplate {
         var parts: [Part] = []
         var literal = ""
         let chars = Array(text)
@@ -113,14 +126,18 @@ public struct LogTemplate: Sendable, Equatable {
                 i = close + 1
             } else {
                 var j = i + 1
-                while j < chars.count && (chars[j].isLetter || chars[j].isNumber || chars[j] == "_") && chars[j].isASCII {
+                if j < chars.count, chars[j].isASCII, chars[j].isNumber {
                     j += 1
+                } else {
+                    while j < chars.count && (chars[j].isLetter || chars[j].isNumber || chars[j] == "_") && chars[j].isASCII {
+                        j += 1
+                    }
                 }
                 name = String(chars[(i + 1)..<j])
                 i = j
             }
             guard !name.isEmpty else { throw .emptyName(offset: start) }
-            guard let variable = Variable(name: name) else { throw .unknownVariable(name, offset: start) }
+            guard let variable = resolve(name) else { throw .unknownVariable(name, offset: start) }
             if !literal.isEmpty { parts.append(.literal(literal)); literal = "" }
             parts.append(.variable(variable))
         }
@@ -201,6 +218,8 @@ public enum VariableRenderer {
         case .proxyProtocolSSLSubTLV(let type):
             guard let ssl = r.proxyHeader?.tlv(ProxyTLVType.ssl.rawValue).flatMap(ProxySSLInfo.init) else { return nil }
             return ssl.subTLVs.first { $0.type == type }?.value
+        case .defined(let index): return r.variables?.value(index, in: r, host: host)
+        case .capture, .namedCapture: return nil  // only meaningful inside a map value
         }
     }
 

@@ -20,6 +20,12 @@ public struct SessionRecord: Sendable {
     public var phase: Phase = .relay
     /// The rule that refused the session, if a rule did.
     public var rule: RuleReference?
+    /// For a refusal by `deny $var` (or `allow $var` not matching…): the variable and the value
+    /// that decided, for the audit line.
+    public var decidingVariable: (name: String, value: [UInt8])?
+    /// The session's rule-defined variables (geo, map, geoip2, set), evaluated on first use and
+    /// remembered, so the access phase and the log line see the same value.
+    public var variables: SessionVariables?
     /// Why the session ended badly, in words (for the error and audit logs).
     public var reason: String?
     /// Bytes sent to / received from the client.

@@ -8,6 +8,10 @@ public struct PolicySnapshot: Sendable {
     public var upstreams: [String: UpstreamGroup]
     public var auditLog: AuditLogSpec?
     public var logFormats: [String: LogFormat]
+    /// Every variable `geo`, `map`, `geoip2` and `set` define.
+    public var variables: VariableTable
+    /// The databases `geoip2` blocks opened (the gateway schedules their `auto_reload`).
+    public var geoipDatabases: [any GeoIPDatabase]
 
     /// Every file that must be opened for writing: access logs and the audit log.
     public var logPaths: [String] {
@@ -87,10 +91,24 @@ public struct ServerPolicy: Sendable {
     public var access: AccessList
     /// `set_real_ip_from`: peers whose PROXY header address becomes `$remote_addr`.
     public var realIPFrom: TrustedSources
-    public var upstream: UpstreamGroup
+    /// `proxy_pass NAME|ADDR`; nil when `proxy_pass` uses variables.
+    public var upstream: UpstreamGroup?
+    /// `proxy_pass $var`: rendered per session into an upstream block's name or HOST:PORT.
+    public var upstreamTemplate: LogTemplate?
+    /// Every upstream block by lowercased name (nginx ignores case), for `proxy_pass $var`.
+    public var upstreams: [String: UpstreamGroup]
     public var proxy: ProxySettings
     public var accessLogs: [AccessLogSpec]
     public var location: SourceLocation
+    /// The server block's position in `stream` (for `set`, which is per server).
+    public var ordinal: Int
+    public var variables: VariableTable
+
+    /// A fresh set of lazily evaluated variables for one session, or nil when the rules
+    /// define none.
+    public func makeSessionVariables() -> SessionVariables? {
+        variables.count == 0 ? nil : SessionVariables(table: variables, server: ordinal)
+    }
 }
 
 /// The `proxy_*` and `tcp_nodelay` settings that shape the relay, with nginx's defaults.

@@ -84,3 +84,17 @@ public final class UpstreamGroup: Sendable {
         }
     }
 }
+
+extension ServerPolicy {
+    /// The upstream for one session: the fixed `proxy_pass`, or what `proxy_pass $var` names
+    /// (an upstream block's name, else `ADDRESS:PORT`, as nginx). nil with the rendered text
+    /// when it names neither; a host name would need a resolver, which Portcullis does not have.
+    public func upstream(for record: SessionRecord) -> (group: UpstreamGroup?, text: String) {
+        if let upstream { return (upstream, upstream.name) }
+        guard let upstreamTemplate else { return (nil, "") }
+        let text = String(decoding: upstreamTemplate.bytes(for: record), as: UTF8.self)
+        if let group = upstreams[text.lowercased()] { return (group, text) }  // names ignore case, as nginx
+        guard let endpoint = SocketEndpoint(text) else { return (nil, text) }
+        return (UpstreamGroup(name: text, servers: [UpstreamServer(endpoint: endpoint, name: text)], location: nil), text)
+    }
+}

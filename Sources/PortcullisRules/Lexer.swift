@@ -25,15 +25,23 @@ public struct LocatedToken: Equatable, Sendable {
 /// - `\"`, `\'`, `\\`, `\t`, `\r`, `\n` are escapes in every word; other backslashes stay.
 public struct Lexer {
     private let bytes: [UInt8]
-    private let file: String
+    public let file: String
     private var index = 0
     private var line = 1
     private var column = 1
 
     public init(text: String, file: String) {
-        self.bytes = Array(text.utf8)
+        self.init(bytes: Array(text.utf8), file: file)
+    }
+
+    /// `bytes` must be valid UTF-8 (the parser checks).
+    public init(bytes: [UInt8], file: String) {
+        self.bytes = bytes
         self.file = file
     }
+
+    /// The text being read; a word's `span` from `nextRaw` indexes into it.
+    public var text: [UInt8] { bytes }
 
     public struct Failure: Error, Sendable {
         public var message: String
@@ -58,6 +66,31 @@ public struct Lexer {
     }
 
     public mutating func next() throws(Failure) -> LocatedToken {
+        var out: [UInt8] = []
+        let (raw, location, length, span) = try nextRaw(wordBytes: &out)
+        let token: Token
+        switch raw {
+        case .word(let quoted):
+            token = .word(String(decoding: span.map { bytes[$0] } ?? out[...], as: UTF8.self), quoted: quoted)
+        case .semicolon: token = .semicolon
+        case .blockStart: token = .blockStart
+        case .blockEnd: token = .blockEnd
+        case .endOfFile: token = .endOfFile
+        }
+        return LocatedToken(token: token, location: location, length: length)
+    }
+
+    /// A token whose word, if it is one, is not made into a `String`.
+    public enum RawToken: Equatable, Sendable {
+        case word(quoted: Bool)
+        case semicolon, blockStart, blockEnd, endOfFile
+    }
+
+    /// The next token, for bulk blocks (`geo`) that would otherwise make a million strings.
+    /// A word's bytes (after quote removal and escapes) are `text[span]` when it has no escapes,
+    /// else appended to `wordBytes` (and `span` is nil). The Int is the length as written.
+    public mutating func nextRaw(wordBytes out: inout [UInt8]) throws(Failure)
+        -> (RawToken, SourceLocation, Int, span: Range<Int>?) {
         // Skip blanks and comments.
         while index < bytes.count {
             if Self.isSpace(bytes[index]) {
@@ -69,69 +102,83 @@ public struct Lexer {
             }
         }
         let start = here
-        guard index < bytes.count else { return LocatedToken(token: .endOfFile, location: start, length: 1) }
+        guard index < bytes.count else { return (.endOfFile, start, 1, nil) }
         switch bytes[index] {
         case UInt8(ascii: ";"):
             advance()
-            return LocatedToken(token: .semicolon, location: start, length: 1)
+            return (.semicolon, start, 1, nil)
         case UInt8(ascii: "{"):
             advance()
-            return LocatedToken(token: .blockStart, location: start, length: 1)
+            return (.blockStart, start, 1, nil)
         case UInt8(ascii: "}"):
             advance()
-            return LocatedToken(token: .blockEnd, location: start, length: 1)
+            return (.blockEnd, start, 1, nil)
         case UInt8(ascii: "\""), UInt8(ascii: "'"):
-            return try quoted(start: start)
+            let startIndex = index
+            let span = try quoted(start: start, into: &out)
+            return (.word(quoted: true), start, index - startIndex, span)
         default:
-            return unquoted(start: start)
+            let startIndex = index
+            let span = unquoted(into: &out)
+            return (.word(quoted: false), start, index - startIndex, span)
         }
     }
 
-    private mutating func unquoted(start: SourceLocation) -> LocatedToken {
-        var out: [UInt8] = []
+    /// Returns the word's span in `bytes` if it had no escape; else its bytes are in `out`.
+    private mutating func unquoted(into out: inout [UInt8]) -> Range<Int>? {
         let startIndex = index
+        var copying = false
         var previous: UInt8 = 0
         while index < bytes.count {
             let byte = bytes[index]
             if Self.isSpace(byte) || byte == UInt8(ascii: ";") { break }
             if byte == UInt8(ascii: "{") && previous != UInt8(ascii: "$") { break }
             if byte == UInt8(ascii: "\\"), index + 1 < bytes.count {
+                if !copying {
+                    out.append(contentsOf: bytes[startIndex..<index])
+                    copying = true
+                }
                 advance()
                 appendEscape(bytes[index], to: &out)
                 previous = 0
                 advance()
                 continue
             }
-            out.append(byte)
+            if copying { out.append(byte) }
             previous = byte
             advance()
         }
-        return LocatedToken(
-            token: .word(String(decoding: out, as: UTF8.self), quoted: false),
-            location: start, length: index - startIndex)
+        return copying ? nil : startIndex..<index
     }
 
-    private mutating func quoted(start: SourceLocation) throws(Failure) -> LocatedToken {
+    /// Returns the span inside the quotes if there was no escape; else the bytes are in `out`.
+    private mutating func quoted(start: SourceLocation, into out: inout [UInt8]) throws(Failure) -> Range<Int>? {
         let quote = bytes[index]
-        let startIndex = index
         advance()
-        var out: [UInt8] = []
+        let contentStart = index
+        var contentEnd = index
+        var copying = false
         while true {
             guard index < bytes.count else {
                 throw Failure(message: "unterminated quoted string, expecting \(quote == UInt8(ascii: "\"") ? "'\"'" : "\"'\"")", location: start)
             }
             let byte = bytes[index]
             if byte == quote {
+                contentEnd = index
                 advance()
                 break
             }
             if byte == UInt8(ascii: "\\"), index + 1 < bytes.count {
+                if !copying {
+                    out.append(contentsOf: bytes[contentStart..<index])
+                    copying = true
+                }
                 advance()
                 appendEscape(bytes[index], to: &out)
                 advance()
                 continue
             }
-            out.append(byte)
+            if copying { out.append(byte) }
             advance()
         }
         if index < bytes.count {
@@ -142,9 +189,7 @@ public struct Lexer {
                     location: here)
             }
         }
-        return LocatedToken(
-            token: .word(String(decoding: out, as: UTF8.self), quoted: true),
-            location: start, length: index - startIndex)
+        return copying ? nil : contentStart..<contentEnd
     }
 
     private func appendEscape(_ byte: UInt8, to out: inout [UInt8]) {

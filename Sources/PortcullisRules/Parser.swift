@@ -32,13 +32,19 @@ public struct RuleParser {
     }
 
     private mutating func parseFile(path: String, includedFrom: Argument?) -> [Directive] {
+        guard let bytes = readFile(path: path, includedFrom: includedFrom) else { return [] }
+        return parseBytes(bytes, file: path)
+    }
+
+    /// The file's bytes, checked to be UTF-8.
+    private mutating func readFile(path: String, includedFrom: Argument?) -> [UInt8]? {
         // open(2) first, for the system's own words ("No such file or directory").
         let descriptor = open(path, O_RDONLY)
         guard descriptor >= 0 else {
             diagnostics.error(
                 "cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))",
                 at: includedFrom?.location, length: includedFrom?.length ?? 1)
-            return []
+            return nil
         }
         close(descriptor)
         let data: Data
@@ -48,20 +54,31 @@ public struct RuleParser {
             diagnostics.error(
                 "cannot read rule file \"\(path)\": \(error.localizedDescription)",
                 at: includedFrom?.location, length: includedFrom?.length ?? 1)
-            return []
+            return nil
         }
-        guard let text = String(data: data, encoding: .utf8) else {
+        let bytes = [UInt8](data)
+        // Rule files are almost always ASCII; check that quickly before a full validation.
+        let ascii = bytes.withUnsafeBufferPointer { buffer in
+            var combined: UInt8 = 0
+            for byte in buffer { combined |= byte }
+            return combined < 0x80
+        }
+        guard ascii || String(validating: bytes, as: UTF8.self) != nil else {
             diagnostics.error("rule file \"\(path)\" is not valid UTF-8 text", at: includedFrom?.location)
-            return []
+            return nil
         }
-        return parseText(text, file: path)
+        return bytes
     }
 
     private mutating func parseText(_ text: String, file: String) -> [Directive] {
-        sources.add(file: file, text: text)
+        parseBytes(Array(text.utf8), file: file)
+    }
+
+    private mutating func parseBytes(_ bytes: [UInt8], file: String) -> [Directive] {
+        sources.add(file: file, bytes: bytes)
         includeStack.append(file)
         defer { includeStack.removeLast() }
-        var lexer = Lexer(text: text, file: file)
+        var lexer = Lexer(bytes: bytes, file: file)
         // Directives parsed before a syntax error are kept, so the rest is still checked.
         var directives: [Directive] = []
         do {
@@ -107,6 +124,16 @@ public struct RuleParser {
                 guard let first = words.first else {
                     throw SyntaxError(message: "unexpected \"{\"; expected a directive name before a block", location: token.location)
                 }
+                if wordText(first) == "geo" {
+                    // Bulk data: read into compact rows rather than a Directive per line.
+                    var table = EntryTable()
+                    try parseEntries(&lexer, opener: first, into: &table)
+                    var directive = makeDirective(first, words.dropFirst(), block: [])
+                    directive.entries = table
+                    directives.append(directive)
+                    words = []
+                    continue
+                }
                 var children: [Directive] = []
                 try parseBlock(&lexer, opener: first, into: &children)
                 directives.append(makeDirective(first, words.dropFirst(), block: children))
@@ -137,6 +164,95 @@ public struct RuleParser {
         }
     }
 
+    /// The lines of a `geo` block (or of a file included inside one, `opener` nil) into
+    /// `table`, with the same token rules and errors as `parseBlock`.
+    private mutating func parseEntries(_ lexer: inout Lexer, opener: LocatedToken?,
+                                       into table: inout EntryTable) throws(SyntaxError) {
+        let file = table.addFile(lexer.file, text: lexer.text)
+        table.reserve(rows: lexer.text.count / 24)  // a typical line is about that long
+        var scratch: [UInt8] = []
+        scratch.reserveCapacity(64)
+        var firstWord: (text: String, location: SourceLocation, length: Int)?
+        var includeArguments: [Argument] = []
+        let includeWord = Array("include".utf8)
+        while true {
+            scratch.removeAll(keepingCapacity: true)
+            let (token, location, length, span): (Lexer.RawToken, SourceLocation, Int, Range<Int>?)
+            do {
+                (token, location, length, span) = try lexer.nextRaw(wordBytes: &scratch)
+            } catch {
+                table.dropPendingRow()
+                throw SyntaxError(message: error.message, location: error.location)
+            }
+            switch token {
+            case .word(let quoted):
+                let text = span.map { lexer.text[$0] } ?? scratch[...]
+                if firstWord == nil {
+                    firstWord = (text.elementsEqual(includeWord) ? "include" : "", location, length)
+                } else if firstWord?.text == "include" {
+                    includeArguments.append(Argument(text: String(decoding: text, as: UTF8.self), quoted: quoted,
+                                                     location: location, length: length))
+                }
+                table.addWord(span: span, copied: scratch, line: location.line)
+            case .semicolon:
+                guard let first = firstWord else {
+                    throw SyntaxError(message: "unexpected \";\"; expected an entry such as \"10.0.0.0/8 value;\"", location: location)
+                }
+                if first.text == "include" {
+                    table.dropPendingRow()
+                    let directive = Directive(name: "include", nameLocation: first.location, arguments: includeArguments, block: nil)
+                    expandInclude(directive, intoEntries: &table)
+                    includeArguments = []
+                } else {
+                    table.endRow(file: file)
+                }
+                firstWord = nil
+            case .blockStart:
+                table.dropPendingRow()
+                throw SyntaxError(message: "unexpected \"{\" inside a \"geo\" block; its entries are \"NETWORK VALUE;\" lines",
+                                  location: location)
+            case .blockEnd:
+                if let first = firstWord {
+                    table.dropPendingRow()
+                    throw SyntaxError(message: "unexpected \"}\"; expected \";\" to end the entry that starts at \(first.location)",
+                                      location: location)
+                }
+                guard opener != nil else {
+                    throw SyntaxError(message: "unexpected \"}\" with no block open", location: location)
+                }
+                return
+            case .endOfFile:
+                if let first = firstWord {
+                    table.dropPendingRow()
+                    throw SyntaxError(message: "unexpected end of file, expecting \";\" after the entry that starts here",
+                                      location: first.location, length: first.length)
+                }
+                if let opener {
+                    throw SyntaxError(
+                        message: "unexpected end of file, expecting \"}\" to close the block \"\(wordText(opener))\" opened here",
+                        location: opener.location, length: opener.length)
+                }
+                return
+            }
+        }
+    }
+
+    /// `include` inside a `geo` block: the files' lines become rows of the same table.
+    private mutating func expandInclude(_ directive: Directive, intoEntries table: inout EntryTable) {
+        for path in includePaths(directive) {
+            guard let bytes = readFile(path: path, includedFrom: directive.arguments[0]) else { continue }
+            sources.add(file: path, bytes: bytes)
+            includeStack.append(path)
+            defer { includeStack.removeLast() }
+            var lexer = Lexer(bytes: bytes, file: path)
+            do {
+                try parseEntries(&lexer, opener: nil, into: &table)
+            } catch {
+                diagnostics.error(error.message, at: error.location, length: error.length)
+            }
+        }
+    }
+
     private func wordText(_ token: LocatedToken) -> String {
         if case .word(let text, _) = token.token { return text }
         return ""
@@ -154,6 +270,15 @@ public struct RuleParser {
     /// (nginx resolves against its prefix; for a rule file the including file's folder is what
     /// an operator means). No match for a glob is fine; a missing plain file is an error.
     private mutating func expandInclude(_ directive: Directive) -> [Directive] {
+        var result: [Directive] = []
+        for path in includePaths(directive) {
+            result += parseFile(path: path, includedFrom: directive.arguments[0])
+        }
+        return result
+    }
+
+    /// The files an `include` names, after checking its form, depth and loops.
+    private mutating func includePaths(_ directive: Directive) -> [String] {
         guard directive.arguments.count == 1 else {
             diagnostics.error(
                 "invalid number of arguments in \"include\": expected 1 path, got \(directive.arguments.count)",
@@ -170,18 +295,14 @@ public struct RuleParser {
         let pattern = Self.resolve(argument.text, relativeTo: directive.nameLocation.file)
         let isGlob = pattern.contains { "*?[".contains($0) }
         let paths = isGlob ? Self.glob(pattern) : [pattern]
-        var result: [Directive] = []
-        for path in paths {
-            if includeStack.contains(path) {
-                diagnostics.error("\"\(path)\" includes itself", at: argument.location, length: argument.length)
-                continue
-            }
-            result += parseFile(path: path, includedFrom: argument)
+        return paths.filter { path in
+            guard includeStack.contains(path) else { return true }
+            diagnostics.error("\"\(path)\" includes itself", at: argument.location, length: argument.length)
+            return false
         }
-        return result
     }
 
-    static func resolve(_ path: String, relativeTo file: String) -> String {
+    public static func resolve(_ path: String, relativeTo file: String) -> String {
         if path.hasPrefix("/") { return path }
         let folder = (file as NSString).deletingLastPathComponent
         return folder.isEmpty ? path : folder + "/" + path

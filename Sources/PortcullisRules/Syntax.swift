@@ -24,6 +24,8 @@ public struct Directive: Sendable, Equatable {
     public var arguments: [Argument]
     /// nil for a simple directive; the children for a block directive.
     public var block: [Directive]?
+    /// For a `geo` block: its lines as compact rows (and `block` is empty).
+    public var entries: EntryTable?
 
     public init(name: String, nameLocation: SourceLocation, arguments: [Argument], block: [Directive]?) {
         self.name = name

@@ -20,6 +20,13 @@ public final class SessionLogger: Sendable {
 
     /// Logs a finished session to the access logs of its server and, if refused, the audit log.
     public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec]) {
+        if let variables = record.variables {
+            // Lines are formatted on the writers' threads: evaluate every rule-defined variable
+            // they print here, on the session's thread, so the writers only read remembered values.
+            for spec in accessLogs {
+                for index in spec.format.template.definedVariables { _ = variables.value(index, in: record) }
+            }
+        }
         for spec in accessLogs {
             guard let file = files[spec.path] else { continue }
             if let condition = spec.condition {

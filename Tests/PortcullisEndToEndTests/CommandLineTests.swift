@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Testing
+import PortcullisGeoIP
 import PortcullisPolicy
 import PortcullisTestSupport
 
@@ -15,7 +16,7 @@ struct CommandLineTests {
         let files = try FileManager.default.contentsOfDirectory(atPath: folder.path).filter { $0.hasSuffix(".conf") }
         #expect(files.contains("gateway.conf"))
         for file in files {
-            let result = RuleLoader.load(path: folder.appendingPathComponent(file).path)
+            let result = RuleLoader.load(path: folder.appendingPathComponent(file).path, geoip: MaxMindOpener())
             #expect(!result.hasErrors, "\(file):\n\(result.rendered)")
         }
     }

@@ -196,6 +196,8 @@ func ip(_ text: String) -> IPAddress { IPAddress(text)! }
                         return index
                     }
                 }
+            case .variable:
+                continue  // this model covers address rules only
             }
         }
         return nil

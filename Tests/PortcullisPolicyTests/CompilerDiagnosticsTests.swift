@@ -43,8 +43,8 @@ func load(_ text: String) -> CompileResult {
          "rules.conf:5:9: error: \"proxy_pass\" directive is duplicate; it was first set at rules.conf:4:9\n        proxy_pass 127.0.0.1:9001;\n        ^~~~~~~~~~"),
         ("http", "http {\n    server { listen 80; }\n}\nstream {\n    server { listen 8080; proxy_pass 127.0.0.1:9000; }\n}\n",
          "rules.conf:1:1: error: an \"http\" block is not Portcullis's business: Portcullis is a TCP/UDP gateway and reads only \"stream\"; keep HTTP configuration in nginx\nhttp {\n^~~~"),
-        ("geo", "stream {\n    geo $blocked {\n        default 0;\n    }\n    server { listen 8080; proxy_pass 127.0.0.1:9000; }\n}\n",
-         "rules.conf:2:5: error: \"geo\" is part of the rule language but not supported yet (geo, map, geoip2 and set come with issue #4)\n    geo $blocked {\n    ^~~"),
+        ("geo", "stream {\n    geo $blocked {\n        default 0;\n        10.0.0.0/33 1;\n    }\n    server { listen 8080; proxy_pass 127.0.0.1:9000; }\n}\n",
+         "rules.conf:4:9: error: invalid network \"10.0.0.0/33\" in \"geo\"; expected an address or a block such as 10.0.0.0/8 or 2001:db8::/32\n        10.0.0.0/33 1;\n        ^~~~~~~~~~~"),
         ("reuse_port", "stream {\n    server {\n        listen 8080 reuse_port;\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n",
          "rules.conf:3:21: error: invalid parameter \"reuse_port\" in \"listen\"; did you mean \"reuseport\"?\n        listen 8080 reuse_port;\n                    ^~~~~~~~~~"),
         ("many", "stream {\n    server {\n        listen 8080;\n        alow 10.0.0.0/8;\n        deny 300.0.0.0/8;\n        proxy_timeout 5parsecs;\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n",
@@ -313,7 +313,7 @@ func load(_ text: String) -> CompileResult {
         #expect(snapshot.main.user == "nobody")
         #expect(snapshot.main.group == "nogroup")
         #expect(snapshot.servers[0].listens[0].endpoint.description == "127.0.0.1:8080")
-        #expect(snapshot.servers[0].upstream.servers[0].endpoint.description == "127.0.0.1:9000")
+        #expect(snapshot.servers[0].upstream?.servers[0].endpoint.description == "127.0.0.1:9000")
 
         let counted = try compile("worker_processes 4;\nstream { server { listen 1; proxy_pass 127.0.0.1:2; } }")
         #expect(counted.main.workerProcesses == 4)

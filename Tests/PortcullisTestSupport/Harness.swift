@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import PortcullisGateway
+import PortcullisGeoIP
 import PortcullisPolicy
 import PortcullisRules
 import NIOCore
@@ -41,7 +42,7 @@ public final class GatewayHarness: @unchecked Sendable {
                 .replacingOccurrences(of: "{DIR}", with: directory.path)
             let path = directory.appendingPathComponent("gateway.conf").path
             try text.write(toFile: path, atomically: true, encoding: .utf8)
-            let result = RuleLoader.load(path: path)
+            let result = RuleLoader.load(path: path, geoip: MaxMindOpener())
             guard let snapshot = result.snapshot else { throw HarnessError("rules do not compile:\n\(result.rendered)") }
             let gateway = try Gateway(snapshot: snapshot)
             do {
