@@ -64,10 +64,25 @@ public final class ExternalPeer: @unchecked Sendable {
 
     /// nginx with `stream` (a `stream { }` block) after a preamble that loads the stream module
     /// when it is a separate file, keeps one process, and puts pid and error log in the folder.
-    public static func nginx(_ stream: String, host: String = "127.0.0.1") throws -> ExternalPeer {
+    ///
+    /// `modules` names further dynamic modules to load after the stream module, by file name
+    /// without `.so` in nginx's module folder (e.g. `ngx_stream_geoip2_module`, which Debian's
+    /// libnginx-mod-stream-geoip2 installs). A missing one is an error, not a skip.
+    public static func nginx(_ stream: String, host: String = "127.0.0.1", modules: [String] = []) throws -> ExternalPeer {
         var preamble = ""
         if FileManager.default.fileExists(atPath: nginxStreamModule) {
             preamble += "load_module \(nginxStreamModule);\n"
+        }
+        for module in modules {
+            let path = "\(nginxModuleFolder)/\(module).so"
+            guard FileManager.default.fileExists(atPath: path) else {
+                let package = nginxModulePackages[module].map { "`apt-get install \($0)`" } ?? "install it"
+                throw HarnessError("""
+                    the nginx module \(path) is missing, and this test needs it: \
+                    run .ci/install-deps (CI does) or \(package)
+                    """)
+            }
+            preamble += "load_module \(path);\n"
         }
         preamble += """
             master_process off;
@@ -79,7 +94,10 @@ public final class ExternalPeer: @unchecked Sendable {
         return try start(.nginx, config: preamble + stream, host: host)
     }
 
-    public static let nginxStreamModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
+    public static let nginxModuleFolder = "/usr/lib/nginx/modules"
+    public static let nginxStreamModule = "\(nginxModuleFolder)/ngx_stream_module.so"
+    /// The Debian package that installs each module `nginx(_:modules:)` is asked for.
+    static let nginxModulePackages = ["ngx_stream_geoip2_module": "libnginx-mod-stream-geoip2"]
 
     /// The executable, from PATH or the sbin folders Debian installs to (often not on a normal
     /// user's PATH). Throws a message that says how to get it.
