@@ -144,7 +144,7 @@ final class RelaySession {
             record.status = .forbidden
             record.phase = .access
             record.rule = verdict.rule?.reference
-            if let rule = verdict.rule, case .variable(_, let name) = rule.match {
+            if let rule = verdict.rule, let name = rule.variableName {
                 record.decidingVariable = (name, verdict.variableValue ?? [])
             }
             record.reason = "access forbidden by rule"
@@ -171,7 +171,9 @@ final class RelaySession {
         let outOfTime = proxy.nextUpstreamTimeoutMilliseconds > 0
             && NIODeadline.now() - connectStarted >= .milliseconds(Int64(proxy.nextUpstreamTimeoutMilliseconds))
         let mayRetry = tries == 0 || (proxy.nextUpstream && !outOfTries && !outOfTime)
-        guard clientOpen else { return }
+        // The client left while we were connecting: nothing more to try, and the client's close
+        // already ran (and found `connecting` set), so finishing is up to us.
+        guard clientOpen else { maybeFinish(); return }
         guard mayRetry, let index = group.pick(excluding: triedUpstreams, now: Self.milliseconds()) else {
             if tries == 0 { logger.error("no live upstreams while connecting to upstream, \(where_)") }
             refuse(.badGateway, phase: .upstreamPick, reason: tries == 0 ? "no live upstreams" : "upstream unreachable")
@@ -209,7 +211,9 @@ final class RelaySession {
                     let elapsed = Double((NIODeadline.now() - attemptStart).nanoseconds) / 1e9
                     record.upstreamAttempts.append(UpstreamAttempt(address: server.endpoint, connectTime: elapsed))
                     guard clientOpen else {
+                        // Not the session's upstream yet, so its close is ignored: finish here.
                         channel.close(promise: nil)
+                        maybeFinish()
                         return
                     }
                     upstreamOpen = true

@@ -1,24 +1,33 @@
 public import PortcullisCore
 
-/// One `allow`/`deny` line.
-public struct AccessRule: Sendable, Equatable {
+/// One `allow`/`deny` line. A class: a verdict carries its rule out of every lookup, and
+/// copying a reference is one retain where copying this struct went through value witnesses
+/// (it made lookups three times slower when the variable case was added).
+public final class AccessRule: Sendable, Equatable {
     public enum Action: String, Sendable { case allow, deny }
     public enum Match: Sendable, Equatable {
         case all
         case block(CIDR)
         /// `allow $var;` / `deny $var;` (an extension): matches when the value is non-empty and
-        /// not "0". `name` as written, with the `$`.
-        case variable(Variable, name: String)
+        /// not "0".
+        case variable(Variable)
     }
 
-    public var action: Action
-    public var match: Match
-    public var reference: RuleReference
+    public let action: Action
+    public let match: Match
+    public let reference: RuleReference
+    /// For a variable rule, the variable as written (`$bad_country`), for the audit line.
+    public let variableName: String?
 
-    public init(action: Action, match: Match, reference: RuleReference) {
+    public static func == (a: AccessRule, b: AccessRule) -> Bool {
+        a.action == b.action && a.match == b.match && a.reference == b.reference && a.variableName == b.variableName
+    }
+
+    public init(action: Action, match: Match, reference: RuleReference, variableName: String? = nil) {
         self.action = action
         self.match = match
         self.reference = reference
+        self.variableName = variableName
     }
 }
 
@@ -70,7 +79,7 @@ public struct AccessList: Sendable {
         for (index, rule) in rules.enumerated() {
             let index = Int32(index)
             switch rule.match {
-            case .variable(let variable, _):
+            case .variable(let variable):
                 variableRules.append((index, variable))
             case .all:
                 genuineIPv4 = true
@@ -122,6 +131,7 @@ public struct AccessList: Sendable {
         verdict(addressMatch(address))
     }
 
+    @inline(__always)
     private func verdict(_ position: Int32?) -> AccessVerdict {
         guard let position else { return AccessVerdict(allowed: true, rule: nil) }
         let rule = rules[Int(position)]
@@ -129,6 +139,7 @@ public struct AccessList: Sendable {
     }
 
     /// The position of the first address rule (or `all`) that matches.
+    @inline(__always)
     private func addressMatch(_ address: IPAddress) -> Int32? {
         switch address {
         case .v4(let value):
@@ -147,7 +158,7 @@ public struct AccessList: Sendable {
         let probe: IPAddress = address.mappedIPv4.map { useIPv4List ? .v4($0) : address } ?? address
         for rule in rules {
             switch rule.match {
-            case .variable(let variable, _):
+            case .variable(let variable):
                 let current = value(variable)
                 if Self.isSet(current) {
                     return AccessVerdict(allowed: rule.action == .allow, rule: rule, variableValue: current)

@@ -218,6 +218,11 @@ extension PolicyCompiler {
             if key.hasPrefix("~") {
                 let caseInsensitive = key.hasPrefix("~*")
                 let pattern = String(key.dropFirst(caseInsensitive ? 2 : 1))
+                if let group = MapRegex.exponentialRisk(in: pattern) {
+                    error("regular expression \"\(pattern)\" in \"map\" can take exponential time: \"\(group)\" repeats a group that itself repeats or alternates; rewrite it without the nested repetition (e.g. \"(a+)+\" as \"a+\")", at: keyArgument)
+                    ok = false
+                    continue
+                }
                 let regex: MapRegex
                 do {
                     regex = try MapRegex(pattern: pattern, caseInsensitive: caseInsensitive, value: map.values.count)
@@ -230,7 +235,7 @@ extension PolicyCompiler {
                 let table = variables
                 guard let value = template(valueArgument, in: d, resolve: { name in
                     if name.count == 1, let digit = Int(name) { return .capture(digit) }
-                    if names.contains(name) { return .namedCapture(name) }
+                    if let index = names.firstIndex(of: name) { return .namedCapture(index) }
                     return Variable(name: name) ?? table.index(of: name).map(Variable.defined)
                 }) else { ok = false; continue }
                 map.values.append(value)

@@ -381,7 +381,7 @@ struct PolicyCompiler {
                 error(message, at: argument)
                 return nil
             }
-            return AccessRule(action: action, match: .variable(variable, name: argument.text), reference: d.reference)
+            return AccessRule(action: action, match: .variable(variable), reference: d.reference, variableName: argument.text)
         }
         guard let block = addressBlock(argument, in: d, alternatives: ", or \"all\"") else { return nil }
         if let mapped = block.mappedIPv4Block {

@@ -17,8 +17,10 @@ public enum Variable: Sendable, Equatable {
     case defined(Int)
     /// `$0`…`$9` in a `map` value: a numbered capture of the regex that matched.
     case capture(Int)
-    /// `$name` in a `map` value, where the regex that matched has a group `(?<name>…)`.
-    case namedCapture(String)
+    /// `$name` in a `map` value, where the regex that matched has a group `(?<name>…)`: the
+    /// position of the name in that regex's group names. (No strings in this enum: access rules
+    /// hold variables, and a plain-data rule is copied without reference counting.)
+    case namedCapture(Int)
 
     public init?(name: String) {
         if let fixed = LogVariable(rawValue: name) {

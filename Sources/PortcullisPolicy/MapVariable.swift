@@ -63,7 +63,7 @@ public struct MapVariable: Sendable {
             switch part {
             case .literal(let text): out += Array(text.utf8)
             case .variable(.capture(let n)): out += captures.numbered(n)
-            case .variable(.namedCapture(let name)): out += captures.named(name)
+            case .variable(.namedCapture(let index)): out += captures.named(captures.names[index])
             case .variable(let variable): out += VariableRenderer.value(of: variable, in: record, host: host) ?? []
             }
         }
@@ -84,6 +84,7 @@ struct MapRegex: @unchecked Sendable {
 
     struct Captures {
         let match: Regex<AnyRegexOutput>.Match
+        let names: [String]
 
         func numbered(_ n: Int) -> [UInt8] {
             guard n < match.output.count, let text = match.output[n].substring else { return [] }
@@ -107,7 +108,60 @@ struct MapRegex: @unchecked Sendable {
 
     func firstMatch(in key: String) -> Captures? {
         guard let match = try? regex.firstMatch(in: key) else { return nil }
-        return Captures(match: match)
+        return Captures(match: match, names: names)
+    }
+
+    /// Swift's `Regex` backtracks without a step limit (PCRE, in nginx, stops at a match
+    /// limit), and a map's source can be client-chosen (a PROXY TLV, an SNI name). So a pattern
+    /// that can take exponential time is refused at compile time: a group repeated without bound
+    /// (`*`, `+`, `{n,}`) that itself contains an unbounded repetition or an alternation, such as
+    /// `(a+)+`, `(\w*\s?)*` or `(a|ab)+`. Returns the offending group, or nil.
+    static func exponentialRisk(in pattern: String) -> String? {
+        let chars = Array(pattern)
+        struct Group { var start: Int; var unbounded = false; var alternation = false }
+        var stack = [Group(start: 0)]
+        var i = 0
+        // After an atom at `i`, an unbounded quantifier? (Returns the index after it.)
+        func unboundedQuantifier(at j: Int) -> Bool {
+            guard j < chars.count else { return false }
+            if chars[j] == "*" || chars[j] == "+" { return true }
+            guard chars[j] == "{", let close = chars[j...].firstIndex(of: "}") else { return false }
+            let body = String(chars[(j + 1)..<close])
+            return body.hasSuffix(",") && Int(body.dropLast()) != nil
+        }
+        while i < chars.count {
+            switch chars[i] {
+            case "\\":
+                i += 2
+                if unboundedQuantifier(at: i) { stack[stack.count - 1].unbounded = true }
+                continue
+            case "[":
+                var j = i + 1
+                if j < chars.count && chars[j] == "^" { j += 1 }
+                if j < chars.count && chars[j] == "]" { j += 1 }
+                while j < chars.count && chars[j] != "]" { j += chars[j] == "\\" ? 2 : 1 }
+                i = j + 1
+                if unboundedQuantifier(at: i) { stack[stack.count - 1].unbounded = true }
+                continue
+            case "(":
+                stack.append(Group(start: i))
+            case "|":
+                stack[stack.count - 1].alternation = true
+            case ")":
+                guard stack.count > 1 else { break }
+                let group = stack.removeLast()
+                if unboundedQuantifier(at: i + 1) {
+                    if group.unbounded || group.alternation { return String(chars[group.start...i]) + String(chars[i + 1]) }
+                    stack[stack.count - 1].unbounded = true
+                } else if group.unbounded {
+                    stack[stack.count - 1].unbounded = true
+                }
+            default:
+                if unboundedQuantifier(at: i + 1) { stack[stack.count - 1].unbounded = true }
+            }
+            i += 1
+        }
+        return nil
     }
 
     /// `(?<name>`, `(?P<name>` and `(?'name'` groups.

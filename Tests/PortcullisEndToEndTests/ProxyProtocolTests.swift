@@ -43,6 +43,26 @@ struct ProxyProtocolTests {
             """)
     }
 
+    /// Header, payload and close in one go: the client is gone while the upstream connect is
+    /// still pending. Every such session must still end and be logged (it once stayed in the
+    /// registry forever, unlogged, holding up a graceful stop).
+    @Test("a client that closes while the upstream connect is pending still ends in one logged record")
+    func clientGoneDuringConnect() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await start(trusting: "127.0.0.0/8", upstreamPort: upstream.port)
+        let count = 30
+        for i in 0..<count {
+            let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+            try client.send("PROXY TCP4 198.51.100.\(i) 203.0.113.9 4\(1000 + i) 443\r\nhi\n")
+            client.close()
+        }
+        let lines = await gateway.waitForLines(of: "access.log") { $0.count >= count }
+        #expect(lines.count == count)
+        for _ in 0..<100 where gateway.gateway.liveSessions > 0 { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(gateway.gateway.liveSessions == 0)
+        await gateway.stop()
+    }
+
     @Test("a trusted v1 header becomes $remote_addr; access rules see it; the peer stays in $realip_remote_addr")
     func trustedV1() async throws {
         let upstream = try TestServer.echo()

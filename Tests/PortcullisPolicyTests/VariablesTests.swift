@@ -753,7 +753,7 @@ extension VariablesTests {
             AccessRule(action: action, match: match, reference: RuleReference(file: "t.conf", line: line, text: "rule \(line)"))
         }
 
-        static func variable(_ index: Int) -> AccessRule.Match { .variable(.defined(index), name: "$v\(index)") }
+        static func variable(_ index: Int) -> AccessRule.Match { .variable(.defined(index)) }
 
         /// Builds a list from "allow 10.0.0.0/8", "deny $0", "allow all" lines.
         static func list(_ lines: [String]) -> AccessList {
@@ -913,7 +913,8 @@ extension VariablesTests {
             #expect(!verdict("10.1.1.1", server: 1).allowed)
             let denied = verdict("192.0.2.1", server: 1)
             #expect(denied.rule?.reference.text == "deny $bad;")
-            #expect(denied.rule?.match == .variable(.defined(probe.snapshot.variables.index(of: "bad")!), name: "$bad"))
+            #expect(denied.rule?.match == .variable(.defined(probe.snapshot.variables.index(of: "bad")!)))
+            #expect(denied.rule?.variableName == "$bad")
             #expect(denied.variableValue == Array("1".utf8))
             #expect(verdict("203.0.113.1", server: 1).rule?.reference.text == "allow all;")
             #expect(probe.snapshot.servers[1].access.hasVariableRules)
