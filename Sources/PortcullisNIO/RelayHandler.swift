@@ -21,6 +21,8 @@ final class RelayHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private var partner: RelayHandler?
     private var wantsRead = false
+    /// A read is scheduled for when the session's rate limits allow it.
+    private var readScheduled = false
     private(set) var inputIsClosed = false
     /// This side's write direction is shut and everything queued before it was written.
     private(set) var outputIsClosed = false
@@ -64,8 +66,36 @@ final class RelayHandler: ChannelDuplexHandler {
         partner = other
         other.partner = self
         other.context?.flush()
-        context?.read()
-        other.context?.read()
+        readIfAllowed()
+        other.readIfAllowed()
+    }
+
+    /// Asks the kernel for more bytes now, or, if a rate limit says wait, once it allows.
+    /// Throttling only delays reads: nothing read is ever dropped or reordered.
+    func readIfAllowed() {
+        guard let context, !inputIsClosed, !readScheduled else { return }
+        let delay = session?.readDelay(for: side) ?? 0
+        guard delay > 0 else {
+            context.read()
+            return
+        }
+        readScheduled = true
+        context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(min(delay, 1_000_000_000)))) { [self] in
+            readScheduled = false
+            if partner?.isWritable ?? false {
+                readIfAllowed()
+            } else {
+                wantsRead = true
+            }
+        }
+    }
+
+    /// 16 KiB reads, one per event loop turn: a throttled session overdraws its bucket by at
+    /// most one read.
+    func limitReadSize() {
+        guard let options = context?.channel.syncOptions else { return }
+        try? options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 16 * 1024))
+        try? options.setOption(.maxMessagesPerRead, value: 1)
     }
 
     /// Queues bytes on this side's channel (flushed when the sides are paired).
@@ -100,7 +130,7 @@ final class RelayHandler: ChannelDuplexHandler {
         // Flush once per read batch, never hold back bytes that could be forwarded.
         partner?.context?.flush()
         if partner?.isWritable == true {
-            context.read()
+            readIfAllowed()
         } else {
             wantsRead = true
         }
@@ -114,9 +144,9 @@ final class RelayHandler: ChannelDuplexHandler {
     }
 
     private func resumeReading() {
-        guard wantsRead, !inputIsClosed, let context else { return }
+        guard wantsRead, !inputIsClosed else { return }
         wantsRead = false
-        context.read()
+        readIfAllowed()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -24,6 +24,13 @@ final class RelaySession {
     private var triedUpstreams: [Int] = []
     /// The upstream group this session uses (fixed, or what `proxy_pass $var` named).
     private var upstreamGroup: UpstreamGroup?
+    /// `limit_conn` slots this session holds, given back once when it finishes.
+    private var connSlots: [(zone: LimitConnZone, key: [UInt8])] = []
+    /// Bandwidth buckets of `limit_rate` zones this session's key shares with its other sessions.
+    private var sharedBuckets: [SharedBucket] = []
+    /// `proxy_upload_rate` / `proxy_download_rate`: this connection's own buckets.
+    private var uploadBucket: TokenBucket?
+    private var downloadBucket: TokenBucket?
     private var connectStarted: NIODeadline = .now()
     private var upstreamConnectedAt: NIODeadline?
     private var idleTimer: Scheduled<Void>?
@@ -152,6 +159,7 @@ final class RelaySession {
             client.close()
             return
         }
+        guard applyLimits() else { return }
         let (group, text) = policy.upstream(for: record)
         guard let group else {
             logger.error("proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(where_)")
@@ -161,6 +169,130 @@ final class RelaySession {
         upstreamGroup = group
         connectStarted = .now()
         connectNextUpstream()
+    }
+
+    // MARK: Limits
+
+    /// limit_conn, then limit_rate: true if the session may go on. A dry run logs what it
+    /// would have refused (an audit line with `"dry_run": true`) and goes on.
+    private func applyLimits() -> Bool {
+        let limits = runtime.policy.limits
+        guard !limits.conn.isEmpty || !limits.rate.isEmpty || limits.throttles else { return true }
+        let now = NIODeadline.now().uptimeNanoseconds
+        for rule in limits.conn {
+            let zone = rule.zone
+            guard let key = limitKey(zone.key, zone: zone.name) else { continue }
+            let outcome = zone.acquire(key, limit: rule.limit)
+            if outcome == .acquired {
+                connSlots.append((zone, key))
+                record.limitConnStatus = "PASSED"
+                continue
+            }
+            let decision = LimitDecision(zone: zone.name, key: key, limit: String(rule.limit))
+            let reason: String
+            if outcome == .zoneFull {
+                reason = "limit_conn zone \"\(zone.name)\" is full"
+                // nginx: "[crit] ngx_slab_alloc() failed: no memory in limit_conn_zone"; at most once a second.
+                if zone.shouldReportFull(now: Int64(Date().timeIntervalSince1970)) {
+                    logger.critical("no memory in limit_conn_zone \"\(zone.name)\": it holds \(zone.capacity) keys (\(zone.size) bytes); new keys are refused, \(where_)")
+                }
+            } else {
+                reason = "limiting connections by zone \"\(zone.name)\""
+                log(limits.connLogLevel, "limiting connections\(limits.connDryRun ? ", dry run," : "") by zone \"\(zone.name)\", \(where_)")
+            }
+            if limits.connDryRun {
+                record.limitConnStatus = "REJECTED_DRY_RUN"
+                logDryRun(phase: .limitConn, rule: rule.reference, decision: decision, reason: reason)
+                continue
+            }
+            record.limitConnStatus = "REJECTED"
+            record.limit = decision
+            record.rule = rule.reference
+            refuse(.serviceUnavailable, phase: .limitConn, reason: reason)
+            return false
+        }
+        for rule in limits.rate {
+            let zone = rule.zone
+            guard let key = limitKey(zone.key, zone: zone.name) else { continue }
+            switch zone.kind {
+            case .bandwidth:
+                sharedBuckets.append(zone.bucket(for: key, now: now))
+            case .sessions:
+                guard !zone.admit(key, now: now) else { continue }
+                let decision = LimitDecision(zone: zone.name, key: key, limit: "\(zone.rateText) burst=\(Int(zone.burst))")
+                let reason = "limiting sessions by zone \"\(zone.name)\""
+                logger.error("\(reason)\(limits.rateDryRun ? ", dry run" : ""), \(where_)")
+                if limits.rateDryRun {
+                    logDryRun(phase: .limitRate, rule: rule.reference, decision: decision, reason: reason)
+                    continue
+                }
+                record.limit = decision
+                record.rule = rule.reference
+                refuse(.serviceUnavailable, phase: .limitRate, reason: reason)
+                return false
+            }
+        }
+        if limits.uploadRate > 0 {
+            uploadBucket = TokenBucket(rate: Double(limits.uploadRate), burst: Double(limits.uploadRate), now: now)
+        }
+        if limits.downloadRate > 0 {
+            downloadBucket = TokenBucket(rate: Double(limits.downloadRate), burst: Double(limits.downloadRate), now: now)
+        }
+        return true
+    }
+
+    /// A zone's key for this session; nil when it is not counted: empty (as nginx), or longer
+    /// than 255 bytes (nginx refuses to count it and says so).
+    private func limitKey(_ template: LogTemplate, zone: String) -> [UInt8]? {
+        let key = template.bytes(for: record)
+        guard !key.isEmpty else { return nil }
+        guard key.count <= 255 else {
+            logger.error("the value of the key of zone \"\(zone)\" is more than 255 bytes, not counted, \(where_)")
+            return nil
+        }
+        return key
+    }
+
+    private func log(_ level: ErrorLogSpec.Level, _ message: String) {
+        switch level {
+        case .info: logger.info("\(message)")
+        case .notice: logger.notice("\(message)")
+        case .warn: logger.warning("\(message)")
+        default: logger.error("\(message)")
+        }
+    }
+
+    /// The audit line a refusal would have written, written now; the session goes on.
+    private func logDryRun(phase: Phase, rule: RuleReference, decision: LimitDecision, reason: String) {
+        var wouldBe = record
+        wouldBe.status = .serviceUnavailable
+        wouldBe.phase = phase
+        wouldBe.rule = rule
+        wouldBe.limit = decision
+        wouldBe.reason = reason
+        wouldBe.endTime = Date().timeIntervalSince1970
+        runtime.sessionLogger.logDryRun(wouldBe)
+    }
+
+    /// How long `side` must wait before reading again, in nanoseconds (0 = now): its own
+    /// `proxy_*_rate` bucket and every bandwidth bucket its key shares.
+    func readDelay(for side: RelayHandler.Side) -> UInt64 {
+        guard uploadBucket != nil || downloadBucket != nil || !sharedBuckets.isEmpty else { return 0 }
+        let now = NIODeadline.now().uptimeNanoseconds
+        var wait: UInt64 = 0
+        if side == .client, uploadBucket != nil { wait = uploadBucket!.wait(now: now) }
+        if side == .upstream, downloadBucket != nil { wait = downloadBucket!.wait(now: now) }
+        for bucket in sharedBuckets { wait = max(wait, bucket.wait(now: now)) }
+        return wait
+    }
+
+    var throttles: Bool { uploadBucket != nil || downloadBucket != nil || !sharedBuckets.isEmpty }
+
+    private func spend(_ bytes: Int, readBy side: RelayHandler.Side) {
+        guard throttles else { return }
+        let now = NIODeadline.now().uptimeNanoseconds
+        if side == .client { uploadBucket?.spend(Double(bytes), now: now) } else { downloadBucket?.spend(Double(bytes), now: now) }
+        for bucket in sharedBuckets { bucket.spend(bytes, now: now) }
     }
 
     private func connectNextUpstream() {
@@ -225,6 +357,11 @@ final class RelaySession {
                         counted(earlyPayload.readableBytes, readBy: .client)
                         handler.write(earlyPayload)
                         self.earlyPayload = nil
+                    }
+                    if throttles {
+                        // Small reads keep a throttled key's debt small and its sessions taking turns.
+                        client.limitReadSize()
+                        handler.limitReadSize()
                     }
                     client.pair(with: handler)
                     armIdleTimer()
@@ -294,6 +431,7 @@ final class RelaySession {
     func noteActivity() { lastActivity = .now() }
 
     func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
+        spend(bytes, readBy: side)
         if side == .client {
             record.bytesReceived += UInt64(bytes)
             record.upstreamBytesSent += UInt64(bytes)
@@ -392,6 +530,9 @@ final class RelaySession {
     private func maybeFinish() {
         guard !finished, !clientOpen, !upstreamOpen, !connecting else { return }
         finished = true
+        // Exactly once, however the session ended: this runs once (`finished`).
+        for slot in connSlots { slot.zone.release(slot.key) }
+        connSlots = []
         idleTimer?.cancel()
         headerTimer?.cancel()
         record.endTime = Date().timeIntervalSince1970

@@ -30,6 +30,11 @@ public enum AuditLine {
             LogEscaping.appendJSONEscaped(variable.value, to: &value)
             fields.append(("variable", "{\"name\":\(LogEscaping.jsonString(variable.name)),\"value\":\(value)\"}"))
         }
+        if let limit = r.limit {
+            var key = "\""
+            LogEscaping.appendJSONEscaped(limit.key, to: &key)  // a key can hold client-chosen bytes
+            fields.append(("limit", "{\"zone\":\(LogEscaping.jsonString(limit.zone)),\"key\":\(key)\",\"limit\":\(LogEscaping.jsonString(limit.limit))}"))
+        }
         if let reason = r.reason { fields.append(("reason", LogEscaping.jsonString(reason))) }
         if !r.upstreamAttempts.isEmpty {
             let list = r.upstreamAttempts.map { LogEscaping.jsonString($0.address.description) }

@@ -195,6 +195,27 @@ struct PolicyCompiler {
         // Variable names before anything reads them: a format may use a map defined below it.
         declareVariables(stream: children, servers: children.filter { $0.name == "server" && $0.block != nil })
 
+        // Zones before the servers that name them (nginx does not mind the order either).
+        var connZones: [String: LimitConnZone] = [:]
+        var rateZones: [String: LimitRateZone] = [:]
+        for d in children where d.name == "limit_conn_zone" || d.name == "limit_rate_zone" {
+            guard admit(d, in: .stream, seen: &seen) != nil else { continue }
+            let zone: (name: String, location: SourceLocation?)?
+            if d.name == "limit_conn_zone" {
+                guard let made = limitConnZone(d) else { continue }
+                if connZones[made.name] == nil && rateZones[made.name] == nil { connZones[made.name] = made; continue }
+                zone = (made.name, connZones[made.name]?.location ?? rateZones[made.name]?.location)
+            } else {
+                guard let made = limitRateZone(d) else { continue }
+                if connZones[made.name] == nil && rateZones[made.name] == nil { rateZones[made.name] = made; continue }
+                zone = (made.name, connZones[made.name]?.location ?? rateZones[made.name]?.location)
+            }
+            if let zone {
+                error("duplicate zone \"\(zone.name)\"; it was first defined at \(zone.location.map(\.description) ?? "?")", at: d.arguments[1])
+            }
+        }
+        var streamLimits = LimitSettings()
+
         // Formats first, so access_log may name a format defined further down.
         for d in children where d.name == "log_format" {
             guard admit(d, in: .stream, seen: &seen) != nil else { continue }
@@ -206,7 +227,7 @@ struct PolicyCompiler {
                 }
             }
         }
-        for d in children where d.name != "log_format" {
+        for d in children where !["log_format", "limit_conn_zone", "limit_rate_zone"].contains(d.name) {
             guard admit(d, in: .stream, seen: &seen) != nil else { continue }
             switch d.name {
             case "server": serverBlocks.append(d)
@@ -215,6 +236,8 @@ struct PolicyCompiler {
             case "map": compileMap(d)
             case "geoip2": compileGeoIP2(d)
             case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
+            case "limit_conn": if let rule = limitConn(d, zones: connZones) { streamLimits.conn.append(rule) }
+            case "limit_rate": if let rule = limitRate(d, zones: rateZones) { streamLimits.rate.append(rule) }
             case "set_real_ip_from": if let block = trustedBlock(d) { streamRealIP.append(block) }
             case "proxy_protocol_tlv": if let tlv = proxyTLV(d, formats: formats) { streamTLVs.append(tlv) }
             case "access_log":
@@ -225,13 +248,20 @@ struct PolicyCompiler {
                     streamLogs.append(d)
                 }
             case "audit_log":
+                var spec = AuditLogSpec(path: d.arguments[0].text)
                 if d.arguments.count > 1 {
-                    error("\"\(d.arguments[1].text)\" in \"audit_log\" is not supported yet: the flood cap (sample=) comes with the limits issue (#5)", at: d.arguments[1])
-                } else {
-                    auditLog = AuditLogSpec(path: d.arguments[0].text)
+                    let text = d.arguments[1].text
+                    guard text.hasPrefix("sample="), text.hasSuffix("/s"),
+                          let n = Int(text.dropFirst("sample=".count).dropLast(2)), n > 0 else {
+                        error("invalid parameter \"\(text)\" in \"audit_log\"; expected sample=N/s, the most lines a second (default 100)", at: d.arguments[1])
+                        continue
+                    }
+                    spec.linesPerSecond = n
                 }
+                auditLog = spec
             case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
-            default: applyProxySetting(d, to: &proxy)
+            default:
+                if !applyLimitSetting(d, to: &streamLimits) { applyProxySetting(d, to: &proxy) }
             }
         }
 
@@ -252,7 +282,9 @@ struct PolicyCompiler {
         for (ordinal, block) in serverBlocks.enumerated() {
             var inherited = proxy
             inherited.proxyProtocolTLVs = streamTLVs
-            if let server = compileServer(block, ordinal: ordinal, inheritedRules: streamRules, inheritedRealIP: streamRealIP,
+            if let server = compileServer(block, ordinal: ordinal, inheritedRules: streamRules,
+                                          inheritedLimits: streamLimits, connZones: connZones, rateZones: rateZones,
+                                          inheritedRealIP: streamRealIP,
                                           inheritedLogs: inheritedLogs,
                                           proxy: inherited, formats: formats, upstreams: upstreams) {
                 for listen in server.listens {
@@ -278,6 +310,8 @@ struct PolicyCompiler {
     }
 
     mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
+                                inheritedLimits: LimitSettings, connZones: [String: LimitConnZone],
+                                rateZones: [String: LimitRateZone],
                                 inheritedRealIP: [(CIDR, RuleReference)], inheritedLogs: [AccessLogSpec],
                                 proxy inherited: ProxySettings, formats: [String: LogFormat],
                                 upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
@@ -294,6 +328,9 @@ struct PolicyCompiler {
         var proxy = inherited
         var upstream: UpstreamGroup?
         var upstreamTemplate: LogTemplate?
+        var limits = inheritedLimits
+        var connRules: [LimitConnRule]?
+        var rateRules: [LimitRateRule]?
         var failed = false
         for d in block.block ?? [] {
             guard admit(d, in: .server, seen: &seen) != nil else { failed = true; continue }
@@ -329,10 +366,15 @@ struct PolicyCompiler {
                 }
             case "set":
                 if !compileSet(d, server: ordinal) { failed = true }
+            case "limit_conn":
+                // nginx: a level with its own limit_conn inherits none.
+                if let rule = limitConn(d, zones: connZones) { connRules = (connRules ?? []) + [rule] } else { failed = true }
+            case "limit_rate":
+                if let rule = limitRate(d, zones: rateZones) { rateRules = (rateRules ?? []) + [rule] } else { failed = true }
             case "error_log":
                 _ = errorLog(d)  // accepted; one error log per process for now
             default:
-                applyProxySetting(d, to: &proxy)
+                if !applyLimitSetting(d, to: &limits) { applyProxySetting(d, to: &proxy) }
             }
         }
         if listens.isEmpty && !failed {
@@ -349,6 +391,8 @@ struct PolicyCompiler {
             error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: site)
         }
         guard upstream != nil || upstreamTemplate != nil, !listens.isEmpty else { return nil }
+        if let connRules { limits.conn = connRules }
+        if let rateRules { limits.rate = rateRules }
         // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
         return ServerPolicy(
             listens: listens,
@@ -359,6 +403,7 @@ struct PolicyCompiler {
             upstreams: upstreams,
             proxy: proxy,
             accessLogs: hasOwnLogs ? (logsOff ? [] : logs) : inheritedLogs,
+            limits: limits,
             location: block.nameLocation,
             ordinal: ordinal,
             variables: variables)

@@ -106,10 +106,14 @@ enum DirectiveTable {
         t["geoip2"] = DirectiveSpec(contexts: [.stream], arguments: 1...1, takesBlock: true, single: false)
         t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false)
         // Later issues: the rule language names them, the compiler does not build them yet.
-        let limits = "limits come with issue #5"
-        for name in ["limit_conn_zone", "limit_conn", "limit_conn_dry_run", "limit_conn_log_level", "limit_rate_zone",
-                     "limit_rate", "limit_rate_dry_run", "proxy_upload_rate", "proxy_download_rate"] {
-            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...4, single: false, support: planned(limits))
+        // Limits (issue #5).
+        t["limit_conn_zone"] = DirectiveSpec(contexts: [.stream], arguments: 2...2, single: false)
+        t["limit_conn"] = DirectiveSpec(contexts: streamServer, arguments: 2...2, single: false)
+        t["limit_rate_zone"] = DirectiveSpec(contexts: [.stream], arguments: 3...4, single: false)
+        t["limit_rate"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
+        for name in ["limit_conn_dry_run", "limit_conn_log_level", "limit_rate_dry_run", "proxy_upload_rate",
+                     "proxy_download_rate"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
         }
         // PROXY protocol: sending to upstreams, and whose received headers are believed.
         t["proxy_protocol"] = DirectiveSpec(contexts: streamServer, arguments: 1...1)

@@ -75,6 +75,7 @@ public enum LogVariable: String, Sendable, CaseIterable {
     case proxyProtocolServerPort = "proxy_protocol_server_port"
     case realipRemoteAddr = "realip_remote_addr"
     case realipRemotePort = "realip_remote_port"
+    case limitConnStatus = "limit_conn_status"
 }
 
 /// `log_format`'s `escape=` parameter.
@@ -265,6 +266,7 @@ public enum VariableRenderer {
         case .proxyProtocolServerPort: return r.proxyHeader?.destination.map { text(String($0.port)) }
         case .realipRemoteAddr: return text(r.peer.address.description)
         case .realipRemotePort: return text(String(r.peer.port))
+        case .limitConnStatus: return r.limitConnStatus.map(text)
         }
     }
 }

@@ -26,6 +26,10 @@ public struct SessionRecord: Sendable {
     /// The session's rule-defined variables (geo, map, geoip2, set), evaluated on first use and
     /// remembered, so the access phase and the log line see the same value.
     public var variables: SessionVariables?
+    /// `$limit_conn_status`: PASSED, REJECTED or REJECTED_DRY_RUN once a `limit_conn` applied.
+    public var limitConnStatus: String?
+    /// The limit that refused the session (or would have, in a dry run), for the audit line.
+    public var limit: LimitDecision?
     /// Why the session ended badly, in words (for the error and audit logs).
     public var reason: String?
     /// Bytes sent to / received from the client.
@@ -55,6 +59,20 @@ public struct SessionRecord: Sendable {
 
     public var sessionTime: Double { max(0, endTime - startTime) }
     public var refused: Bool { status != .ok }
+}
+
+/// Which limit decided, and on what: the zone, the session's key in it, and the limit as written.
+public struct LimitDecision: Sendable, Equatable {
+    public var zone: String
+    public var key: [UInt8]
+    /// `3` (connections) or `5r/s burst=5`.
+    public var limit: String
+
+    public init(zone: String, key: [UInt8], limit: String) {
+        self.zone = zone
+        self.key = key
+        self.limit = limit
+    }
 }
 
 public struct UpstreamAttempt: Sendable, Equatable {

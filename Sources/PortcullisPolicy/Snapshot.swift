@@ -50,6 +50,8 @@ public struct ErrorLogSpec: Sendable, Equatable {
 
 public struct AuditLogSpec: Sendable, Equatable {
     public var path: String
+    /// `sample=N/s`: at most this many lines a second; the rest are counted in a summary line.
+    public var linesPerSecond = 100
 }
 
 public struct AccessLogSpec: Sendable, Equatable {
@@ -99,6 +101,7 @@ public struct ServerPolicy: Sendable {
     public var upstreams: [String: UpstreamGroup]
     public var proxy: ProxySettings
     public var accessLogs: [AccessLogSpec]
+    public var limits: LimitSettings
     public var location: SourceLocation
     /// The server block's position in `stream` (for `set`, which is per server).
     public var ordinal: Int
@@ -108,6 +111,38 @@ public struct ServerPolicy: Sendable {
     /// define none.
     public func makeSessionVariables() -> SessionVariables? {
         variables.count == 0 ? nil : SessionVariables(table: variables, server: ordinal)
+    }
+}
+
+/// `limit_conn NAME N;`
+public struct LimitConnRule: Sendable {
+    public var zone: LimitConnZone
+    public var limit: Int
+    public var reference: RuleReference
+}
+
+/// `limit_rate NAME;`
+public struct LimitRateRule: Sendable {
+    public var zone: LimitRateZone
+    public var reference: RuleReference
+}
+
+/// Everything that limits a server's sessions (issue #5), with nginx's defaults.
+public struct LimitSettings: Sendable {
+    /// In order; every one applies (nginx: inherited only by a level with none of its own).
+    public var conn: [LimitConnRule] = []
+    public var connDryRun = false
+    public var connLogLevel = ErrorLogSpec.Level.error
+    public var rate: [LimitRateRule] = []
+    public var rateDryRun = false
+    /// `proxy_upload_rate` / `proxy_download_rate`: bytes per second per connection, 0 = off.
+    public var uploadRate = 0
+    public var downloadRate = 0
+
+    public init() {}
+
+    public var throttles: Bool {
+        uploadRate > 0 || downloadRate > 0 || rate.contains { $0.zone.kind == .bandwidth }
     }
 }
 

@@ -1,5 +1,7 @@
 public import PortcullisPolicy
 import PortcullisCore
+import Foundation
+import Synchronization
 
 /// Where finished sessions go: their access log lines and, for refusals, audit lines.
 /// Only the `if=` condition is evaluated on the caller's thread; lines are formatted and
@@ -7,6 +9,8 @@ import PortcullisCore
 public final class SessionLogger: Sendable {
     private let files: [String: LogFile]
     private let audit: LogFile?
+    /// The audit flood cap (`audit_log … sample=N/s`).
+    private let sampler: Mutex<AuditSampler>
 
     /// Opens every log file the snapshot names. Throws on the first that cannot be opened.
     public init(snapshot: PolicySnapshot) throws {
@@ -16,6 +20,7 @@ public final class SessionLogger: Sendable {
         }
         self.files = files
         self.audit = snapshot.auditLog.flatMap { files[$0.path] }
+        sampler = Mutex(AuditSampler(linesPerSecond: snapshot.auditLog?.linesPerSecond ?? 100))
     }
 
     /// Logs a finished session to the access logs of its server and, if refused, the audit log.
@@ -36,12 +41,35 @@ public final class SessionLogger: Sendable {
             }
             file.write(record, format: spec.format)
         }
-        if record.refused, let audit {
-            audit.writeAudit(record)
+        if record.refused { writeAudit(record, dryRun: false) }
+    }
+
+    /// A refusal a dry run did not carry out (`limit_conn_dry_run`, `limit_rate_dry_run`): an
+    /// audit line now, with the status the refusal would have had and `"dry_run": true`.
+    public func logDryRun(_ record: SessionRecord) {
+        writeAudit(record, dryRun: true)
+    }
+
+    private func writeAudit(_ record: SessionRecord, dryRun: Bool) {
+        guard let audit else { return }
+        let (write, summary) = sampler.withLock {
+            $0.admit(phase: record.phase.rawValue, now: Date().timeIntervalSince1970)
         }
+        if let summary { audit.write(summary) }
+        if write { audit.writeAudit(record, dryRun: dryRun) }
+    }
+
+    private func writePendingSummary() {
+        if let summary = sampler.withLock({ $0.takeSummary() }) { audit?.write(summary) }
     }
 
     public func reopenAll() { files.values.forEach { $0.reopen() } }
-    public func flushAll() { files.values.forEach { $0.flush() } }
-    public func closeAll() { files.values.forEach { $0.close() } }
+    public func flushAll() {
+        writePendingSummary()
+        files.values.forEach { $0.flush() }
+    }
+    public func closeAll() {
+        writePendingSummary()
+        files.values.forEach { $0.close() }
+    }
 }
