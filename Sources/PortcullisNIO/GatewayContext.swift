@@ -26,13 +26,19 @@ public struct ServerRuntime: Sendable {
 /// Also hands out `$connection` numbers.
 public final class SessionRegistry: Sendable {
     private let nextConnection = Atomic<UInt64>(1)
-    private let live = Mutex<[UInt64: any Channel]>([:])
+    /// How to end each live session: close its client connection (TCP) or end it (UDP).
+    private let live = Mutex<[UInt64: @Sendable () -> Void]>([:])
 
     public init() {}
 
     func open(_ channel: any Channel) -> UInt64 {
+        open { channel.close(promise: nil) }
+    }
+
+    /// A session without a channel of its own (UDP): `end` is how a drain stops it.
+    func open(end: @escaping @Sendable () -> Void) -> UInt64 {
         let id = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
-        live.withLock { $0[id] = channel }
+        live.withLock { $0[id] = end }
         return id
     }
 
@@ -44,7 +50,25 @@ public final class SessionRegistry: Sendable {
 
     /// Closes every live session's client connection (the end of a drain).
     public func closeAll() {
-        let channels = live.withLock { Array($0.values) }
-        for channel in channels { channel.close(promise: nil) }
+        let ends = live.withLock { Array($0.values) }
+        for end in ends { end() }
+    }
+}
+
+extension Logger {
+    /// A line at an nginx level for session `connection` (`*N` in the error log).
+    func log(_ level: ErrorLogSpec.Level, _ message: String, connection: UInt64) {
+        var logger = self
+        logger[metadataKey: "connection"] = "\(connection)"
+        let swiftLevel: Logger.Level
+        switch level {
+        case .debug: swiftLevel = .debug
+        case .info: swiftLevel = .info
+        case .notice: swiftLevel = .notice
+        case .warn: swiftLevel = .warning
+        case .error: swiftLevel = .error
+        case .crit, .alert, .emerg: swiftLevel = .critical
+        }
+        logger.log(level: swiftLevel, "\(message)")
     }
 }

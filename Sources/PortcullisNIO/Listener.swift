@@ -38,6 +38,7 @@ public struct ListenError: Error, CustomStringConvertible {
 public enum Listener {
     public static func bind(_ box: RuntimeBox, group: MultiThreadedEventLoopGroup) async throws -> [any Channel] {
         let listen = box.runtime.listen
+        if listen.udp { return try await bindUDP(box, group: group) }
         let loops: [any EventLoopGroup] = listen.reusePort ? group.makeIterator().map { $0 } : [group]
         var channels: [any Channel] = []
         do {

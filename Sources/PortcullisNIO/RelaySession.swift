@@ -24,13 +24,8 @@ final class RelaySession {
     private var triedUpstreams: [Int] = []
     /// The upstream group this session uses (fixed, or what `proxy_pass $var` named).
     private var upstreamGroup: UpstreamGroup?
-    /// `limit_conn` slots this session holds, given back once when it finishes.
-    private var connSlots: [(zone: LimitConnZone, key: [UInt8])] = []
-    /// Bandwidth buckets of `limit_rate` zones this session's key shares with its other sessions.
-    private var sharedBuckets: [SharedBucket] = []
-    /// `proxy_upload_rate` / `proxy_download_rate`: this connection's own buckets.
-    private var uploadBucket: TokenBucket?
-    private var downloadBucket: TokenBucket?
+    /// What the access and limit phases decided and hold (slots, buckets); released once.
+    private var gate = SessionGate()
     private var connectStarted: NIODeadline = .now()
     private var upstreamConnectedAt: NIODeadline?
     private var idleTimer: Scheduled<Void>?
@@ -135,26 +130,11 @@ final class RelaySession {
         return text
     }
 
-    /// access → upstream_pick, on the client address the earlier phases settled.
+    /// access → limit_conn → limit_rate → upstream_pick, on the client address the earlier
+    /// phases settled.
     private func admit() {
         let policy = runtime.policy
-        let access = policy.access
-        let verdict: AccessVerdict
-        if access.hasVariableRules {
-            // Variables are read lazily, only for variable rules that precede the address match.
-            let record = self.record
-            verdict = access.evaluate(record.client.address) { VariableRenderer.value(of: $0, in: record, host: .current) }
-        } else {
-            verdict = access.evaluate(record.client.address)
-        }
-        guard verdict.allowed else {
-            record.status = .forbidden
-            record.phase = .access
-            record.rule = verdict.rule?.reference
-            if let rule = verdict.rule, let name = rule.variableName {
-                record.decidingVariable = (name, verdict.variableValue ?? [])
-            }
-            record.reason = "access forbidden by rule"
+        guard SessionGate.access(policy, record: &record) else {
             logger.error("access forbidden by rule, \(where_)")
             client.close()
             return
@@ -173,127 +153,27 @@ final class RelaySession {
 
     // MARK: Limits
 
-    /// limit_conn, then limit_rate: true if the session may go on. A dry run logs what it
-    /// would have refused (an audit line with `"dry_run": true`) and goes on.
+    /// limit_conn, then limit_rate (`SessionGate`): true if the session may go on.
     private func applyLimits() -> Bool {
-        let limits = runtime.policy.limits
-        guard !limits.conn.isEmpty || !limits.rate.isEmpty || limits.throttles else { return true }
-        let now = NIODeadline.now().uptimeNanoseconds
-        for rule in limits.conn {
-            let zone = rule.zone
-            guard let key = limitKey(zone.key, zone: zone.name) else { continue }
-            let outcome = zone.acquire(key, limit: rule.limit)
-            if outcome == .acquired {
-                connSlots.append((zone, key))
-                record.limitConnStatus = "PASSED"
-                continue
-            }
-            let decision = LimitDecision(zone: zone.name, key: key, limit: String(rule.limit))
-            let reason: String
-            if outcome == .zoneFull {
-                reason = "limit_conn zone \"\(zone.name)\" is full"
-                // nginx: "[crit] ngx_slab_alloc() failed: no memory in limit_conn_zone"; at most once a second.
-                if zone.shouldReportFull(now: Int64(Date().timeIntervalSince1970)) {
-                    logger.critical("no memory in limit_conn_zone \"\(zone.name)\": it holds \(zone.capacity) keys (\(zone.size) bytes); new keys are refused, \(where_)")
-                }
-            } else {
-                reason = "limiting connections by zone \"\(zone.name)\""
-                log(limits.connLogLevel, "limiting connections\(limits.connDryRun ? ", dry run," : "") by zone \"\(zone.name)\", \(where_)")
-            }
-            if limits.connDryRun {
-                record.limitConnStatus = "REJECTED_DRY_RUN"
-                logDryRun(phase: .limitConn, rule: rule.reference, decision: decision, reason: reason)
-                continue
-            }
-            record.limitConnStatus = "REJECTED"
-            record.limit = decision
-            record.rule = rule.reference
-            refuse(.serviceUnavailable, phase: .limitConn, reason: reason)
-            return false
-        }
-        for rule in limits.rate {
-            let zone = rule.zone
-            guard let key = limitKey(zone.key, zone: zone.name) else { continue }
-            switch zone.kind {
-            case .bandwidth:
-                sharedBuckets.append(zone.bucket(for: key, now: now))
-            case .sessions:
-                guard !zone.admit(key, now: now) else { continue }
-                let decision = LimitDecision(zone: zone.name, key: key, limit: "\(zone.rateText) burst=\(Int(zone.burst))")
-                let reason = "limiting sessions by zone \"\(zone.name)\""
-                logger.error("\(reason)\(limits.rateDryRun ? ", dry run" : ""), \(where_)")
-                if limits.rateDryRun {
-                    logDryRun(phase: .limitRate, rule: rule.reference, decision: decision, reason: reason)
-                    continue
-                }
-                record.limit = decision
-                record.rule = rule.reference
-                refuse(.serviceUnavailable, phase: .limitRate, reason: reason)
-                return false
+        let allowed = gate.limits(
+            runtime.policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
+            wallClock: Date().timeIntervalSince1970, where: where_
+        ) { event in
+            switch event {
+            case .log(let level, let message): runtime.errorLog.log(level, message, connection: id)
+            case .dryRun(let wouldBe): runtime.sessionLogger.logDryRun(wouldBe)
             }
         }
-        if limits.uploadRate > 0 {
-            uploadBucket = TokenBucket(rate: Double(limits.uploadRate), burst: Double(limits.uploadRate), now: now)
-        }
-        if limits.downloadRate > 0 {
-            downloadBucket = TokenBucket(rate: Double(limits.downloadRate), burst: Double(limits.downloadRate), now: now)
-        }
-        return true
+        if !allowed { client.close() }
+        return allowed
     }
 
-    /// A zone's key for this session; nil when it is not counted: empty (as nginx), or longer
-    /// than 255 bytes (nginx refuses to count it and says so).
-    private func limitKey(_ template: LogTemplate, zone: String) -> [UInt8]? {
-        let key = template.bytes(for: record)
-        guard !key.isEmpty else { return nil }
-        guard key.count <= 255 else {
-            logger.error("the value of the key of zone \"\(zone)\" is more than 255 bytes, not counted, \(where_)")
-            return nil
-        }
-        return key
-    }
-
-    private func log(_ level: ErrorLogSpec.Level, _ message: String) {
-        switch level {
-        case .info: logger.info("\(message)")
-        case .notice: logger.notice("\(message)")
-        case .warn: logger.warning("\(message)")
-        default: logger.error("\(message)")
-        }
-    }
-
-    /// The audit line a refusal would have written, written now; the session goes on.
-    private func logDryRun(phase: Phase, rule: RuleReference, decision: LimitDecision, reason: String) {
-        var wouldBe = record
-        wouldBe.status = .serviceUnavailable
-        wouldBe.phase = phase
-        wouldBe.rule = rule
-        wouldBe.limit = decision
-        wouldBe.reason = reason
-        wouldBe.endTime = Date().timeIntervalSince1970
-        runtime.sessionLogger.logDryRun(wouldBe)
-    }
-
-    /// How long `side` must wait before reading again, in nanoseconds (0 = now): its own
-    /// `proxy_*_rate` bucket and every bandwidth bucket its key shares.
+    /// How long `side` must wait before reading again, in nanoseconds (0 = now).
     func readDelay(for side: RelayHandler.Side) -> UInt64 {
-        guard uploadBucket != nil || downloadBucket != nil || !sharedBuckets.isEmpty else { return 0 }
-        let now = NIODeadline.now().uptimeNanoseconds
-        var wait: UInt64 = 0
-        if side == .client, uploadBucket != nil { wait = uploadBucket!.wait(now: now) }
-        if side == .upstream, downloadBucket != nil { wait = downloadBucket!.wait(now: now) }
-        for bucket in sharedBuckets { wait = max(wait, bucket.wait(now: now)) }
-        return wait
+        gate.delay(side == .client ? .fromClient : .fromUpstream, now: NIODeadline.now().uptimeNanoseconds)
     }
 
-    var throttles: Bool { uploadBucket != nil || downloadBucket != nil || !sharedBuckets.isEmpty }
-
-    private func spend(_ bytes: Int, readBy side: RelayHandler.Side) {
-        guard throttles else { return }
-        let now = NIODeadline.now().uptimeNanoseconds
-        if side == .client { uploadBucket?.spend(Double(bytes), now: now) } else { downloadBucket?.spend(Double(bytes), now: now) }
-        for bucket in sharedBuckets { bucket.spend(bytes, now: now) }
-    }
+    var throttles: Bool { gate.throttles }
 
     private func connectNextUpstream() {
         guard let group = upstreamGroup else { return }
@@ -431,7 +311,7 @@ final class RelaySession {
     func noteActivity() { lastActivity = .now() }
 
     func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
-        spend(bytes, readBy: side)
+        gate.spend(bytes, side == .client ? .fromClient : .fromUpstream, now: NIODeadline.now().uptimeNanoseconds)
         if side == .client {
             record.bytesReceived += UInt64(bytes)
             record.upstreamBytesSent += UInt64(bytes)
@@ -531,8 +411,7 @@ final class RelaySession {
         guard !finished, !clientOpen, !upstreamOpen, !connecting else { return }
         finished = true
         // Exactly once, however the session ended: this runs once (`finished`).
-        for slot in connSlots { slot.zone.release(slot.key) }
-        connSlots = []
+        gate.release()
         idleTimer?.cancel()
         headerTimer?.cancel()
         record.endTime = Date().timeIntervalSince1970

@@ -278,7 +278,7 @@ struct PolicyCompiler {
 
         let inheritedLogs = streamLogsOff ? [] : streamLogs.compactMap { accessLog($0, formats: formats) }
         var servers: [ServerPolicy] = []
-        var listenSites: [SocketEndpoint: SourceLocation] = [:]
+        var listenSites: [String: SourceLocation] = [:]
         for (ordinal, block) in serverBlocks.enumerated() {
             var inherited = proxy
             inherited.proxyProtocolTLVs = streamTLVs
@@ -288,11 +288,14 @@ struct PolicyCompiler {
                                           inheritedLogs: inheritedLogs,
                                           proxy: inherited, formats: formats, upstreams: upstreams) {
                 for listen in server.listens {
-                    if let first = listenSites[listen.endpoint] {
+                    // TCP and UDP on the same address and port are different sockets.
+                    let site = SocketEndpoint(address: listen.address, port: listen.port)
+                    let key = listen.udp ? "udp " + site.description : site.description
+                    if let first = listenSites[key] {
                         diagnostics.error("duplicate listen \(listen.endpoint); it is already used at \(first)",
                                           at: listen.location, length: listen.writtenLength)
                     } else {
-                        listenSites[listen.endpoint] = listen.location
+                        listenSites[key] = listen.location
                     }
                 }
                 servers.append(server)
@@ -385,6 +388,12 @@ struct PolicyCompiler {
         }
         // nginx: list directives are inherited only by a level that has none of its own.
         if !tlvDirectives.isEmpty { proxy.proxyProtocolTLVs = tlvs }
+        if listens.contains(where: \.udp) && proxy.sendProxyProtocol == .v1 {
+            // The v1 text header has no way to say UDP; the spec's UDP rule is a v2 DGRAM header
+            // in every datagram.
+            let site = (block.block ?? []).first { $0.name == "proxy_protocol" } ?? block
+            error("\"proxy_protocol on\" (v1) cannot describe UDP: a server with a \"udp\" listen must use \"proxy_protocol v2\" (a v2 DGRAM header in every datagram)", at: site)
+        }
         if proxy.sendProxyProtocol != .v2 && (!proxy.proxyProtocolTLVs.isEmpty || proxy.proxyProtocolCRC32C) {
             let what = proxy.proxyProtocolCRC32C ? "proxy_protocol_crc32c" : "proxy_protocol_tlv"
             let site = (block.block ?? []).first { $0.name == what } ?? tlvDirectives.first ?? block
@@ -524,10 +533,9 @@ struct PolicyCompiler {
                 }
                 spec.keepalive = keepalive
             case "udp":
-                error("\"listen … udp\" is not supported yet: the UDP gateway (issue #6) is not built", at: argument)
-                return nil
+                spec.udp = true
             case "proxy_protocol":
-                spec.proxyProtocol = true
+                spec.proxyProtocol = true  // on udp: a v2 header in every datagram (an extension)
             case "ssl":
                 error("\"listen … ssl\" is part of the rule language but not supported yet: TLS termination is not built (TLS passes through untouched)", at: argument)
                 return nil
@@ -541,6 +549,16 @@ struct PolicyCompiler {
                 }
                 error(message, at: argument)
                 return nil
+            }
+        }
+        if spec.udp {
+            // nginx refuses these with udp too ("… is incompatible with udp").
+            for argument in d.arguments.dropFirst() {
+                let key = splitParameter(argument.text).0
+                if ["backlog=", "so_keepalive=", "deferred", "accept_filter=", "multipath", "fastopen="].contains(key) {
+                    error("\"\(key.hasSuffix("=") ? String(key.dropLast()) : key)\" parameter is incompatible with \"udp\"", at: argument)
+                    return nil
+                }
             }
         }
         return spec
@@ -731,10 +749,12 @@ struct PolicyCompiler {
             }
             proxy.nextUpstreamTries = n
         case "proxy_responses", "proxy_requests":
-            // UDP only in nginx; accepted and checked so TCP servers may share an nginx file.
-            if Int(argument.text) == nil || Int(argument.text)! < 0 {
+            // UDP only, as in nginx (a TCP server ignores them).
+            guard let n = Int(argument.text), n >= 0 else {
                 error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a number", at: argument)
+                return
             }
+            if d.name == "proxy_responses" { proxy.udpResponses = n } else { proxy.udpRequests = n }
         case "proxy_protocol_timeout": if let t = time(argument, in: d) { proxy.proxyProtocolTimeoutMilliseconds = t }
         case "preread_timeout": _ = time(argument, in: d)
         case "proxy_protocol_crc32c": if let v = flag(argument, in: d) { proxy.proxyProtocolCRC32C = v }

@@ -77,14 +77,17 @@ public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {
     public var backlog = 511
     public var keepalive = Keepalive.systemDefault
     public var ipv6Only = true
-    /// `proxy_protocol`: every connection must start with a PROXY header (v1 or v2).
+    /// `proxy_protocol`: every connection must start with a PROXY header (v1 or v2); on a
+    /// `udp` listener, every datagram with a v2 header.
     public var proxyProtocol = false
+    /// `udp`: a datagram listener; sessions are keyed by the client's address and port.
+    public var udp = false
     public var location: SourceLocation
     /// Length of the address as written, for the caret under it in diagnostics.
     public var writtenLength = 1
 
     public var endpoint: SocketEndpoint { SocketEndpoint(address: address, port: port) }
-    public var description: String { endpoint.description }
+    public var description: String { endpoint.description + (udp ? " udp" : "") }
 }
 
 /// One `server { }` block, with stream-level settings already inherited.
@@ -166,6 +169,10 @@ public struct ProxySettings: Sendable, Equatable {
     public var proxyProtocolCRC32C = false
     /// `proxy_protocol_timeout`: how long a `listen … proxy_protocol` waits for the header.
     public var proxyProtocolTimeoutMilliseconds = 30_000
+    /// UDP: `proxy_responses N` — datagrams expected back per client datagram; nil = no limit.
+    public var udpResponses: Int?
+    /// UDP: `proxy_requests N` — client datagrams after which the session takes no more; 0 = no limit.
+    public var udpRequests = 0
 
     public init() {}
 }

@@ -24,7 +24,8 @@ public final class SessionLogger: Sendable {
     }
 
     /// Logs a finished session to the access logs of its server and, if refused, the audit log.
-    public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec]) {
+    /// `audit`: false when the refusal's audit line was written already (`logRefusal`).
+    public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec], audit: Bool = true) {
         if let variables = record.variables {
             // Lines are formatted on the writers' threads: evaluate every rule-defined variable
             // they print here, on the session's thread, so the writers only read remembered values.
@@ -41,7 +42,13 @@ public final class SessionLogger: Sendable {
             }
             file.write(record, format: spec.format)
         }
-        if record.refused { writeAudit(record, dryRun: false) }
+        if record.refused && audit { writeAudit(record, dryRun: false) }
+    }
+
+    /// The audit line of a refusal, written when it is decided (a UDP session refused on its
+    /// first datagram ends only when its client goes quiet).
+    public func logRefusal(_ record: SessionRecord) {
+        writeAudit(record, dryRun: false)
     }
 
     /// A refusal a dry run did not carry out (`limit_conn_dry_run`, `limit_rate_dry_run`): an

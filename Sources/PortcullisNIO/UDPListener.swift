@@ -1,0 +1,161 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import NIOCore
+import NIOPosix
+import PortcullisCore
+import PortcullisPolicy
+import PortcullisWire
+
+/// One `listen … udp` socket and its sessions (docs/decisions/0008-udp-sessions.md).
+///
+/// A session is keyed by who sent the datagram (and, behind a trusted PROXY sender, the client
+/// its v2 header names). Every session lives on this socket's event loop, so the table needs
+/// no lock. The table is bounded: when it holds `maximumSessions`, datagrams that would start a
+/// new session are dropped (said in the error log at most once a second), as a full
+/// `limit_conn` zone refuses new keys.
+final class UDPListenerHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    typealias OutboundOut = AddressedEnvelope<ByteBuffer>
+
+    static let maximumSessions = 65_536
+
+    struct SessionKey: Hashable {
+        /// The sender of the datagram (where replies go).
+        var peer: SocketEndpoint
+        /// The client: the peer, or the address a trusted PROXY v2 header names.
+        var client: SocketEndpoint
+    }
+
+    private let box: RuntimeBox
+    private var context: ChannelHandlerContext?
+    private var sessions: [SessionKey: UDPSession] = [:]
+    /// Datagrams dropped since the last report: bad or missing PROXY header, full table.
+    private var droppedHeaders = 0
+    private var droppedFull = 0
+    private var lastReport = NIODeadline.distantPast
+
+    init(box: RuntimeBox) { self.box = box }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        for session in sessions.values { session.end() }
+        sessions = [:]
+    }
+
+    var localAddress: SocketEndpoint? { context?.channel.localAddress.flatMap(SocketEndpoint.init) }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let envelope = unwrapInboundIn(data)
+        guard let peer = SocketEndpoint(envelope.remoteAddress) else { return }
+        var payload = envelope.data
+        let runtime = box.runtime
+        var client = peer
+        var header: ProxyHeader?
+        if runtime.listen.proxyProtocol {
+            // The spec's UDP rule: a v2 header in every datagram, parsed on its own.
+            guard let (parsed, length) = Self.proxyHeader(payload) else {
+                droppedHeaders += 1
+                report(runtime)
+                return
+            }
+            payload.moveReaderIndex(forwardBy: length)
+            header = parsed
+            // Believed only from set_real_ip_from senders, as for TCP.
+            if runtime.policy.realIPFrom.trusts(peer.address), parsed.transport == .datagram, let source = parsed.source {
+                client = source
+            }
+        }
+        let key = SessionKey(peer: peer, client: client)
+        if let session = sessions[key], session.takesDatagrams {
+            session.clientDatagram(payload)
+            return
+        }
+        guard sessions.count < Self.maximumSessions else {
+            droppedFull += 1
+            report(runtime)
+            return
+        }
+        let session = UDPSession(runtime: runtime, listener: self, eventLoop: context.eventLoop, key: key,
+                                 server: localAddress ?? runtime.listen.endpoint, header: header)
+        sessions[key] = session
+        session.start(payload)
+    }
+
+    /// A v2 header at the front of a datagram; nil for anything else (a v1 line, a partial or
+    /// broken header, none at all).
+    static func proxyHeader(_ datagram: ByteBuffer) -> (ProxyHeader, Int)? {
+        datagram.withUnsafeReadableBytes { raw in
+            guard raw.count >= 16, raw.starts(with: ProxyHeaderDecoder.v2Signature) else { return nil }
+            guard let decoded = try? ProxyHeaderDecoder.decode(raw), decoded != nil else { return nil }
+            return decoded
+        }
+    }
+
+    private func report(_ runtime: ServerRuntime) {
+        let now = NIODeadline.now()
+        guard now - lastReport >= .seconds(1) else { return }
+        lastReport = now
+        if droppedHeaders > 0 {
+            runtime.errorLog.error("dropped \(droppedHeaders) datagrams without a valid PROXY protocol v2 header on \(runtime.listen)")
+            droppedHeaders = 0
+        }
+        if droppedFull > 0 {
+            runtime.errorLog.error("dropped \(droppedFull) datagrams: \(runtime.listen) already has \(Self.maximumSessions) UDP sessions")
+            droppedFull = 0
+        }
+    }
+
+    /// Sends a reply to `peer` from this socket (the address the client sent to).
+    func send(_ buffer: ByteBuffer, to peer: SocketEndpoint) {
+        context?.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: peer.socketAddress, data: buffer)), promise: nil)
+    }
+
+    /// The session takes no more datagrams: later ones from the same client start a new one.
+    func detach(_ session: UDPSession) {
+        if sessions[session.key] === session { sessions.removeValue(forKey: session.key) }
+    }
+
+    var sessionCount: Int { sessions.count }
+}
+
+extension Listener {
+    /// `listen … udp`: one datagram socket (one per event loop with `reuseport`; the kernel
+    /// then keeps each client on one socket by hashing its address and port).
+    static func bindUDP(_ box: RuntimeBox, group: MultiThreadedEventLoopGroup) async throws -> [any Channel] {
+        let listen = box.runtime.listen
+        let loops: [any EventLoop] = listen.reusePort ? group.makeIterator().map { $0 } : [group.next()]
+        var channels: [any Channel] = []
+        do {
+            for loop in loops {
+                let bootstrap = DatagramBootstrap(group: loop)
+                    .channelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            let options = channel.syncOptions!
+                            if listen.reusePort {
+                                try options.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
+                            }
+                            if case .v6 = listen.address {
+                                try options.setOption(
+                                    ChannelOptions.Types.SocketOption(level: .ipv6, name: .init(rawValue: IPV6_V6ONLY)),
+                                    value: listen.ipv6Only ? 1 : 0)
+                            }
+                            // Room for bursts of queries before the loop gets to them.
+                            try options.setOption(.socketOption(.so_rcvbuf), value: 4 * 1024 * 1024)
+                            try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65_536))
+                            try options.setOption(.maxMessagesPerRead, value: 16)
+                            try channel.pipeline.syncOperations.addHandler(UDPListenerHandler(box: box))
+                        }
+                    }
+                channels.append(try await bootstrap.bind(to: listen.endpoint.socketAddress).get())
+            }
+        } catch {
+            for channel in channels { try? await channel.close() }
+            throw ListenError(listen: listen, underlying: error)
+        }
+        return channels
+    }
+}

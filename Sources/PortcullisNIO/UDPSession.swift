@@ -1,0 +1,292 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import PortcullisCore
+import PortcullisPolicy
+import PortcullisTelemetry
+import PortcullisWire
+
+/// One UDP session: the policy runs once, on its first datagram (access, limits, upstream
+/// choice); then datagrams go to the session's own upstream socket and replies come back from
+/// the listener's socket. `proxy_requests`, `proxy_responses` and `proxy_timeout` end it as in
+/// nginx; its record is logged when it ends. Lives on the listener's event loop only.
+final class UDPSession {
+    let runtime: ServerRuntime
+    let key: UDPListenerHandler.SessionKey
+    private let listener: UDPListenerHandler
+    private let eventLoop: any EventLoop
+    private(set) var record: SessionRecord
+    let id: UInt64
+
+    private var gate = SessionGate()
+    private var upstream: (any Channel)?
+    private var connecting = false
+    /// Client datagrams that arrived before the upstream socket was ready (bounded).
+    private var pending: [ByteBuffer] = []
+    private static let maximumPending = 64
+    /// `proxy_protocol v2` to the upstream: the header every datagram starts with.
+    private var proxyHeader: [UInt8]?
+    private var requests = 0
+    private var responses = 0
+    /// Datagrams dropped by a bandwidth limit (UDP has no backpressure), for the error log.
+    private var throttled = 0
+    private var refused = false
+    private var detached = false
+    private var finished = false
+    private var idleTimer: Scheduled<Void>?
+    private var lastActivity = NIODeadline.now()
+    private var upstreamStarted: NIODeadline?
+
+    init(runtime: ServerRuntime, listener: UDPListenerHandler, eventLoop: any EventLoop,
+         key: UDPListenerHandler.SessionKey, server: SocketEndpoint, header: ProxyHeader?) {
+        self.runtime = runtime
+        self.listener = listener
+        self.eventLoop = eventLoop
+        self.key = key
+        let bound = NIOLoopBound(WeakSession(), eventLoop: eventLoop)
+        self.id = runtime.registry.open(end: { [eventLoop] in
+            eventLoop.execute { bound.value.session?.end() }
+        })
+        record = SessionRecord(connection: id, transport: .udp, client: key.client, server: server,
+                               listener: runtime.listen.description, startTime: Date().timeIntervalSince1970)
+        record.peer = key.peer
+        record.proxyHeader = header
+        record.variables = runtime.policy.makeSessionVariables()
+        bound.value.session = self
+    }
+
+    /// A drain's way in without keeping the session alive.
+    private final class WeakSession {
+        weak var session: UDPSession?
+    }
+
+    private var where_: String { "udp client: \(record.client.address), server: \(record.server)" }
+
+    /// Whether a datagram from this client still belongs to this session.
+    var takesDatagrams: Bool { !finished && !detached }
+
+    // MARK: Phases
+
+    /// access → limit_conn → limit_rate → upstream_pick, once, on the first datagram.
+    func start(_ first: ByteBuffer) {
+        armIdleTimer()
+        let policy = runtime.policy
+        guard SessionGate.access(policy, record: &record) else {
+            runtime.errorLog.log(.error, "access forbidden by rule, \(where_)", connection: id)
+            refuse(first)
+            return
+        }
+        let allowed = gate.limits(policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
+                                  wallClock: Date().timeIntervalSince1970, where: where_) { event in
+            switch event {
+            case .log(let level, let message): runtime.errorLog.log(level, message, connection: id)
+            case .dryRun(let wouldBe): runtime.sessionLogger.logDryRun(wouldBe)
+            }
+        }
+        guard allowed else {
+            refuse(first)
+            return
+        }
+        let (group, text) = policy.upstream(for: record)
+        guard let group, let index = group.pick(excluding: [], now: Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000)) else {
+            runtime.errorLog.log(.error, "no upstream for \"\(text)\", \(where_)", connection: id)
+            record.status = .badGateway
+            record.phase = .upstreamPick
+            record.reason = "no live upstreams"
+            refuse(first)
+            return
+        }
+        if policy.proxy.sendProxyProtocol == .v2 {
+            let tlvs = policy.proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
+            proxyHeader = ProxyHeaderEncoder.v2(source: record.client, destination: record.server, transport: .datagram,
+                                                tlvs: tlvs, crc32c: policy.proxy.proxyProtocolCRC32C)
+        }
+        connect(to: group.servers[index].endpoint, group: group, index: index)
+        clientDatagram(first)
+    }
+
+    /// A refused session keeps its place in the table until it is idle, so that the client's
+    /// further datagrams are dropped without a second decision or a second audit line.
+    private func refuse(_ first: ByteBuffer) {
+        refused = true
+        countFromClient(first.readableBytes)
+        runtime.sessionLogger.logRefusal(record)
+    }
+
+    private func connect(to endpoint: SocketEndpoint, group: UpstreamGroup, index: Int) {
+        connecting = true
+        upstreamStarted = .now()
+        let handler = UDPUpstreamHandler()
+        let boundHandler = NIOLoopBound(handler, eventLoop: eventLoop)
+        DatagramBootstrap(group: eventLoop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(boundHandler.value)
+                }
+            }
+            .connect(to: endpoint.socketAddress)
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                connecting = false
+                let now = Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000)
+                switch result {
+                case .success(let channel):
+                    group.report(index, succeeded: true, now: now)
+                    record.upstreamAttempts.append(UpstreamAttempt(address: endpoint, connectTime: 0))
+                    guard !finished else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    handler.session = self
+                    upstream = channel
+                    let queued = pending
+                    pending = []
+                    for datagram in queued { sendUpstream(datagram) }
+                    if runtime.policy.proxy.udpResponses == 0 && !queued.isEmpty { end() }
+                case .failure(let error):
+                    group.report(index, succeeded: false, now: now)
+                    record.upstreamAttempts.append(UpstreamAttempt(address: endpoint, connectTime: nil))
+                    runtime.errorLog.log(.error, "\(RelaySession.describe(connectError: error)) while connecting to upstream, \(where_), upstream: \"\(endpoint)\"", connection: id)
+                    record.status = .badGateway
+                    record.phase = .upstreamPick
+                    record.reason = "upstream unreachable"
+                    end()
+                }
+            }
+    }
+
+    // MARK: Datagrams
+
+    private func countFromClient(_ bytes: Int) {
+        record.bytesReceived += UInt64(bytes)
+        lastActivity = .now()
+    }
+
+    /// A datagram from the client (after its PROXY header, if the listener reads one).
+    func clientDatagram(_ payload: ByteBuffer) {
+        countFromClient(payload.readableBytes)
+        guard !refused, !finished else { return }
+        requests += 1
+        let requestLimit = runtime.policy.proxy.udpRequests
+        if requestLimit > 0 && requests >= requestLimit {
+            // nginx's proxy_requests: this session takes no more; it ends once the responses
+            // are in (or at proxy_timeout).
+            detached = true
+            listener.detach(self)
+        }
+        let now = NIODeadline.now().uptimeNanoseconds
+        if gate.delay(.fromClient, now: now) > 0 {
+            throttled += 1
+            return
+        }
+        gate.spend(payload.readableBytes, .fromClient, now: now)
+        guard upstream != nil else {
+            if pending.count < Self.maximumPending { pending.append(payload) }
+            return
+        }
+        sendUpstream(payload)
+        if runtime.policy.proxy.udpResponses == 0 { end() }  // fire and forget
+    }
+
+    private func sendUpstream(_ payload: ByteBuffer) {
+        guard let upstream else { return }
+        var datagram: ByteBuffer
+        if let proxyHeader {
+            // The spec's UDP rule: header and payload in one datagram, every datagram.
+            datagram = upstream.allocator.buffer(capacity: proxyHeader.count + payload.readableBytes)
+            datagram.writeBytes(proxyHeader)
+            datagram.writeImmutableBuffer(payload)
+        } else {
+            datagram = payload
+        }
+        record.upstreamBytesSent += UInt64(datagram.readableBytes)
+        upstream.writeAndFlush(datagram, promise: nil)
+    }
+
+    /// A datagram from the upstream: back to the client, from the listener's address.
+    func upstreamDatagram(_ payload: ByteBuffer) {
+        guard !finished else { return }
+        lastActivity = .now()
+        record.upstreamBytesReceived += UInt64(payload.readableBytes)
+        responses += 1
+        let now = NIODeadline.now().uptimeNanoseconds
+        if gate.delay(.fromUpstream, now: now) > 0 {
+            throttled += 1
+        } else {
+            gate.spend(payload.readableBytes, .fromUpstream, now: now)
+            record.bytesSent += UInt64(payload.readableBytes)
+            listener.send(payload, to: key.peer)
+        }
+        // nginx's proxy_responses: the session is done once every request has its answers.
+        if let expected = runtime.policy.proxy.udpResponses, responses >= expected * requests {
+            end()
+        }
+    }
+
+    /// The upstream socket failed (an ICMP "port unreachable" shows up as ECONNREFUSED).
+    func upstreamFailed(_ error: any Error) {
+        runtime.errorLog.log(.error, "\(RelaySession.describe(connectError: error)) while proxying to upstream, \(where_)", connection: id)
+        if responses == 0 {
+            record.status = .badGateway
+            record.phase = .relay
+            record.reason = "upstream refused the datagrams"
+        }
+        end()
+    }
+
+    // MARK: End
+
+    private func armIdleTimer() {
+        let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
+        idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
+            if NIODeadline.now() - lastActivity >= timeout {
+                end()
+            } else {
+                armIdleTimer()
+            }
+        }
+    }
+
+    /// Ends the session once: gives back its limit slots, closes its upstream socket, logs one
+    /// record (the audit line of a refusal was written when it was refused).
+    func end() {
+        guard !finished else { return }
+        finished = true
+        idleTimer?.cancel()
+        listener.detach(self)
+        upstream?.close(promise: nil)
+        gate.release()
+        if throttled > 0 {
+            runtime.errorLog.log(.info, "dropped \(throttled) datagrams over the session's rate limit, \(where_)", connection: id)
+        }
+        record.endTime = Date().timeIntervalSince1970
+        if let upstreamStarted {
+            record.upstreamSessionTime = Double((NIODeadline.now() - upstreamStarted).nanoseconds) / 1e9
+        }
+        runtime.registry.close(id)
+        runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, audit: !refused)
+    }
+}
+
+/// The session's upstream socket: replies in, errors to the session.
+final class UDPUpstreamHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    var session: UDPSession?
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        session?.upstreamDatagram(unwrapInboundIn(data).data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        session?.upstreamFailed(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        session = nil  // breaks the session ↔ handler cycle
+        context.fireChannelInactive()
+    }
+}

@@ -1,0 +1,178 @@
+public import PortcullisCore
+
+/// The decisions a session's first moments make, the same for TCP and UDP: access (address and
+/// variable rules), then `limit_conn`, then `limit_rate`. Pure: it fills in the session's
+/// record and holds what the session took (limit slots, buckets); the transport logs the
+/// events it reports and gives everything back once, when the session ends.
+public struct SessionGate: Sendable {
+    /// What a decision wants said, in nginx's words where nginx has them.
+    public enum Event: Sendable {
+        /// An error-log line at the given level.
+        case log(ErrorLogSpec.Level, String)
+        /// A refusal a dry run did not carry out: the audit line it would have written.
+        case dryRun(SessionRecord)
+    }
+
+    private var connSlots: [(zone: LimitConnZone, key: [UInt8])] = []
+    /// Bandwidth buckets of `limit_rate` zones this session's key shares.
+    public private(set) var sharedBuckets: [SharedBucket] = []
+    /// `proxy_upload_rate` / `proxy_download_rate`: this session's own buckets.
+    private var uploadBucket: TokenBucket?
+    private var downloadBucket: TokenBucket?
+
+    public init() {}
+
+    // MARK: Access
+
+    /// access: first match over address and variable rules. On refusal the record says 403,
+    /// the rule, and the variable that decided.
+    public static func access(_ policy: ServerPolicy, record: inout SessionRecord) -> Bool {
+        let access = policy.access
+        let verdict: AccessVerdict
+        if access.hasVariableRules {
+            // Variables are read lazily, only for variable rules that precede the address match.
+            let current = record
+            verdict = access.evaluate(current.client.address) { VariableRenderer.value(of: $0, in: current, host: .current) }
+        } else {
+            verdict = access.evaluate(record.client.address)
+        }
+        guard !verdict.allowed else { return true }
+        record.status = .forbidden
+        record.phase = .access
+        record.rule = verdict.rule?.reference
+        if let rule = verdict.rule, let name = rule.variableName {
+            record.decidingVariable = (name, verdict.variableValue ?? [])
+        }
+        record.reason = "access forbidden by rule"
+        return false
+    }
+
+    // MARK: Limits
+
+    /// limit_conn, then limit_rate: true if the session may go on (the record then says why
+    /// not: 503, the phase, the rule, the zone and key). `now`: monotonic nanoseconds;
+    /// `wallClock`: seconds since 1970. `report` is told what to log.
+    public mutating func limits(_ policy: ServerPolicy, record: inout SessionRecord, now: UInt64, wallClock: Double,
+                                where place: String, report: (Event) -> Void) -> Bool {
+        let limits = policy.limits
+        guard !limits.conn.isEmpty || !limits.rate.isEmpty || limits.throttles else { return true }
+        for rule in limits.conn {
+            let zone = rule.zone
+            guard let key = Self.key(zone.key, zone: zone.name, record: record, where: place, report: report) else { continue }
+            let outcome = zone.acquire(key, limit: rule.limit)
+            if outcome == .acquired {
+                connSlots.append((zone, key))
+                record.limitConnStatus = "PASSED"
+                continue
+            }
+            let decision = LimitDecision(zone: zone.name, key: key, limit: String(rule.limit))
+            let reason: String
+            if outcome == .zoneFull {
+                reason = "limit_conn zone \"\(zone.name)\" is full"
+                // nginx: "[crit] ngx_slab_alloc() failed: no memory in limit_conn_zone"; at most once a second.
+                if zone.shouldReportFull(now: Int64(wallClock.rounded(.down))) {
+                    report(.log(.crit, "no memory in limit_conn_zone \"\(zone.name)\": it holds \(zone.capacity) keys (\(zone.size) bytes); new keys are refused, \(place)"))
+                }
+            } else {
+                reason = "limiting connections by zone \"\(zone.name)\""
+                report(.log(limits.connLogLevel, "limiting connections\(limits.connDryRun ? ", dry run," : "") by zone \"\(zone.name)\", \(place)"))
+            }
+            if limits.connDryRun {
+                // nginx: a dry-run rejection gives back the slots taken so far and stops checking
+                // limit_conn (the session goes on, counted in no zone).
+                release()
+                record.limitConnStatus = "REJECTED_DRY_RUN"
+                report(.dryRun(Self.wouldBe(record, phase: .limitConn, rule: rule.reference, decision: decision, reason: reason, at: wallClock)))
+                break
+            }
+            record.limitConnStatus = "REJECTED"
+            Self.refuse(&record, phase: .limitConn, rule: rule.reference, decision: decision, reason: reason)
+            return false
+        }
+        for rule in limits.rate {
+            let zone = rule.zone
+            guard let key = Self.key(zone.key, zone: zone.name, record: record, where: place, report: report) else { continue }
+            switch zone.kind {
+            case .bandwidth:
+                sharedBuckets.append(zone.bucket(for: key, now: now))
+            case .sessions:
+                guard !zone.admit(key, now: now) else { continue }
+                let decision = LimitDecision(zone: zone.name, key: key, limit: "\(zone.rateText) burst=\(Int(zone.burst))")
+                let reason = "limiting sessions by zone \"\(zone.name)\""
+                report(.log(.error, "\(reason)\(limits.rateDryRun ? ", dry run" : ""), \(place)"))
+                if limits.rateDryRun {
+                    report(.dryRun(Self.wouldBe(record, phase: .limitRate, rule: rule.reference, decision: decision, reason: reason, at: wallClock)))
+                    continue
+                }
+                Self.refuse(&record, phase: .limitRate, rule: rule.reference, decision: decision, reason: reason)
+                return false
+            }
+        }
+        if limits.uploadRate > 0 {
+            uploadBucket = TokenBucket(rate: Double(limits.uploadRate), burst: Double(limits.uploadRate), now: now)
+        }
+        if limits.downloadRate > 0 {
+            downloadBucket = TokenBucket(rate: Double(limits.downloadRate), burst: Double(limits.downloadRate), now: now)
+        }
+        return true
+    }
+
+    /// Gives back every `limit_conn` slot; call once, when the session ends.
+    public mutating func release() {
+        for slot in connSlots { slot.zone.release(slot.key) }
+        connSlots = []
+    }
+
+    /// A zone's key for this session; nil when it is not counted: empty (as nginx), or longer
+    /// than 255 bytes (nginx refuses to count it and says so).
+    private static func key(_ template: LogTemplate, zone: String, record: SessionRecord, where place: String,
+                            report: (Event) -> Void) -> [UInt8]? {
+        let key = template.bytes(for: record)
+        guard !key.isEmpty else { return nil }
+        guard key.count <= 255 else {
+            report(.log(.error, "the value of the key of zone \"\(zone)\" is more than 255 bytes, not counted, \(place)"))
+            return nil
+        }
+        return key
+    }
+
+    private static func refuse(_ record: inout SessionRecord, phase: Phase, rule: RuleReference, decision: LimitDecision,
+                               reason: String) {
+        record.status = .serviceUnavailable
+        record.phase = phase
+        record.rule = rule
+        record.limit = decision
+        record.reason = reason
+    }
+
+    private static func wouldBe(_ record: SessionRecord, phase: Phase, rule: RuleReference, decision: LimitDecision,
+                                reason: String, at time: Double) -> SessionRecord {
+        var wouldBe = record
+        refuse(&wouldBe, phase: phase, rule: rule, decision: decision, reason: reason)
+        wouldBe.endTime = time
+        return wouldBe
+    }
+
+    // MARK: Bandwidth
+
+    public enum Direction: Sendable { case fromClient, fromUpstream }
+
+    public var throttles: Bool { uploadBucket != nil || downloadBucket != nil || !sharedBuckets.isEmpty }
+
+    /// Nanoseconds to wait before reading (or, for UDP, sending) in `direction`; 0 = now.
+    public mutating func delay(_ direction: Direction, now: UInt64) -> UInt64 {
+        guard throttles else { return 0 }
+        var wait: UInt64 = 0
+        if direction == .fromClient, uploadBucket != nil { wait = uploadBucket!.wait(now: now) }
+        if direction == .fromUpstream, downloadBucket != nil { wait = downloadBucket!.wait(now: now) }
+        for bucket in sharedBuckets { wait = max(wait, bucket.wait(now: now)) }
+        return wait
+    }
+
+    /// Counts `bytes` moved in `direction` against every bucket that applies.
+    public mutating func spend(_ bytes: Int, _ direction: Direction, now: UInt64) {
+        guard throttles else { return }
+        if direction == .fromClient { uploadBucket?.spend(Double(bytes), now: now) } else { downloadBucket?.spend(Double(bytes), now: now) }
+        for bucket in sharedBuckets { bucket.spend(bytes, now: now) }
+    }
+}
