@@ -85,6 +85,8 @@ public struct SessionGate: Sendable {
                 report(.dryRun(Self.wouldBe(record, phase: .limitConn, rule: rule.reference, decision: decision, reason: reason, at: wallClock)))
                 break
             }
+            // Earlier zones' slots go back now, as nginx's rollback, not when the session ends.
+            release()
             record.limitConnStatus = "REJECTED"
             Self.refuse(&record, phase: .limitConn, rule: rule.reference, decision: decision, reason: reason)
             return false
