@@ -82,8 +82,11 @@ final class RelayHandler: ChannelDuplexHandler {
         readScheduled = true
         context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(min(delay, 1_000_000_000)))) { [self] in
             readScheduled = false
+            // The wait was this side's reserved turn (SharedBucket): read now, without asking
+            // again, or the turn would go to the back of the line.
+            guard let context = self.context, !inputIsClosed else { return }
             if partner?.isWritable ?? false {
-                readIfAllowed()
+                context.read()
             } else {
                 wantsRead = true
             }

@@ -126,17 +126,36 @@ public final class LimitRateZone: Sendable {
 }
 
 /// A token bucket several connections (on several event loops) draw from.
+///
+/// Sharing is by turns: a connection that finds the bucket empty is given the next free turn
+/// (one read's worth of time after the turn before it), so the connections of one key read in
+/// rotation instead of racing for each refill.
 public final class SharedBucket: Sendable {
-    private let state: Mutex<TokenBucket>
+    private struct State {
+        var bucket: TokenBucket
+        /// When the last turn handed out ends (monotonic nanoseconds).
+        var turnsUntil: UInt64 = 0
+    }
 
-    public init(_ bucket: TokenBucket) { state = Mutex(bucket) }
+    private let state: Mutex<State>
 
-    public func take(now: UInt64) -> Bool { state.withLock { $0.take(now: now) } }
+    public init(_ bucket: TokenBucket) { state = Mutex(State(bucket: bucket)) }
 
-    public func spend(_ count: Int, now: UInt64) { state.withLock { $0.spend(Double(count), now: now) } }
+    public func take(now: UInt64) -> Bool { state.withLock { $0.bucket.take(now: now) } }
 
-    /// Nanoseconds until a read may go ahead; 0 now.
-    public func wait(now: UInt64) -> UInt64 { state.withLock { $0.wait(now: now) } }
+    public func spend(_ count: Int, now: UInt64) { state.withLock { $0.bucket.spend(Double(count), now: now) } }
 
-    public var tokens: Double { state.withLock { $0.tokens } }
+    /// Nanoseconds until a read may go ahead; 0 now. A wait is a reserved turn: the caller
+    /// reads when it is over without asking again. `chunk`: the bytes one read may take.
+    public func wait(now: UInt64, chunk: Int = 16 * 1024) -> UInt64 {
+        state.withLock { state in
+            let ready = state.bucket.wait(now: now)
+            guard ready > 0 || state.turnsUntil > now else { return 0 }
+            let turn = max(now + ready, state.turnsUntil)
+            state.turnsUntil = turn + UInt64(Double(chunk) / state.bucket.rate * 1e9)
+            return turn - now
+        }
+    }
+
+    public var tokens: Double { state.withLock { $0.bucket.tokens } }
 }
