@@ -35,6 +35,8 @@ final class UDPListenerHandler: ChannelInboundHandler {
     private var droppedHeaders = 0
     private var droppedFull = 0
     private var lastReport = NIODeadline.distantPast
+    /// A report is due at the end of the current second (drops seen since the last one).
+    private var reportScheduled = false
 
     init(box: RuntimeBox) { self.box = box }
 
@@ -96,7 +98,18 @@ final class UDPListenerHandler: ChannelInboundHandler {
 
     private func report(_ runtime: ServerRuntime) {
         let now = NIODeadline.now()
-        guard now - lastReport >= .seconds(1) else { return }
+        guard now - lastReport >= .seconds(1) else {
+            // At most once a second, but said: drops within the second are reported when it is
+            // up, even if no further datagram is dropped to trigger it.
+            if !reportScheduled, let context {
+                reportScheduled = true
+                context.eventLoop.assumeIsolated().scheduleTask(deadline: lastReport + .seconds(1)) { [self] in
+                    reportScheduled = false
+                    if self.context != nil { report(box.runtime) }
+                }
+            }
+            return
+        }
         lastReport = now
         if droppedHeaders > 0 {
             runtime.errorLog.error("dropped \(droppedHeaders) datagrams without a valid PROXY protocol v2 header on \(runtime.listen)")
