@@ -80,7 +80,7 @@ final class RelayHandler: ChannelDuplexHandler {
             return
         }
         readScheduled = true
-        context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(min(delay, 1_000_000_000)))) { [self] in
+        context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(clamping: delay))) { [self] in
             readScheduled = false
             // The wait was this side's reserved turn (SharedBucket): read now, without asking
             // again, or the turn would go to the back of the line.

@@ -40,10 +40,21 @@ public final class LimitConnZone: Sendable {
         case zoneFull
     }
 
+    /// A per-process seed: which keys share a shard cannot be worked out from outside.
+    private static let seed = UInt64.random(in: 1...UInt64.max)
+
+    /// FNV-1a over the key, seeded, then mixed (MurmurHash3's finalizer) so that every bit of
+    /// every byte reaches the top bits the shard is taken from. (Plain FNV-1a modulo 16 depends
+    /// only on the low 4 bits of each byte: 10.0.0.0, .16, .32 … would share one shard.)
     static func shard(of key: [UInt8]) -> Int {
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325 ^ seed
         for byte in key { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return Int(hash % UInt64(shardCount))
+        hash ^= hash >> 33
+        hash &*= 0xff51_afd7_ed55_8ccd
+        hash ^= hash >> 33
+        hash &*= 0xc4ce_b9fe_1a85_ec53
+        hash ^= hash >> 33
+        return Int(hash >> 60)
     }
 
     /// Counts one more session for `key` unless it already has `limit`.
