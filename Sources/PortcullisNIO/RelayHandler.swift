@@ -94,9 +94,11 @@ final class RelayHandler: ChannelDuplexHandler {
     }
 
     /// 16 KiB reads, one per event loop turn: a throttled session overdraws its bucket by at
-    /// most one read.
+    /// most one read. A small receive buffer too: when the peer closes, NIO reads everything
+    /// the socket holds at once (autoRead or not), so that is all that can pass unthrottled.
     func limitReadSize() {
         guard let options = context?.channel.syncOptions else { return }
+        try? options.setOption(.socketOption(.so_rcvbuf), value: 64 * 1024)
         try? options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 16 * 1024))
         try? options.setOption(.maxMessagesPerRead, value: 1)
     }

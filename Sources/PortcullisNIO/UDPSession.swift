@@ -179,7 +179,7 @@ final class UDPSession {
             listener.detach(self)
         }
         let now = NIODeadline.now().uptimeNanoseconds
-        if gate.delay(.fromClient, now: now) > 0 {
+        if gate.delay(.fromClient, now: now, reserve: false) > 0 {
             throttled += 1
             return
         }
@@ -214,7 +214,7 @@ final class UDPSession {
         record.upstreamBytesReceived += UInt64(payload.readableBytes)
         responses += 1
         let now = NIODeadline.now().uptimeNanoseconds
-        if gate.delay(.fromUpstream, now: now) > 0 {
+        if gate.delay(.fromUpstream, now: now, reserve: false) > 0 {
             throttled += 1
         } else {
             gate.spend(payload.readableBytes, .fromUpstream, now: now)

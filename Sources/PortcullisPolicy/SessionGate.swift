@@ -71,7 +71,7 @@ public struct SessionGate: Sendable {
                 reason = "limit_conn zone \"\(zone.name)\" is full"
                 // nginx: "[crit] ngx_slab_alloc() failed: no memory in limit_conn_zone"; at most once a second.
                 if zone.shouldReportFull(now: Int64(wallClock.rounded(.down))) {
-                    report(.log(.crit, "no memory in limit_conn_zone \"\(zone.name)\": it holds \(zone.capacity) keys (\(zone.size) bytes); new keys are refused, \(place)"))
+                    report(.log(.crit, "no memory in limit_conn_zone \"\(zone.name)\": the part of the zone this key falls in is full (the zone holds up to \(zone.capacity) keys in 16 parts, \(zone.size) bytes); new keys there are refused, \(place)"))
                 }
             } else {
                 reason = "limiting connections by zone \"\(zone.name)\""
@@ -96,7 +96,8 @@ public struct SessionGate: Sendable {
             guard let key = Self.key(zone.key, zone: zone.name, record: record, where: place, report: report) else { continue }
             switch zone.kind {
             case .bandwidth:
-                sharedBuckets.append(zone.bucket(for: key, now: now))
+                // A dry run refuses nothing; for a bandwidth zone that means it does not throttle.
+                if !limits.rateDryRun { sharedBuckets.append(zone.bucket(for: key, now: now)) }
             case .sessions:
                 guard !zone.admit(key, now: now) else { continue }
                 let decision = LimitDecision(zone: zone.name, key: key, limit: "\(zone.rateText) burst=\(Int(zone.burst))")
@@ -161,13 +162,14 @@ public struct SessionGate: Sendable {
 
     public var throttles: Bool { uploadBucket != nil || downloadBucket != nil || !sharedBuckets.isEmpty }
 
-    /// Nanoseconds to wait before reading (or, for UDP, sending) in `direction`; 0 = now.
-    public mutating func delay(_ direction: Direction, now: UInt64) -> UInt64 {
+    /// Nanoseconds to wait before reading in `direction`; 0 = now. TCP waits, and so takes a
+    /// turn on shared buckets; UDP (`reserve: false`) drops the datagram instead of waiting.
+    public mutating func delay(_ direction: Direction, now: UInt64, reserve: Bool = true) -> UInt64 {
         guard throttles else { return 0 }
         var wait: UInt64 = 0
         if direction == .fromClient, uploadBucket != nil { wait = uploadBucket!.wait(now: now) }
         if direction == .fromUpstream, downloadBucket != nil { wait = downloadBucket!.wait(now: now) }
-        for bucket in sharedBuckets { wait = max(wait, bucket.wait(now: now)) }
+        for bucket in sharedBuckets { wait = max(wait, bucket.wait(now: now, reserve: reserve)) }
         return wait
     }
 

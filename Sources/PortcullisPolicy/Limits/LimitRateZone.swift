@@ -147,9 +147,11 @@ public final class SharedBucket: Sendable {
 
     /// Nanoseconds until a read may go ahead; 0 now. A wait is a reserved turn: the caller
     /// reads when it is over without asking again. `chunk`: the bytes one read may take.
-    public func wait(now: UInt64, chunk: Int = 16 * 1024) -> UInt64 {
+    /// `reserve: false` only asks (UDP drops a datagram rather than wait, so it takes no turn).
+    public func wait(now: UInt64, chunk: Int = 16 * 1024, reserve: Bool = true) -> UInt64 {
         state.withLock { state in
             let ready = state.bucket.wait(now: now)
+            guard reserve else { return ready }
             guard ready > 0 || state.turnsUntil > now else { return 0 }
             let turn = max(now + ready, state.turnsUntil)
             state.turnsUntil = turn + UInt64(Double(chunk) / state.bucket.rate * 1e9)

@@ -131,3 +131,134 @@ measure("geo table lookup alone, 1,000,000 CIDRs", lookups: geoProbes.count * 20
     for _ in 0..<20 { for probe in geoProbes where raw.lookup(probe) != nil { found += 1 } }
     return found
 }
+
+// Limits (issue #5): the cost of one limit check on one core. A key is a client address as
+// `$remote_addr` renders it ("10.1.2.3"), made afresh for each check as a session makes it, for
+// 1,000,000 distinct addresses drawn at random; the first line is that rendering alone, which
+// the other lines include. Time is passed in (1 µs later for every check), as the gateway
+// passes in its monotonic clock.
+func measureChecks(_ label: String, checks: Int, _ body: () -> Int) {
+    let start = DispatchTime.now().uptimeNanoseconds
+    let sink = body()
+    let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+    print(String(format: "%-60@ %7.1f M checks/s   (%.0f ns each, sink %d)",
+                 label as NSString, Double(checks) / seconds / 1e6, seconds / Double(checks) * 1e9, sink))
+}
+/// "10.x.y.z" for address number `i`, as bytes: what rendering `$remote_addr` gives.
+@Sendable func limitKey(_ i: Int32) -> [UInt8] {
+    let a = UInt32(10) << 24 | UInt32(i + 1)
+    var out: [UInt8] = []
+    out.reserveCapacity(15)
+    for shift in [24, 16, 8, 0] as [UInt32] {
+        let octet = UInt8(truncatingIfNeeded: a >> shift)
+        if octet >= 100 { out.append(48 + octet / 100) }
+        if octet >= 10 { out.append(48 + octet / 10 % 10) }
+        out.append(48 + octet % 10)
+        if shift > 0 { out.append(UInt8(ascii: ".")) }
+    }
+    return out
+}
+print("Limit checks, one core")
+let limitDraws: [Int32] = (0..<4_000_000).map { _ in Int32.random(in: 0..<1_000_000, using: &rng) }
+let noKey = LogTemplate(parts: [])
+measureChecks("render the key alone (included below)", checks: limitDraws.count) {
+    var sum = 0
+    for draw in limitDraws { sum &+= limitKey(draw).count }
+    return sum
+}
+
+// limit_conn: acquire when the session starts, release when it ends. An empty zone (each key
+// inserted and removed again), and one that holds 100,000 sessions of other keys.
+for held in [0, 100_000] {
+    let zone = LimitConnZone(name: "flood", key: noKey, size: 10 * 1024 * 1024, location: nil)
+    for i in 0..<held { _ = zone.acquire(Array("held-\(i)".utf8), limit: 1) }
+    measureChecks("limit_conn acquire+release, 10m zone, \(held) held", checks: limitDraws.count) {
+        var refused = 0
+        for draw in limitDraws {
+            let key = limitKey(draw)
+            if zone.acquire(key, limit: 1) == .acquired { zone.release(key) } else { refused += 1 }
+        }
+        return refused
+    }
+}
+
+// limit_rate (sessions): one admit per new session. Drawn from 1,000,000 keys the 10m zone
+// (81,920 keys) is full and nearly every check evicts its shard's least recently used key;
+// drawn from 50,000 keys every key stays in the zone.
+for population in [1_000_000, 50_000] as [Int32] {
+    let zone = LimitRateZone(name: "rate", key: noKey, kind: .sessions, rate: 10, burst: 10,
+                             size: 10 * 1024 * 1024, rateText: "10r/s", location: nil)
+    var now: UInt64 = 1_000_000_000
+    for draw in limitDraws.prefix(200_000) { now += 1_000; _ = zone.admit(limitKey(draw % population), now: now) }
+    measureChecks("limit_rate admit, 10m zone, keys from \(population)", checks: limitDraws.count) {
+        var refused = 0
+        for draw in limitDraws {
+            now += 1_000
+            if !zone.admit(limitKey(draw % population), now: now) { refused += 1 }
+        }
+        return refused
+    }
+}
+
+// Bandwidth: what a throttled read costs: spend the bytes read, then ask how long to wait.
+do {
+    let bucket = SharedBucket(TokenBucket(rate: 1024 * 1024, burst: 1024 * 1024, now: 0))
+    var now: UInt64 = 0
+    let rounds = 20_000_000
+    measureChecks("SharedBucket spend(16 KiB) + wait, 1m/s", checks: rounds) {
+        var waits = 0
+        for _ in 0..<rounds {
+            now += 1_000
+            bucket.spend(16 * 1024, now: now)
+            if bucket.wait(now: now) > 0 { waits += 1 }
+        }
+        return waits
+    }
+}
+
+// The same limit_conn check from two threads at once (16 shards: different keys rarely share
+// a lock).
+do {
+    let zone = LimitConnZone(name: "flood", key: noKey, size: 10 * 1024 * 1024, location: nil)
+    let threads = 2
+    let start = DispatchTime.now().uptimeNanoseconds
+    DispatchQueue.concurrentPerform(iterations: threads) { t in
+        for (i, draw) in limitDraws.enumerated() where i % threads == t {
+            let key = limitKey(draw)
+            if zone.acquire(key, limit: 1) == .acquired { zone.release(key) }
+        }
+    }
+    let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+    print(String(format: "%-60@ %7.1f M checks/s   (all threads)",
+                 "limit_conn acquire+release, \(threads) threads" as NSString, Double(limitDraws.count) / seconds / 1e6))
+}
+
+// Memory a full zone holds: resident memory before and after filling a 10m zone with fresh
+// keys, as sessions would bring them (free heap pages handed back first, so that what earlier
+// sections freed is not reused unseen).
+#if os(Linux)
+@_silgen_name("malloc_trim")
+func mallocTrim(_ pad: Int) -> Int32
+do {
+    func heapInUse() -> Int {
+        _ = mallocTrim(0)
+        return residentKiB() * 1024
+    }
+    let size = 10 * 1024 * 1024
+    var before = heapInUse()
+    let connZone = LimitConnZone(name: "flood", key: noKey, size: size, location: nil)
+    var held = 0
+    for i in 0..<1_000_000 where connZone.acquire(limitKey(Int32(i)), limit: 1) == .acquired { held += 1 }
+    var used = heapInUse() - before
+    print(String(format: "limit_conn_zone 10m full: %d keys held, heap %.1f MiB (%.0f bytes a key, %.2f × SIZE)",
+                 held, Double(used) / 1_048_576, Double(used) / Double(held), Double(used) / Double(size)))
+    before = heapInUse()
+    let rateZone = LimitRateZone(name: "rate", key: noKey, kind: .sessions, rate: 10, burst: 10, size: size,
+                                 rateText: "10r/s", location: nil)
+    for i in 0..<1_000_000 { _ = rateZone.admit(limitKey(Int32(i)), now: UInt64(i) * 1_000) }
+    used = heapInUse() - before
+    print(String(format: "limit_rate_zone 10m full: %d keys held, heap %.1f MiB (%.0f bytes a key, %.2f × SIZE)",
+                 rateZone.keyCount, Double(used) / 1_048_576, Double(used) / Double(rateZone.keyCount), Double(used) / Double(size)))
+    withExtendedLifetime((connZone, rateZone)) {}
+}
+#endif
