@@ -11,15 +11,20 @@ import PortcullisWire
 /// One `listen … udp` socket and its sessions (docs/decisions/0008-udp-sessions.md).
 ///
 /// A session is keyed by who sent the datagram (and, behind a trusted PROXY sender, the client
-/// its v2 header names). Every session lives on this socket's event loop, so the table needs
-/// no lock. The table is bounded: when it holds `maximumSessions`, datagrams that would start a
-/// new session are dropped (said in the error log at most once a second), as a full
-/// `limit_conn` zone refuses new keys.
+/// its v2 header names). Every session lives on this socket's event loop, so the tables need
+/// no lock. Both are bounded:
+/// - sessions that were let through (or are being decided): at most `maximumSessions`; past
+///   that, datagrams that would start a new one are dropped (said in the error log at most
+///   once a second), as a full `limit_conn` zone refuses new keys;
+/// - refused sessions, kept so that a client's retries cost no second decision or audit line:
+///   at most `maximumRefused`, the oldest ended to make room. They never take the first
+///   table's places, so a flood of forged (refused) sources cannot lock allowed clients out.
 final class UDPListenerHandler: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
     typealias OutboundOut = AddressedEnvelope<ByteBuffer>
 
     static let maximumSessions = 65_536
+    static let maximumRefused = 65_536
 
     struct SessionKey: Hashable {
         /// The sender of the datagram (where replies go).
@@ -29,8 +34,15 @@ final class UDPListenerHandler: ChannelInboundHandler {
     }
 
     private let box: RuntimeBox
+    /// The box's runtime, read once per read batch rather than per datagram (a lock and a copy
+    /// of the server's policy each time showed in profiles).
+    private var runtime: ServerRuntime
     private var context: ChannelHandlerContext?
     private var sessions: [SessionKey: UDPSession] = [:]
+    private var refused: [SessionKey: UDPSession] = [:]
+    /// Refused sessions' keys, oldest first (from `refusedHead`), for making room.
+    private var refusedOrder: [SessionKey] = []
+    private var refusedHead = 0
     /// Datagrams dropped since the last report: bad or missing PROXY header, full table.
     private var droppedHeaders = 0
     private var droppedFull = 0
@@ -38,13 +50,22 @@ final class UDPListenerHandler: ChannelInboundHandler {
     /// A report is due at the end of the current second (drops seen since the last one).
     private var reportScheduled = false
 
-    init(box: RuntimeBox) { self.box = box }
+    init(box: RuntimeBox) {
+        self.box = box
+        self.runtime = box.runtime
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        runtime = box.runtime
+        context.fireChannelReadComplete()
+    }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
-        for session in sessions.values { session.end() }
+        for session in Array(sessions.values) + Array(refused.values) { session.end() }
         sessions = [:]
+        refused = [:]
     }
 
     var localAddress: SocketEndpoint? { context?.channel.localAddress.flatMap(SocketEndpoint.init) }
@@ -53,7 +74,7 @@ final class UDPListenerHandler: ChannelInboundHandler {
         let envelope = unwrapInboundIn(data)
         guard let peer = SocketEndpoint(envelope.remoteAddress) else { return }
         var payload = envelope.data
-        let runtime = box.runtime
+        let runtime = self.runtime
         var client = peer
         var header: ProxyHeader?
         if runtime.listen.proxyProtocol {
@@ -71,7 +92,7 @@ final class UDPListenerHandler: ChannelInboundHandler {
             }
         }
         let key = SessionKey(peer: peer, client: client)
-        if let session = sessions[key], session.takesDatagrams {
+        if let session = sessions[key] ?? refused[key], session.takesDatagrams {
             session.clientDatagram(payload)
             return
         }
@@ -121,14 +142,37 @@ final class UDPListenerHandler: ChannelInboundHandler {
         }
     }
 
-    /// Sends a reply to `peer` from this socket (the address the client sent to).
+    /// Queues a reply to `peer` from this socket (the address the client sent to); `flush`
+    /// sends what is queued, once per batch of upstream reads.
     func send(_ buffer: ByteBuffer, to peer: SocketEndpoint) {
-        context?.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: peer.socketAddress, data: buffer)), promise: nil)
+        context?.write(wrapOutboundOut(AddressedEnvelope(remoteAddress: peer.socketAddress, data: buffer)), promise: nil)
     }
+
+    func flush() { context?.flush() }
 
     /// The session takes no more datagrams: later ones from the same client start a new one.
     func detach(_ session: UDPSession) {
         if sessions[session.key] === session { sessions.removeValue(forKey: session.key) }
+        if refused[session.key] === session { refused.removeValue(forKey: session.key) }
+    }
+
+    /// A session was refused on its first datagram: it moves to the refused table (ending the
+    /// oldest refused session if that table is full).
+    func moveToRefused(_ session: UDPSession) {
+        guard sessions[session.key] === session else { return }
+        sessions.removeValue(forKey: session.key)
+        while refused.count >= Self.maximumRefused, refusedHead < refusedOrder.count {
+            let oldest = refusedOrder[refusedHead]
+            refusedHead += 1
+            refused[oldest]?.end()
+        }
+        // Keys of sessions that already ended stay in the order until here: keep it bounded.
+        if refusedOrder.count - refusedHead > 2 * Self.maximumRefused || (refusedHead > 4096 && refusedHead * 2 > refusedOrder.count) {
+            refusedOrder = refusedOrder[refusedHead...].filter { refused[$0] != nil }
+            refusedHead = 0
+        }
+        refused[session.key] = session
+        refusedOrder.append(session.key)
     }
 
     var sessionCount: Int { sessions.count }

@@ -115,6 +115,7 @@ final class UDPSession {
         refused = true
         countFromClient(first.readableBytes)
         runtime.sessionLogger.logRefusal(record)
+        listener.moveToRefused(self)
     }
 
     private func connect(to endpoint: SocketEndpoint, group: UpstreamGroup, index: Int) {
@@ -223,13 +224,17 @@ final class UDPSession {
         }
         // nginx's proxy_responses: the session is done once every request has its answers.
         if let expected = runtime.policy.proxy.udpResponses, responses >= expected * requests {
+            listener.flush()  // the handler's batch flush would not come after the session ends
             end()
         }
     }
 
+    func flushReplies() { listener.flush() }
+
     /// The upstream socket failed (an ICMP "port unreachable" shows up as ECONNREFUSED).
     func upstreamFailed(_ error: any Error) {
-        runtime.errorLog.log(.error, "\(RelaySession.describe(connectError: error)) while proxying to upstream, \(where_)", connection: id)
+        let reason = (error as? IOError).map { "recv() failed (\($0.errnoCode): \(String(cString: strerror($0.errnoCode))))" } ?? "\(error)"
+        runtime.errorLog.log(.error, "\(reason) while proxying connection, \(where_)", connection: id)
         if responses == 0 {
             record.status = .badGateway
             record.phase = .relay
@@ -244,6 +249,14 @@ final class UDPSession {
         let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
         idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
             if NIODeadline.now() - lastActivity >= timeout {
+                // nginx: a session still waiting for proxy_responses answers ends with 502.
+                if !refused, upstream != nil, let expected = runtime.policy.proxy.udpResponses,
+                   expected > 0, responses < expected * requests {
+                    runtime.errorLog.log(.error, "upstream timed out (110: Connection timed out) while proxying connection, \(where_)", connection: id)
+                    record.status = .badGateway
+                    record.phase = .relay
+                    record.reason = "upstream timed out"
+                }
                 end()
             } else {
                 armIdleTimer()
@@ -279,6 +292,10 @@ final class UDPUpstreamHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         session?.upstreamDatagram(unwrapInboundIn(data).data)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        session?.flushReplies()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

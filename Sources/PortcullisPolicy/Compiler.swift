@@ -540,6 +540,8 @@ struct PolicyCompiler {
                 error("\"listen … ssl\" is part of the rule language but not supported yet: TLS termination is not built (TLS passes through untouched)", at: argument)
                 return nil
             case "fastopen=", "rcvbuf=", "sndbuf=", "setfib=", "accept_filter=", "multipath":
+                // With udp, some of these are errors, said below; no note for those.
+                if d.arguments.contains(where: { $0.text == "udp" }) && key != "rcvbuf=" && key != "sndbuf=" && key != "setfib=" { continue }
                 diagnostics.note("\"\(key)\" is accepted but has no effect in Portcullis", at: argument.location, length: argument.length)
             default:
                 var message = "invalid parameter \"\(text)\" in \"listen\""
