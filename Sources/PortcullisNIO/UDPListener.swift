@@ -43,6 +43,9 @@ final class UDPListenerHandler: ChannelInboundHandler {
     /// Refused sessions' keys, oldest first (from `refusedHead`), for making room.
     private var refusedOrder: [SessionKey] = []
     private var refusedHead = 0
+    /// Sessions that queued datagrams for their upstream in this read batch: flushed together
+    /// at its end, so NIO can send them with one sendmmsg per socket instead of one sendmsg each.
+    private var unflushed: [UDPSession] = []
     /// Datagrams dropped since the last report: bad or missing PROXY header, full table.
     private var droppedHeaders = 0
     private var droppedFull = 0
@@ -57,8 +60,14 @@ final class UDPListenerHandler: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         runtime = box.runtime
+        let sessions = unflushed
+        unflushed.removeAll(keepingCapacity: true)
+        for session in sessions { session.flushUpstream() }
         context.fireChannelReadComplete()
     }
+
+    /// `session` wrote to its upstream without flushing; flush it at the end of this batch.
+    func needsFlush(_ session: UDPSession) { unflushed.append(session) }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) {

@@ -40,6 +40,8 @@ final class UDPSession {
     private var idleTimer: Scheduled<Void>?
     private var lastActivity = NIODeadline.now()
     private var upstreamStarted: NIODeadline?
+    /// Datagrams written to the upstream socket and not flushed yet (see `needsFlush`).
+    private var flushPending = false
 
     init(runtime: ServerRuntime, listener: UDPListenerHandler, eventLoop: any EventLoop,
          key: UDPListenerHandler.SessionKey, server: SocketEndpoint, header: ProxyHeader?) {
@@ -147,6 +149,7 @@ final class UDPSession {
                     let queued = pending
                     pending = []
                     for datagram in queued { sendUpstream(datagram) }
+                    flushUpstream()  // outside a read batch: nothing else would flush them
                     if runtime.policy.proxy.udpResponses == 0 && !queued.isEmpty { end() }
                 case .failure(let error):
                     group.report(index, succeeded: false, now: now)
@@ -205,7 +208,16 @@ final class UDPSession {
             datagram = payload
         }
         record.upstreamBytesSent += UInt64(datagram.readableBytes)
-        upstream.writeAndFlush(datagram, promise: nil)
+        upstream.write(datagram, promise: nil)
+        if !flushPending {
+            flushPending = true
+            listener.needsFlush(self)
+        }
+    }
+
+    func flushUpstream() {
+        flushPending = false
+        upstream?.flush()
     }
 
     /// A datagram from the upstream: back to the client, from the listener's address.
@@ -269,6 +281,7 @@ final class UDPSession {
     func end() {
         guard !finished else { return }
         finished = true
+        if flushPending { flushUpstream() }  // proxy_responses 0: the datagram must leave first
         idleTimer?.cancel()
         listener.detach(self)
         upstream?.close(promise: nil)
