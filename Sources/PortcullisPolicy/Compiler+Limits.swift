@@ -92,19 +92,22 @@ extension PolicyCompiler {
         return (name, size)
     }
 
+    /// The zone an argument names, or an error with "did you mean".
+    private mutating func zone<Zone>(named argument: Argument, in zones: [String: Zone], kind: String) -> Zone? {
+        if let zone = zones[argument.text] { return zone }
+        var message = "unknown \(kind) \"\(argument.text)\""
+        if let guess = closestMatch(to: argument.text, in: zones.keys) { message += "; did you mean \"\(guess)\"?" }
+        error(message, at: argument)
+        return nil
+    }
+
     /// `limit_conn NAME N;`
     mutating func limitConn(_ d: Directive, zones: [String: LimitConnZone]) -> LimitConnRule? {
         guard d.arguments.count == 2 else {
             error("invalid number of arguments in \"limit_conn\": expected ZONE NUMBER", at: d)
             return nil
         }
-        let name = d.arguments[0].text
-        guard let zone = zones[name] else {
-            var message = "unknown limit_conn_zone \"\(name)\""
-            if let guess = closestMatch(to: name, in: zones.keys) { message += "; did you mean \"\(guess)\"?" }
-            error(message, at: d.arguments[0])
-            return nil
-        }
+        guard let zone = zone(named: d.arguments[0], in: zones, kind: "limit_conn_zone") else { return nil }
         guard let n = Int(d.arguments[1].text), n > 0 else {
             error("invalid number of connections \"\(d.arguments[1].text)\" in \"limit_conn\"; expected 1 to 65535", at: d.arguments[1])
             return nil
@@ -122,13 +125,7 @@ extension PolicyCompiler {
             error("invalid number of arguments in \"limit_rate\": expected the name of a limit_rate_zone", at: d)
             return nil
         }
-        let name = d.arguments[0].text
-        guard let zone = zones[name] else {
-            var message = "unknown limit_rate_zone \"\(name)\""
-            if let guess = closestMatch(to: name, in: zones.keys) { message += "; did you mean \"\(guess)\"?" }
-            error(message, at: d.arguments[0])
-            return nil
-        }
+        guard let zone = zone(named: d.arguments[0], in: zones, kind: "limit_rate_zone") else { return nil }
         return LimitRateRule(zone: zone, reference: d.reference)
     }
 
