@@ -146,6 +146,10 @@ public final class LogFile: Sendable {
                 data += "\n"
                 writeAll(data)
                 state.withLock { $0.written += UInt64(batch.count) }
+                // Let lines gather before the next batch: under load the event loops would
+                // otherwise wake this thread for nearly every line (52,700 context switches a
+                // second at 20,000 sessions a second). A line waits at most this much longer.
+                if !closing { usleep(2_000) }
             }
             if closing {
                 let remaining = state.withLock { !$0.pending.isEmpty }
