@@ -60,15 +60,6 @@ extension Logger {
     func log(_ level: ErrorLogSpec.Level, _ message: String, connection: UInt64) {
         var logger = self
         logger[metadataKey: "connection"] = "\(connection)"
-        let swiftLevel: Logger.Level
-        switch level {
-        case .debug: swiftLevel = .debug
-        case .info: swiftLevel = .info
-        case .notice: swiftLevel = .notice
-        case .warn: swiftLevel = .warning
-        case .error: swiftLevel = .error
-        case .crit, .alert, .emerg: swiftLevel = .critical
-        }
-        logger.log(level: swiftLevel, "\(message)")
+        logger.log(level: ErrorLogHandler.swiftLogLevel(level), "\(message)")
     }
 }

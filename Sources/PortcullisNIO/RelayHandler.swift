@@ -23,6 +23,7 @@ final class RelayHandler: ChannelDuplexHandler {
     private var wantsRead = false
     /// A read is scheduled for when the session's rate limits allow it.
     private var readScheduled = false
+    private var scheduledRead: Scheduled<Void>?
     private(set) var inputIsClosed = false
     /// This side's write direction is shut and everything queued before it was written.
     private(set) var outputIsClosed = false
@@ -47,6 +48,9 @@ final class RelayHandler: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func handlerRemoved(context: ChannelHandlerContext) {
+        // A throttled read may be hours away at a low rate: do not keep this handler until then.
+        scheduledRead?.cancel()
+        scheduledRead = nil
         self.context = nil
         partner = nil
         session = nil  // breaks the session ↔ handler cycle
@@ -80,7 +84,7 @@ final class RelayHandler: ChannelDuplexHandler {
             return
         }
         readScheduled = true
-        context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(clamping: delay))) { [self] in
+        scheduledRead = context.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(clamping: delay))) { [self] in
             readScheduled = false
             // The wait was this side's reserved turn (SharedBucket): read now, without asking
             // again, or the turn would go to the back of the line.

@@ -170,7 +170,8 @@ final class RelaySession {
 
     /// How long `side` must wait before reading again, in nanoseconds (0 = now).
     func readDelay(for side: RelayHandler.Side) -> UInt64 {
-        gate.delay(side == .client ? .fromClient : .fromUpstream, now: NIODeadline.now().uptimeNanoseconds)
+        guard gate.throttles else { return 0 }  // no clock read on the unthrottled path
+        return gate.delay(side == .client ? .fromClient : .fromUpstream, now: NIODeadline.now().uptimeNanoseconds)
     }
 
     var throttles: Bool { gate.throttles }
@@ -311,7 +312,9 @@ final class RelaySession {
     func noteActivity() { lastActivity = .now() }
 
     func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
-        gate.spend(bytes, side == .client ? .fromClient : .fromUpstream, now: NIODeadline.now().uptimeNanoseconds)
+        if gate.throttles {
+            gate.spend(bytes, side == .client ? .fromClient : .fromUpstream, now: NIODeadline.now().uptimeNanoseconds)
+        }
         if side == .client {
             record.bytesReceived += UInt64(bytes)
             record.upstreamBytesSent += UInt64(bytes)

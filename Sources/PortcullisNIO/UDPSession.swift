@@ -24,7 +24,6 @@ final class UDPSession {
 
     private var gate = SessionGate()
     private var upstream: (any Channel)?
-    private var connecting = false
     /// Client datagrams that arrived before the upstream socket was ready (bounded).
     private var pending: [ByteBuffer] = []
     private static let maximumPending = 64
@@ -115,13 +114,13 @@ final class UDPSession {
     /// further datagrams are dropped without a second decision or a second audit line.
     private func refuse(_ first: ByteBuffer) {
         refused = true
+        gate.release()  // a refusal after limit_conn (no upstream) must not hold its slots while it lingers
         countFromClient(first.readableBytes)
         runtime.sessionLogger.logRefusal(record)
         listener.moveToRefused(self)
     }
 
     private func connect(to endpoint: SocketEndpoint, group: UpstreamGroup, index: Int) {
-        connecting = true
         upstreamStarted = .now()
         let handler = UDPUpstreamHandler()
         let boundHandler = NIOLoopBound(handler, eventLoop: eventLoop)
@@ -134,7 +133,6 @@ final class UDPSession {
             .connect(to: endpoint.socketAddress)
             .assumeIsolated()
             .whenComplete { [self] result in
-                connecting = false
                 let now = Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000)
                 switch result {
                 case .success(let channel):
@@ -174,24 +172,31 @@ final class UDPSession {
     func clientDatagram(_ payload: ByteBuffer) {
         countFromClient(payload.readableBytes)
         guard !refused, !finished else { return }
-        requests += 1
         let requestLimit = runtime.policy.proxy.udpRequests
-        if requestLimit > 0 && requests >= requestLimit {
+        if requestLimit > 0 && requests + 1 >= requestLimit {
             // nginx's proxy_requests: this session takes no more; it ends once the responses
             // are in (or at proxy_timeout).
             detached = true
             listener.detach(self)
         }
-        let now = NIODeadline.now().uptimeNanoseconds
-        if gate.delay(.fromClient, now: now, reserve: false) > 0 {
-            throttled += 1
-            return
+        if gate.throttles {
+            let now = NIODeadline.now().uptimeNanoseconds
+            if gate.delay(.fromClient, now: now, reserve: false) > 0 {
+                throttled += 1
+                return
+            }
+            gate.spend(payload.readableBytes, .fromClient, now: now)
         }
-        gate.spend(payload.readableBytes, .fromClient, now: now)
         guard upstream != nil else {
-            if pending.count < Self.maximumPending { pending.append(payload) }
+            if pending.count < Self.maximumPending {
+                pending.append(payload)
+                requests += 1  // only datagrams that will be sent expect answers
+            } else {
+                throttled += 1
+            }
             return
         }
+        requests += 1
         sendUpstream(payload)
         if runtime.policy.proxy.udpResponses == 0 { end() }  // fire and forget
     }
@@ -226,16 +231,20 @@ final class UDPSession {
         lastActivity = .now()
         record.upstreamBytesReceived += UInt64(payload.readableBytes)
         responses += 1
-        let now = NIODeadline.now().uptimeNanoseconds
-        if gate.delay(.fromUpstream, now: now, reserve: false) > 0 {
+        var dropped = false
+        if gate.throttles {
+            let now = NIODeadline.now().uptimeNanoseconds
+            dropped = gate.delay(.fromUpstream, now: now, reserve: false) > 0
+            if !dropped { gate.spend(payload.readableBytes, .fromUpstream, now: now) }
+        }
+        if dropped {
             throttled += 1
         } else {
-            gate.spend(payload.readableBytes, .fromUpstream, now: now)
             record.bytesSent += UInt64(payload.readableBytes)
             listener.send(payload, to: key.peer)
         }
         // nginx's proxy_responses: the session is done once every request has its answers.
-        if let expected = runtime.policy.proxy.udpResponses, responses >= expected * requests {
+        if let expected = runtime.policy.proxy.udpResponses, responses >= expected.multipliedReportingOverflow(by: requests).partialValue {
             listener.flush()  // the handler's batch flush would not come after the session ends
             end()
         }
@@ -263,7 +272,7 @@ final class UDPSession {
             if NIODeadline.now() - lastActivity >= timeout {
                 // nginx: a session still waiting for proxy_responses answers ends with 502.
                 if !refused, upstream != nil, let expected = runtime.policy.proxy.udpResponses,
-                   expected > 0, responses < expected * requests {
+                   expected > 0, responses < expected.multipliedReportingOverflow(by: requests).partialValue {
                     runtime.errorLog.log(.error, "upstream timed out (110: Connection timed out) while proxying connection, \(where_)", connection: id)
                     record.status = .badGateway
                     record.phase = .relay

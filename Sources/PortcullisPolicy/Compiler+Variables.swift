@@ -6,7 +6,7 @@ import PortcullisRules
 extension PolicyCompiler {
     // MARK: Names
 
-    /// Reserves a number for every variable the stream defines. Returns false on a clash.
+    /// Reserves a number for every variable the stream defines; a clash is an error.
     mutating func declareVariables(stream children: [Directive], servers: [Directive]) {
         func declare(_ argument: Argument, by d: Directive) {
             guard let name = variableName(argument, in: d) else { return }
@@ -73,6 +73,10 @@ extension PolicyCompiler {
             if parsed.parts != [.variable(.fixed(.remoteAddr))] { source = parsed }
         }
         let entries = d.entries ?? EntryTable()
+        guard entries.count < LongestPrefixTable<UInt32>.maximumPackedBlocks else {
+            error("a \"geo\" block may have at most \(LongestPrefixTable<UInt32>.maximumPackedBlocks - 1) entries; this one has \(entries.count)", at: d)
+            return
+        }
         var ranges = false
         for row in 0..<entries.count where entries.wordCount(row) == 1 && entries.bytes(row, 0).elementsEqual("ranges".utf8) {
             ranges = true

@@ -660,10 +660,6 @@ struct PolicyCompiler {
     mutating func proxyPass(_ argument: Argument, upstreams: [String: UpstreamGroup]) -> UpstreamGroup? {
         let text = argument.text
         if let group = upstreams[text.lowercased()] { return group }
-        if text.hasPrefix("$") {
-            error("\"proxy_pass \(text)\" (by variable) is not supported yet: variables come with geo and map (issue #4)", at: argument)
-            return nil
-        }
         if text.hasPrefix("unix:") {
             error("\"proxy_pass unix:…\" is not supported: Portcullis connects to IP upstreams only", at: argument)
             return nil
@@ -757,8 +753,8 @@ struct PolicyCompiler {
             proxy.nextUpstreamTries = n
         case "proxy_responses", "proxy_requests":
             // UDP only, as in nginx (a TCP server ignores them).
-            guard let n = Int(argument.text), n >= 0 else {
-                error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a number", at: argument)
+            guard let n = Int(argument.text), n >= 0, n <= 65_535 else {
+                error("invalid value \"\(argument.text)\" in \"\(d.name)\"; expected a number from 0 to 65535", at: argument)
                 return
             }
             if d.name == "proxy_responses" { proxy.udpResponses = n } else { proxy.udpRequests = n }

@@ -105,7 +105,6 @@ enum DirectiveTable {
         t["map"] = DirectiveSpec(contexts: [.stream], arguments: 2...2, takesBlock: true, single: false)
         t["geoip2"] = DirectiveSpec(contexts: [.stream], arguments: 1...1, takesBlock: true, single: false)
         t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false)
-        // Later issues: the rule language names them, the compiler does not build them yet.
         // Limits (issue #5).
         t["limit_conn_zone"] = DirectiveSpec(contexts: [.stream], arguments: 2...2, single: false)
         t["limit_conn"] = DirectiveSpec(contexts: streamServer, arguments: 2...2, single: false)

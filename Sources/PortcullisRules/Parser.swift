@@ -56,6 +56,11 @@ public struct RuleParser {
                 at: includedFrom?.location, length: includedFrom?.length ?? 1)
             return nil
         }
+        // Word offsets in bulk blocks are 31-bit (EntryTable): a rule file stays under 2 GiB.
+        guard data.count < 1 << 31 else {
+            diagnostics.error("rule file \"\(path)\" is larger than 2 GiB", at: includedFrom?.location)
+            return nil
+        }
         let bytes = [UInt8](data)
         // Rule files are almost always ASCII; check that quickly before a full validation.
         let ascii = bytes.withUnsafeBufferPointer { buffer in
@@ -240,6 +245,10 @@ public struct RuleParser {
     /// `include` inside a `geo` block: the files' lines become rows of the same table.
     private mutating func expandInclude(_ directive: Directive, intoEntries table: inout EntryTable) {
         for path in includePaths(directive) {
+            guard table.files.count < Int(UInt16.max) else {
+                diagnostics.error("a \"geo\" block may include at most 65,534 files", at: directive.nameLocation)
+                return
+            }
             guard let bytes = readFile(path: path, includedFrom: directive.arguments[0]) else { continue }
             sources.add(file: path, bytes: bytes)
             includeStack.append(path)
