@@ -55,6 +55,18 @@ public final class SessionRegistry: Sendable {
     }
 }
 
+extension ServerRuntime {
+    /// Where `SessionGate` says what to log for session `connection`.
+    func report(for connection: UInt64) -> (SessionGate.Event) -> Void {
+        { event in
+            switch event {
+            case .log(let level, let message): errorLog.log(level, message, connection: connection)
+            case .dryRun(let wouldBe): sessionLogger.logDryRun(wouldBe)
+            }
+        }
+    }
+}
+
 extension Logger {
     /// A line at an nginx level for session `connection` (`*N` in the error log).
     func log(_ level: ErrorLogSpec.Level, _ message: String, connection: UInt64) {

@@ -133,17 +133,10 @@ final class RelaySession {
     /// access → limit_conn → limit_rate → upstream_pick, on the client address the earlier
     /// phases settled.
     private func admit() {
-        let policy = runtime.policy
-        guard SessionGate.access(policy, record: &record) else {
-            logger.error("access forbidden by rule, \(where_)")
+        guard let group = gate.admit(runtime.policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
+                                     wallClock: Date().timeIntervalSince1970, where: where_, report: runtime.report(for: id))
+        else {
             client.close()
-            return
-        }
-        guard applyLimits() else { return }
-        let (group, text) = policy.upstream(for: record)
-        guard let group else {
-            logger.error("proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(where_)")
-            refuse(.badGateway, phase: .upstreamPick, reason: "proxy_pass named no upstream: \"\(text)\"")
             return
         }
         upstreamGroup = group
@@ -152,21 +145,6 @@ final class RelaySession {
     }
 
     // MARK: Limits
-
-    /// limit_conn, then limit_rate (`SessionGate`): true if the session may go on.
-    private func applyLimits() -> Bool {
-        let allowed = gate.limits(
-            runtime.policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
-            wallClock: Date().timeIntervalSince1970, where: where_
-        ) { event in
-            switch event {
-            case .log(let level, let message): runtime.errorLog.log(level, message, connection: id)
-            case .dryRun(let wouldBe): runtime.sessionLogger.logDryRun(wouldBe)
-            }
-        }
-        if !allowed { client.close() }
-        return allowed
-    }
 
     /// How long `side` must wait before reading again, in nanoseconds (0 = now).
     func readDelay(for side: RelayHandler.Side) -> UInt64 {

@@ -76,25 +76,14 @@ final class UDPSession {
     func start(_ first: ByteBuffer) {
         armIdleTimer()
         let policy = runtime.policy
-        guard SessionGate.access(policy, record: &record) else {
-            runtime.errorLog.log(.error, "access forbidden by rule, \(where_)", connection: id)
+        guard let group = gate.admit(policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
+                                     wallClock: Date().timeIntervalSince1970, where: where_, report: runtime.report(for: id))
+        else {
             refuse(first)
             return
         }
-        let allowed = gate.limits(policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
-                                  wallClock: Date().timeIntervalSince1970, where: where_) { event in
-            switch event {
-            case .log(let level, let message): runtime.errorLog.log(level, message, connection: id)
-            case .dryRun(let wouldBe): runtime.sessionLogger.logDryRun(wouldBe)
-            }
-        }
-        guard allowed else {
-            refuse(first)
-            return
-        }
-        let (group, text) = policy.upstream(for: record)
-        guard let group, let index = group.pick(excluding: [], now: Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000)) else {
-            runtime.errorLog.log(.error, "no upstream for \"\(text)\", \(where_)", connection: id)
+        guard let index = group.pick(excluding: [], now: Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000)) else {
+            runtime.errorLog.log(.error, "no live upstreams while connecting to upstream, \(where_)", connection: id)
             record.status = .badGateway
             record.phase = .upstreamPick
             record.reason = "no live upstreams"

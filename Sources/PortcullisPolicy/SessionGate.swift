@@ -22,6 +22,32 @@ public struct SessionGate: Sendable {
 
     public init() {}
 
+    // MARK: The sequence
+
+    /// access → limit_conn → limit_rate → which upstream, for a session's first moment (TCP: the
+    /// client is connected, and its PROXY header read; UDP: its first datagram). Returns the
+    /// upstream group, or nil when the session is refused: the record then says why, and
+    /// `report` has been told what to log.
+    public mutating func admit(_ policy: ServerPolicy, record: inout SessionRecord, now: UInt64, wallClock: Double,
+                               where place: String, report: (Event) -> Void) -> UpstreamGroup? {
+        guard Self.access(policy, record: &record) else {
+            report(.log(.error, "access forbidden by rule, \(place)"))
+            return nil
+        }
+        guard limits(policy, record: &record, now: now, wallClock: wallClock, where: place, report: report) else {
+            return nil
+        }
+        let (group, text) = policy.upstream(for: record)
+        guard let group else {
+            report(.log(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(place)"))
+            record.status = .badGateway
+            record.phase = .upstreamPick
+            record.reason = "proxy_pass named no upstream: \"\(text)\""
+            return nil
+        }
+        return group
+    }
+
     // MARK: Access
 
     /// access: first match over address and variable rules. On refusal the record says 403,
