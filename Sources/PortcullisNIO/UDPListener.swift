@@ -34,6 +34,23 @@ final class UDPListenerHandler: ChannelInboundHandler {
     }
 
     private let box: RuntimeBox
+    /// A socket bound to a wildcard address (`listen 53 udp`). Replies must leave from the
+    /// address each client dialled, and SwiftNIO cannot choose a datagram's source address, so
+    /// the wildcard socket reads the dialled address (IP_PKTINFO) and hands each datagram to a
+    /// socket bound to that address and port, opened on first use. The kernel then delivers
+    /// later datagrams for that address to it directly (the more specific bind wins).
+    private let wildcard: Bool
+    private enum AddressSocket {
+        case opening([AddressedEnvelope<ByteBuffer>])
+        case open(UDPListenerHandler)
+        /// Could not be bound: this socket answers, from whatever address routing picks.
+        case failed
+    }
+    private var addressSockets: [IPAddress: AddressSocket] = [:]
+    private var addressChannels: [any Channel] = []
+    /// Per-address sockets this batch handed datagrams to: their sessions' writes are flushed
+    /// at the end of this socket's batch (theirs does not run for datagrams they did not read).
+    private var handedTo: [UDPListenerHandler] = []
     /// The box's runtime, read once per read batch rather than per datagram (a lock and a copy
     /// of the server's policy each time showed in profiles).
     private var runtime: ServerRuntime
@@ -53,17 +70,24 @@ final class UDPListenerHandler: ChannelInboundHandler {
     /// A report is due at the end of the current second (drops seen since the last one).
     private var reportScheduled = false
 
-    init(box: RuntimeBox) {
+    init(box: RuntimeBox, wildcard: Bool = false) {
         self.box = box
+        self.wildcard = wildcard
         self.runtime = box.runtime
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
         runtime = box.runtime
+        flushSessions()
+        for handler in handedTo { handler.flushSessions() }
+        handedTo.removeAll(keepingCapacity: true)
+        context.fireChannelReadComplete()
+    }
+
+    func flushSessions() {
         let sessions = unflushed
         unflushed.removeAll(keepingCapacity: true)
         for session in sessions { session.flushUpstream() }
-        context.fireChannelReadComplete()
     }
 
     /// `session` wrote to its upstream without flushing; flush it at the end of this batch.
@@ -75,13 +99,71 @@ final class UDPListenerHandler: ChannelInboundHandler {
         for session in Array(sessions.values) + Array(refused.values) { session.end() }
         sessions = [:]
         refused = [:]
+        for channel in addressChannels { channel.close(promise: nil) }
+        addressChannels = []
     }
 
     var localAddress: SocketEndpoint? { context?.channel.localAddress.flatMap(SocketEndpoint.init) }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let envelope = unwrapInboundIn(data)
-        guard let peer = SocketEndpoint(envelope.remoteAddress) else { return }
+        if wildcard, let dialled = envelope.metadata?.packetInfo.flatMap({ SocketEndpoint($0.destinationAddress) })?.address {
+            switch addressSockets[dialled] {
+            case .open(let handler):
+                handler.process(envelope)
+                if !handedTo.contains(where: { $0 === handler }) { handedTo.append(handler) }
+                return
+            case .opening(var waiting):
+                waiting.append(envelope)
+                addressSockets[dialled] = .opening(waiting)
+                return
+            case .failed: break
+            case nil:
+                addressSockets[dialled] = .opening([envelope])
+                openAddressSocket(dialled, context: context)
+                return
+            }
+        }
+        process(envelope)
+    }
+
+    /// A socket for `address` and this listener's port, on this event loop.
+    private func openAddressSocket(_ address: IPAddress, context: ChannelHandlerContext) {
+        let listen = runtime.listen
+        let handler = UDPListenerHandler(box: box)
+        let bound = NIOLoopBound(handler, eventLoop: context.eventLoop)
+        DatagramBootstrap(group: context.eventLoop)
+            .channelOption(.socketOption(.so_reuseaddr), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try Listener.configureUDP(channel, listen: listen, handler: bound.value, readsDestination: false)
+                }
+            }
+            .bind(to: SocketEndpoint(address: address, port: listen.port).socketAddress)
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                guard case .opening(let waiting) = addressSockets[address] else { return }
+                switch result {
+                case .success(let channel):
+                    guard self.context != nil else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    addressChannels.append(channel)
+                    addressSockets[address] = .open(handler)
+                    for envelope in waiting { handler.process(envelope) }
+                    handler.flushSessions()
+                case .failure(let error):
+                    runtime.errorLog.warning("cannot bind \(SocketEndpoint(address: address, port: listen.port)) udp (\(error)): clients that dialled it are answered from the address routing picks")
+                    addressSockets[address] = .failed
+                    for envelope in waiting { process(envelope) }
+                }
+            }
+    }
+
+    /// One datagram for this socket: the session it belongs to, or a new one.
+    func process(_ envelope: AddressedEnvelope<ByteBuffer>) {
+        guard let context, let peer = SocketEndpoint(envelope.remoteAddress) else { return }
         var payload = envelope.data
         let runtime = self.runtime
         var client = peer
@@ -196,24 +278,13 @@ extension Listener {
         var channels: [any Channel] = []
         do {
             for loop in loops {
+                let wildcard = listen.address == .v4(0) || listen.address == .v6(0)
                 let bootstrap = DatagramBootstrap(group: loop)
                     .channelOption(.socketOption(.so_reuseaddr), value: 1)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
-                            let options = channel.syncOptions!
-                            if listen.reusePort {
-                                try options.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
-                            }
-                            if case .v6 = listen.address {
-                                try options.setOption(
-                                    ChannelOptions.Types.SocketOption(level: .ipv6, name: .init(rawValue: IPV6_V6ONLY)),
-                                    value: listen.ipv6Only ? 1 : 0)
-                            }
-                            // Room for bursts of queries before the loop gets to them.
-                            try options.setOption(.socketOption(.so_rcvbuf), value: 4 * 1024 * 1024)
-                            try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65_536))
-                            try options.setOption(.maxMessagesPerRead, value: 16)
-                            try channel.pipeline.syncOperations.addHandler(UDPListenerHandler(box: box))
+                            try configureUDP(channel, listen: listen, handler: UDPListenerHandler(box: box, wildcard: wildcard),
+                                             readsDestination: wildcard)
                         }
                     }
                 channels.append(try await bootstrap.bind(to: listen.endpoint.socketAddress).get())
@@ -223,5 +294,26 @@ extension Listener {
             throw ListenError(listen: listen, underlying: error)
         }
         return channels
+    }
+
+    /// Options and handler of a listening UDP socket (`readsDestination`: IP_PKTINFO, for a
+    /// wildcard socket that hands datagrams to per-address sockets).
+    static func configureUDP(_ channel: any Channel, listen: ListenSpec, handler: UDPListenerHandler,
+                             readsDestination: Bool) throws {
+        let options = channel.syncOptions!
+        if listen.reusePort {
+            try options.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
+        }
+        if case .v6 = listen.address {
+            try options.setOption(
+                ChannelOptions.Types.SocketOption(level: .ipv6, name: .init(rawValue: IPV6_V6ONLY)),
+                value: listen.ipv6Only ? 1 : 0)
+        }
+        if readsDestination { try options.setOption(.receivePacketInfo, value: true) }
+        // Room for bursts of queries before the loop gets to them.
+        try options.setOption(.socketOption(.so_rcvbuf), value: 4 * 1024 * 1024)
+        try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65_536))
+        try options.setOption(.maxMessagesPerRead, value: 16)
+        try channel.pipeline.syncOperations.addHandler(handler)
     }
 }

@@ -553,11 +553,6 @@ struct PolicyCompiler {
                 return nil
             }
         }
-        if spec.udp && (spec.address == .v4(0) || spec.address == .v6(0)) {
-            diagnostics.warning(
-                "a UDP listen on a wildcard address answers from the address the system routes by, which may not be the one the client sent to (SwiftNIO cannot choose a datagram's source yet); on a host with several addresses, listen on each",
-                at: first.location, length: first.length)
-        }
         if spec.udp {
             // nginx refuses these with udp too ("… is incompatible with udp").
             for argument in d.arguments.dropFirst() {

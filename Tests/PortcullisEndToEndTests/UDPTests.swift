@@ -17,8 +17,7 @@ import PortcullisTestSupport
 /// dnsmasq and dig must be installed (.ci/install-deps installs `dnsmasq dnsutils`); without
 /// them the DNS tests fail, they do not skip. The gateway's UDP port is the harness's `{PORT}`
 /// (found free for TCP): if UDP happens to hold it, the bind fails and the harness tries
-/// another. One test pins a known issue (`withKnownIssue`): a wildcard `listen PORT udp` answers
-/// from the address routing picks, not the one the client dialled.
+/// another.
 @Suite("UDP gateway", .serialized)
 struct UDPTests {
     static let logFormat = """
@@ -578,19 +577,16 @@ struct UDPTests {
             "@127.0.0.1", "-p", String(gateway.port), "-b", "127.0.0.90", "example.test", "+short", "+tries=1", "+time=1",
         ], timeout: 10)
         #expect(direct.output == "192.0.2.55\n", "\(direct.output)")
-        // Known issue: the reply leaves the wildcard socket from the address routing picks
-        // (127.0.0.1), not the one the client dialled, so dig discards it; and $server_addr and
-        // a PROXY v2 header's destination say 0.0.0.0. nginx asks for IP_PKTINFO on wildcard UDP
-        // sockets and answers from the destination address; SwiftNIO can read it
-        // (ChannelOptions.receivePacketInfo) but not yet send with it.
-        await withKnownIssue("a wildcard UDP listen answers from the routed source address, not the address dialled") {
-            let other = try Spawn.run(try Spawn.executable("dig", package: "dnsutils"), [
-                "@127.0.0.5", "-p", String(gateway.port), "-b", "127.0.0.90", "example.test", "+short", "+tries=1", "+time=1",
-            ], timeout: 10)
-            #expect(other.output == "192.0.2.55\n", "\(other.output)")
-            let lines = await gateway.waitForLines(of: "access.log", timeout: 2) { $0.count >= 2 }
-            #expect(lines.contains("127.0.0.90 127.0.0.5:\(gateway.port) 200"), "\(lines)")
-        }
+        // The wildcard socket reads the address dialled (IP_PKTINFO) and hands the datagram to a
+        // socket bound to that address, opened on first use: the answer leaves from 127.0.0.5,
+        // and $server_addr says 127.0.0.5 (a PROXY v2 header's destination would too).
+        let other = try Spawn.run(try Spawn.executable("dig", package: "dnsutils"), [
+            "@127.0.0.5", "-p", String(gateway.port), "-b", "127.0.0.90", "example.test", "+short", "+tries=1", "+time=1",
+        ], timeout: 10)
+        #expect(other.output == "192.0.2.55\n", "\(other.output)")
+        let lines = await gateway.waitForLines(of: "access.log", timeout: 2) { $0.count >= 2 }
+        #expect(lines.contains("127.0.0.90 127.0.0.5:\(gateway.port) 200"), "\(lines)")
+        #expect(lines.contains("127.0.0.90 127.0.0.1:\(gateway.port) 200"), "\(lines)")
         await gateway.stop()
     }
 }
