@@ -25,6 +25,8 @@ final class UDPListenerHandler: ChannelInboundHandler {
 
     static let maximumSessions = 65_536
     static let maximumRefused = 65_536
+    /// Per-address sockets a wildcard socket opens at most; past that it answers itself.
+    static let maximumAddressSockets = 1_024
 
     struct SessionKey: Hashable {
         /// The sender of the datagram (where replies go).
@@ -119,6 +121,8 @@ final class UDPListenerHandler: ChannelInboundHandler {
                 return
             case .failed: break
             case nil:
+                // Local addresses are few, but 127.0.0.0/8 alone is 16 million: bound the sockets.
+                guard addressSockets.count < Self.maximumAddressSockets else { break }
                 addressSockets[dialled] = .opening([envelope])
                 openAddressSocket(dialled, context: context)
                 return
