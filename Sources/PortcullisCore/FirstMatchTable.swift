@@ -7,7 +7,7 @@
 /// building is O(n log n).
 /// See docs/decisions/0003-cidr-table.md.
 public struct FirstMatchTable<Key: FixedWidthInteger & UnsignedInteger & Sendable>: Sendable {
-    public let segments: SegmentTable<Key>
+    @usableFromInline let segments: SegmentTable<Key>
 
     public var isEmpty: Bool { segments.isEmpty }
     public var segmentCount: Int { segments.count }

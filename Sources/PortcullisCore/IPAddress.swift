@@ -209,20 +209,21 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
 
     /// Parses `1.2.3.4:80` or `[::1]:80` (a port from 1 to 65535; no host names).
     public init?(_ text: some StringProtocol) {
-        let text = String(text)
-        let host: Substring
-        let port: Substring
-        if text.hasPrefix("[") {
-            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
-            host = text[text.index(after: text.startIndex)..<close]
-            port = text[text.index(close, offsetBy: 2)...]
-        } else {
-            guard let colon = text.lastIndex(of: ":"), text.firstIndex(of: ":") == colon else { return nil }
-            host = text[..<colon]
-            port = text[text.index(after: colon)...]
-        }
-        guard let address = IPAddress(host), let number = UInt16(port), number > 0 else { return nil }
+        guard let (host, port) = Self.split(String(text)), let address = IPAddress(host),
+              let number = UInt16(port), number > 0 else { return nil }
         self.init(address: address, port: number)
+    }
+
+    /// Splits `host:port` or `[v6]:port` into its two texts; nil if there is no port.
+    public static func split(_ text: String) -> (host: String, port: String)? {
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { return nil }
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { return nil }
+            return (String(text[text.index(after: text.startIndex)..<close]), String(rest.dropFirst()))
+        }
+        guard let colon = text.lastIndex(of: ":"), text.firstIndex(of: ":") == colon else { return nil }
+        return (String(text[..<colon]), String(text[text.index(after: colon)...]))
     }
 
     /// `1.2.3.4:80` or `[::1]:80`, as nginx prints `$upstream_addr`.

@@ -66,15 +66,6 @@ public struct LongestPrefixTable<Key: FixedWidthInteger & UnsignedInteger & Send
     /// `blocks` by first key, outer (shorter prefix) before inner, file order among equals.
     static func sortedOuterFirst(_ blocks: [(range: ClosedRange<Key>, prefixLength: Int, value: Int32)])
         -> [(range: ClosedRange<Key>, prefixLength: Int, value: Int32)] {
-        if Key.bitWidth <= 32 && blocks.count < 1 << 26 {
-            // IPv4: the whole sort key fits one UInt64 (start, prefix length, position), and
-            // sorting plain integers is several times faster than a comparator over indexes.
-            var packed = blocks.enumerated().map { offset, block in
-                UInt64(block.range.lowerBound) << 32 | UInt64(block.prefixLength) << 26 | UInt64(offset)
-            }
-            packed.sort()
-            return packed.map { blocks[Int($0 & (1 << 26 - 1))] }
-        }
         let lows = blocks.map(\.range.lowerBound)
         let lengths = blocks.map(\.prefixLength)
         var order = Array(blocks.indices)

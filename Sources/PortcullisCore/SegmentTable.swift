@@ -46,12 +46,6 @@ public struct SegmentTable<Key: FixedWidthInteger & UnsignedInteger & Sendable>:
         self.index = index
     }
 
-    /// The same segments with each value passed through `transform` (-1 stays "uncovered" only
-    /// if `transform` keeps it so); neighbours that become equal are merged.
-    public func mapValues(_ transform: (Int32) -> Int32) -> SegmentTable {
-        SegmentTable(starts: starts, values: values.map(transform))
-    }
-
     /// The value of the segment containing `key`, or nil where nothing covers it.
     @inlinable
     public func value(at key: Key) -> Int32? {

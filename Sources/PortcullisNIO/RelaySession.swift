@@ -59,7 +59,7 @@ final class RelaySession {
         return logger
     }
 
-    private var where_: String { "client: \(record.client.address), server: \(record.server)" }
+    private var where_: String { SessionGate.place(record) }
 
     // MARK: Phases
 
@@ -134,7 +134,7 @@ final class RelaySession {
     /// phases settled.
     private func admit() {
         guard let group = gate.admit(runtime.policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
-                                     wallClock: Date().timeIntervalSince1970, where: where_, report: runtime.report(for: id))
+                                     wallClock: Date().timeIntervalSince1970, report: runtime.report(for: id))
         else {
             client.close()
             return

@@ -65,7 +65,7 @@ final class UDPSession {
         weak var session: UDPSession?
     }
 
-    private var where_: String { "udp client: \(record.client.address), server: \(record.server)" }
+    private var where_: String { SessionGate.place(record) }
 
     /// Whether a datagram from this client still belongs to this session.
     var takesDatagrams: Bool { !finished && !detached }
@@ -77,7 +77,7 @@ final class UDPSession {
         armIdleTimer()
         let policy = runtime.policy
         guard let group = gate.admit(policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
-                                     wallClock: Date().timeIntervalSince1970, where: where_, report: runtime.report(for: id))
+                                     wallClock: Date().timeIntervalSince1970, report: runtime.report(for: id))
         else {
             refuse(first)
             return

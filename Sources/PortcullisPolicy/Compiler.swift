@@ -198,21 +198,19 @@ struct PolicyCompiler {
         // Zones before the servers that name them (nginx does not mind the order either).
         var connZones: [String: LimitConnZone] = [:]
         var rateZones: [String: LimitRateZone] = [:]
+        var zoneSites: [String: SourceLocation] = [:]  // both kinds share one namespace, as nginx's zones
         for d in children where d.name == "limit_conn_zone" || d.name == "limit_rate_zone" {
             guard admit(d, in: .stream, seen: &seen) != nil else { continue }
-            let zone: (name: String, location: SourceLocation?)?
-            if d.name == "limit_conn_zone" {
-                guard let made = limitConnZone(d) else { continue }
-                if connZones[made.name] == nil && rateZones[made.name] == nil { connZones[made.name] = made; continue }
-                zone = (made.name, connZones[made.name]?.location ?? rateZones[made.name]?.location)
-            } else {
-                guard let made = limitRateZone(d) else { continue }
-                if connZones[made.name] == nil && rateZones[made.name] == nil { rateZones[made.name] = made; continue }
-                zone = (made.name, connZones[made.name]?.location ?? rateZones[made.name]?.location)
+            let connZone = d.name == "limit_conn_zone" ? limitConnZone(d) : nil
+            let rateZone = d.name == "limit_rate_zone" ? limitRateZone(d) : nil
+            guard let name = connZone?.name ?? rateZone?.name else { continue }
+            if let first = zoneSites[name] {
+                error("duplicate zone \"\(name)\"; it was first defined at \(first)", at: d.arguments[1])
+                continue
             }
-            if let zone {
-                error("duplicate zone \"\(zone.name)\"; it was first defined at \(zone.location.map(\.description) ?? "?")", at: d.arguments[1])
-            }
+            zoneSites[name] = d.nameLocation
+            connZones[name] = connZone ?? connZones[name]
+            rateZones[name] = rateZone ?? rateZones[name]
         }
         var streamLimits = LimitSettings()
 
@@ -602,7 +600,7 @@ struct PolicyCompiler {
             guard port > 0 else { error("invalid port \"0\" in \"listen\"; expected 1-65535", at: argument); return nil }
             return (.v4(0), port)
         }
-        guard let (host, portText) = splitHostPort(text), !host.isEmpty else {
+        guard let (host, portText) = SocketEndpoint.split(text), !host.isEmpty else {
             error("invalid listen address \"\(text)\"; expected ADDRESS:PORT, [IPV6]:PORT or PORT", at: argument)
             return nil
         }
@@ -620,22 +618,9 @@ struct PolicyCompiler {
         return (address, port)
     }
 
-    /// Splits `host:port` or `[v6]:port`; nil if there is no port.
-    private func splitHostPort(_ text: String) -> (String, String)? {
-        if text.hasPrefix("[") {
-            guard let close = text.firstIndex(of: "]") else { return nil }
-            let host = String(text[text.index(after: text.startIndex)..<close])
-            let rest = text[text.index(after: close)...]
-            guard rest.hasPrefix(":") else { return nil }
-            return (host, String(rest.dropFirst()))
-        }
-        guard let colon = text.lastIndex(of: ":"), text.firstIndex(of: ":") == colon else { return nil }
-        return (String(text[..<colon]), String(text[text.index(after: colon)...]))
-    }
-
     /// The endpoints a `host:port` names: an address, or every address the host resolves to.
     mutating func endpoints(_ argument: Argument, text: String, in directive: String) -> [SocketEndpoint]? {
-        guard let (host, portText) = splitHostPort(text) else {
+        guard let (host, portText) = SocketEndpoint.split(text) else {
             error("no port in \"\(text)\" of \"\(directive)\"; expected HOST:PORT", at: argument)
             return nil
         }

@@ -29,23 +29,28 @@ public struct SessionGate: Sendable {
     /// upstream group, or nil when the session is refused: the record then says why, and
     /// `report` has been told what to log.
     public mutating func admit(_ policy: ServerPolicy, record: inout SessionRecord, now: UInt64, wallClock: Double,
-                               where place: String, report: (Event) -> Void) -> UpstreamGroup? {
+                               report: (Event) -> Void) -> UpstreamGroup? {
         guard Self.access(policy, record: &record) else {
-            report(.log(.error, "access forbidden by rule, \(place)"))
+            report(.log(.error, "access forbidden by rule, \(Self.place(record))"))
             return nil
         }
-        guard limits(policy, record: &record, now: now, wallClock: wallClock, where: place, report: report) else {
+        guard limits(policy, record: &record, now: now, wallClock: wallClock, report: report) else {
             return nil
         }
         let (group, text) = policy.upstream(for: record)
         guard let group else {
-            report(.log(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(place)"))
+            report(.log(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(Self.place(record))"))
             record.status = .badGateway
             record.phase = .upstreamPick
             record.reason = "proxy_pass named no upstream: \"\(text)\""
             return nil
         }
         return group
+    }
+
+    /// "client: …, server: …", the end of nginx's error-log lines (with "udp " for UDP).
+    public static func place(_ record: SessionRecord) -> String {
+        "\(record.transport == .udp ? "udp " : "")client: \(record.client.address), server: \(record.server)"
     }
 
     // MARK: Access
@@ -79,12 +84,12 @@ public struct SessionGate: Sendable {
     /// not: 503, the phase, the rule, the zone and key). `now`: monotonic nanoseconds;
     /// `wallClock`: seconds since 1970. `report` is told what to log.
     public mutating func limits(_ policy: ServerPolicy, record: inout SessionRecord, now: UInt64, wallClock: Double,
-                                where place: String, report: (Event) -> Void) -> Bool {
+                                report: (Event) -> Void) -> Bool {
         let limits = policy.limits
         guard !limits.conn.isEmpty || !limits.rate.isEmpty || limits.throttles else { return true }
         for rule in limits.conn {
             let zone = rule.zone
-            guard let key = Self.key(zone.key, zone: zone.name, record: record, where: place, report: report) else { continue }
+            guard let key = Self.key(zone.key, zone: zone.name, record: record, report: report) else { continue }
             let outcome = zone.acquire(key, limit: rule.limit)
             if outcome == .acquired {
                 connSlots.append((zone, key))
@@ -97,11 +102,11 @@ public struct SessionGate: Sendable {
                 reason = "limit_conn zone \"\(zone.name)\" is full"
                 // nginx: "[crit] ngx_slab_alloc() failed: no memory in limit_conn_zone"; at most once a second.
                 if zone.shouldReportFull(now: Int64(wallClock.rounded(.down))) {
-                    report(.log(.crit, "no memory in limit_conn_zone \"\(zone.name)\": the part of the zone this key falls in is full (the zone holds up to \(zone.capacity) keys in 16 parts, \(zone.size) bytes); new keys there are refused, \(place)"))
+                    report(.log(.crit, "no memory in limit_conn_zone \"\(zone.name)\": the part of the zone this key falls in is full (the zone holds up to \(zone.capacity) keys in 16 parts, \(zone.size) bytes); new keys there are refused, \(Self.place(record))"))
                 }
             } else {
                 reason = "limiting connections by zone \"\(zone.name)\""
-                report(.log(limits.connLogLevel, "limiting connections\(limits.connDryRun ? ", dry run," : "") by zone \"\(zone.name)\", \(place)"))
+                report(.log(limits.connLogLevel, "limiting connections\(limits.connDryRun ? ", dry run," : "") by zone \"\(zone.name)\", \(Self.place(record))"))
             }
             if limits.connDryRun {
                 // nginx: a dry-run rejection gives back the slots taken so far and stops checking
@@ -119,7 +124,7 @@ public struct SessionGate: Sendable {
         }
         for rule in limits.rate {
             let zone = rule.zone
-            guard let key = Self.key(zone.key, zone: zone.name, record: record, where: place, report: report) else { continue }
+            guard let key = Self.key(zone.key, zone: zone.name, record: record, report: report) else { continue }
             switch zone.kind {
             case .bandwidth:
                 // A dry run refuses nothing; for a bandwidth zone that means it does not throttle.
@@ -128,7 +133,7 @@ public struct SessionGate: Sendable {
                 guard !zone.admit(key, now: now) else { continue }
                 let decision = LimitDecision(zone: zone.name, key: key, limit: "\(zone.rateText) burst=\(Int(zone.burst))")
                 let reason = "limiting sessions by zone \"\(zone.name)\""
-                report(.log(.error, "\(reason)\(limits.rateDryRun ? ", dry run" : ""), \(place)"))
+                report(.log(.error, "\(reason)\(limits.rateDryRun ? ", dry run" : ""), \(Self.place(record))"))
                 if limits.rateDryRun {
                     report(.dryRun(Self.wouldBe(record, phase: .limitRate, rule: rule.reference, decision: decision, reason: reason, at: wallClock)))
                     continue
@@ -154,12 +159,12 @@ public struct SessionGate: Sendable {
 
     /// A zone's key for this session; nil when it is not counted: empty (as nginx), or longer
     /// than 255 bytes (nginx refuses to count it and says so).
-    private static func key(_ template: LogTemplate, zone: String, record: SessionRecord, where place: String,
+    private static func key(_ template: LogTemplate, zone: String, record: SessionRecord,
                             report: (Event) -> Void) -> [UInt8]? {
         let key = template.bytes(for: record)
         guard !key.isEmpty else { return nil }
         guard key.count <= 255 else {
-            report(.log(.error, "the value of the key of zone \"\(zone)\" is more than 255 bytes, not counted, \(place)"))
+            report(.log(.error, "the value of the key of zone \"\(zone)\" is more than 255 bytes, not counted, \(Self.place(record))"))
             return nil
         }
         return key

@@ -55,10 +55,19 @@ public struct AuditLogSpec: Sendable, Equatable {
 }
 
 public struct AccessLogSpec: Sendable, Equatable {
-    public var path: String
-    public var format: LogFormat
+    public let path: String
+    public let format: LogFormat
     /// `if=` condition: the line is skipped when this renders to "" or "0".
-    public var condition: LogTemplate?
+    public let condition: LogTemplate?
+    /// The rule-defined variables the format prints, found once here rather than per line.
+    public let formatVariables: [Int]
+
+    public init(path: String, format: LogFormat, condition: LogTemplate?) {
+        self.path = path
+        self.format = format
+        self.condition = condition
+        self.formatVariables = format.template.definedVariables
+    }
 }
 
 public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {

@@ -30,7 +30,7 @@ public final class SessionLogger: Sendable {
             // Lines are formatted on the writers' threads: evaluate every rule-defined variable
             // they print here, on the session's thread, so the writers only read remembered values.
             for spec in accessLogs {
-                for index in spec.format.template.definedVariables { _ = variables.value(index, in: record) }
+                for index in spec.formatVariables { _ = variables.value(index, in: record) }
             }
         }
         for spec in accessLogs {
