@@ -116,19 +116,26 @@ final class UDPListenerHandler: ChannelInboundHandler {
                 if !handedTo.contains(where: { $0 === handler }) { handedTo.append(handler) }
                 return
             case .opening(var waiting):
-                waiting.append(envelope)
+                waiting.append(Self.detached(envelope))
                 addressSockets[dialled] = .opening(waiting)
                 return
             case .failed: break
             case nil:
                 // Local addresses are few, but 127.0.0.0/8 alone is 16 million: bound the sockets.
                 guard addressSockets.count < Self.maximumAddressSockets else { break }
-                addressSockets[dialled] = .opening([envelope])
+                addressSockets[dialled] = .opening([Self.detached(envelope)])
                 openAddressSocket(dialled, context: context)
                 return
             }
         }
         process(envelope)
+    }
+
+    /// A datagram kept past its read batch: its own bytes, not a slice that would pin the
+    /// vector read's 2 MiB buffer.
+    static func detached(_ envelope: AddressedEnvelope<ByteBuffer>) -> AddressedEnvelope<ByteBuffer> {
+        AddressedEnvelope(remoteAddress: envelope.remoteAddress, data: ByteBuffer(buffer: envelope.data),
+                          metadata: envelope.metadata)
     }
 
     /// A socket for `address` and this listener's port, on this event loop.
@@ -140,7 +147,8 @@ final class UDPListenerHandler: ChannelInboundHandler {
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try Listener.configureUDP(channel, listen: listen, handler: bound.value, readsDestination: false)
+                    try Listener.configureUDP(channel, listen: listen, handler: bound.value, readsDestination: false,
+                                              vectorReads: false)
                 }
             }
             .bind(to: SocketEndpoint(address: address, port: listen.port).socketAddress)
@@ -288,7 +296,7 @@ extension Listener {
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try configureUDP(channel, listen: listen, handler: UDPListenerHandler(box: box, wildcard: wildcard),
-                                             readsDestination: wildcard)
+                                             readsDestination: wildcard, vectorReads: true)
                         }
                     }
                 channels.append(try await bootstrap.bind(to: listen.endpoint.socketAddress).get())
@@ -300,10 +308,13 @@ extension Listener {
         return channels
     }
 
+    static let udpVectorReadCount = 32
+
     /// Options and handler of a listening UDP socket (`readsDestination`: IP_PKTINFO, for a
-    /// wildcard socket that hands datagrams to per-address sockets).
+    /// wildcard socket that hands datagrams to per-address sockets; `vectorReads`: recvmmsg, for
+    /// the listen sockets that take a gateway's load, not the up to 1,024 per-address ones).
     static func configureUDP(_ channel: any Channel, listen: ListenSpec, handler: UDPListenerHandler,
-                             readsDestination: Bool) throws {
+                             readsDestination: Bool, vectorReads: Bool) throws {
         let options = channel.syncOptions!
         if listen.reusePort {
             try options.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
@@ -316,8 +327,20 @@ extension Listener {
         if readsDestination { try options.setOption(.receivePacketInfo, value: true) }
         // Room for bursts of queries before the loop gets to them.
         try options.setOption(.socketOption(.so_rcvbuf), value: 4 * 1024 * 1024)
-        try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65_536))
-        try options.setOption(.maxMessagesPerRead, value: 16)
+        if vectorReads {
+            // One recvmmsg reads up to 32 datagrams into one buffer cut in 32 slots. A slot must
+            // hold the largest datagram (the kernel truncates silently and SwiftNIO does not say
+            // so), hence 32 × 64 KiB; only the pages datagrams land on are touched. Two reads per
+            // wake-up: up to 64 datagrams per batch, and SwiftNIO's pool keeps two such buffers.
+            // Slices of them must not be kept past the batch (see UDPSession.clientDatagram).
+            try options.setOption(.datagramVectorReadMessageCount, value: Self.udpVectorReadCount)
+            try options.setOption(.recvAllocator,
+                                  value: FixedSizeRecvByteBufferAllocator(capacity: Self.udpVectorReadCount * 65_536))
+            try options.setOption(.maxMessagesPerRead, value: 2)
+        } else {
+            try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65_536))
+            try options.setOption(.maxMessagesPerRead, value: 16)
+        }
         try channel.pipeline.syncOperations.addHandler(handler)
     }
 }

@@ -33,6 +33,9 @@ final class UDPSession {
     private var responses = 0
     /// Datagrams dropped by a bandwidth limit (UDP has no backpressure), for the error log.
     private var throttled = 0
+    /// Datagrams dropped because the upstream socket's send queue was full (bounded memory:
+    /// a stuck upstream socket must not queue without end), for the error log.
+    private var overflowed = 0
     private var refused = false
     private var detached = false
     private var finished = false
@@ -113,9 +116,16 @@ final class UDPSession {
         upstreamStarted = .now()
         let handler = UDPUpstreamHandler()
         let boundHandler = NIOLoopBound(handler, eventLoop: eventLoop)
+        let replySize = min(max(runtime.policy.proxy.bufferSize, 1), 65_536)  // a datagram is at most 64 KiB
         DatagramBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // A reply is read into proxy_buffer_size bytes (16k), as nginx does; longer
+                    // ones are cut there. One read per wake-up, so SwiftNIO keeps one such
+                    // buffer per session, not four.
+                    let options = channel.syncOptions!
+                    try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: replySize))
+                    try options.setOption(.maxMessagesPerRead, value: 1)
                     try channel.pipeline.syncOperations.addHandler(boundHandler.value)
                 }
             }
@@ -178,7 +188,9 @@ final class UDPSession {
         }
         guard upstream != nil else {
             if pending.count < Self.maximumPending {
-                pending.append(payload)
+                // Its own copy: the payload is a slice of the listener's vector-read buffer,
+                // which must be free again by the next read batch.
+                pending.append(ByteBuffer(buffer: payload))
                 requests += 1  // only datagrams that will be sent expect answers
             } else {
                 throttled += 1
@@ -192,6 +204,16 @@ final class UDPSession {
 
     private func sendUpstream(_ payload: ByteBuffer) {
         guard let upstream else { return }
+        if !upstream.isWritable {
+            // Writes wait for the end of the read batch; a batch of large datagrams can pass
+            // the high-water mark (64 KiB) by itself: send what is queued, and drop only if
+            // the socket still cannot take more.
+            flushUpstream()
+            guard upstream.isWritable else {
+                overflowed += 1
+                return
+            }
+        }
         var datagram: ByteBuffer
         if let proxyHeader {
             // The spec's UDP rule: header and payload in one datagram, every datagram.
@@ -286,6 +308,9 @@ final class UDPSession {
         gate.release()
         if throttled > 0 {
             runtime.errorLog.log(.info, "dropped \(throttled) datagrams over the session's rate limit, \(where_)", connection: id)
+        }
+        if overflowed > 0 {
+            runtime.errorLog.log(.warn, "dropped \(overflowed) datagrams: the upstream socket's send queue was full, \(where_)", connection: id)
         }
         record.endTime = Date().timeIntervalSince1970
         if let upstreamStarted {

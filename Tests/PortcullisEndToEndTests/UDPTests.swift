@@ -225,6 +225,65 @@ struct UDPTests {
         await gateway.stop()
     }
 
+    @Test("datagram sizes: a burst of 100 (1 to 60,000 bytes) reaches the upstream whole and in order; replies up to proxy_buffer_size pass whole, longer ones are cut there as in nginx")
+    func datagramSizes() async throws {
+        // The upstream answers "N" with N bytes, and echoes everything else.
+        let upstream = try UDPTestPeer { datagram, _, _ in
+            if let size = Int(String(decoding: datagram, as: UTF8.self)) {
+                return [(0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31) }]
+            }
+            return []
+        }
+        defer { upstream.stop() }
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                \(Self.logFormat)
+                access_log {DIR}/access.log udp;
+                server {
+                    listen 127.0.0.1:{PORT} udp;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        let larger = try await GatewayHarness.start("""
+            stream {
+                server {
+                    listen 127.0.0.1:{PORT} udp;
+                    proxy_buffer_size 64k;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        // A burst larger than one vector read (32 datagrams), of mixed sizes: each must arrive
+        // with its own bytes (a slot of the read buffer holds the largest possible datagram).
+        let client = try UDPTestSocket(bind: "127.0.0.33")
+        try client.connect("127.0.0.1", gateway.port)
+        var rng = SplitMix64(seed: 6)
+        let sizes = (0..<100).map { $0 % 10 == 0 ? 60_000 : 1 + Int(rng.next() % 3_000) }
+        let burst = sizes.enumerated().map { index, size in
+            (0..<size).map { UInt8(truncatingIfNeeded: $0 &+ index &* 7) } + [UInt8(index)]
+        }
+        for datagram in burst { try client.send(datagram) }
+        let deadline = Date().addingTimeInterval(5)
+        while upstream.received.count < burst.count && Date() < deadline { usleep(10_000) }
+        let received = upstream.received.map(\.bytes)
+        #expect(received.count == burst.count)
+        let mismatched = zip(received, burst).enumerated().filter { $0.element.0 != $0.element.1 }.map(\.offset)
+        #expect(mismatched.isEmpty, "every datagram whole, in order; these differ: \(mismatched)")
+
+        func reply(_ size: Int, port: UInt16) throws -> Int? {
+            let socket = try UDPTestSocket(bind: "127.0.0.34")
+            try socket.connect("127.0.0.1", port)
+            try socket.send(Array(String(size).utf8))
+            return socket.receive(timeout: 3)?.count
+        }
+        #expect(try reply(16_384, port: gateway.port) == 16_384)
+        #expect(try reply(20_000, port: gateway.port) == 16_384, "cut at proxy_buffer_size 16k, as nginx does")
+        #expect(try reply(60_000, port: larger.port) == 60_000, "proxy_buffer_size 64k")
+        await gateway.stop()
+        await larger.stop()
+    }
+
     // MARK: 4. PROXY v2 sent upstream
 
     @Test("proxy_protocol v2: every one of 150 datagrams from 3 clients reaches the upstream behind a valid v2 UDP4 header naming its client")
