@@ -32,23 +32,28 @@ public struct ListenError: Error, CustomStringConvertible {
     }
 }
 
-/// Opens the listening sockets of one `listen`. With `reuseport`, one socket per event loop
-/// (the kernel spreads connections, no cross-thread hand-off); without it, one socket whose
-/// connections are spread over the loops, as nginx does without `reuseport`.
+/// Opens the listening sockets of one TCP `listen`: one socket per event loop with
+/// `SO_REUSEPORT`, so the kernel spreads connections over the loops and no accepted connection
+/// is handed from one thread to another (docs/decisions/0009-listener-per-event-loop.md: +15–20 %
+/// connections a second on 2 cores). nginx does this only with `reuseport`; without it,
+/// Portcullis first binds a plain socket to the address and closes it, so an address already in
+/// use (by another program, or a wildcard `listen` of this one) is still an error at start-up.
 public enum Listener {
     public static func bind(_ box: RuntimeBox, group: MultiThreadedEventLoopGroup) async throws -> [any Channel] {
         let listen = box.runtime.listen
         if listen.udp { return try await bindUDP(box, group: group) }
-        let loops: [any EventLoopGroup] = listen.reusePort ? group.makeIterator().map { $0 } : [group]
+        let loops: [any EventLoop] = group.makeIterator().map { $0 }
+        let perLoop = listen.reusePort || loops.count > 1
         var channels: [any Channel] = []
         do {
-            for loop in loops {
+            if perLoop && !listen.reusePort { try probe(listen) }
+            for loop in perLoop ? loops : [group.next()] {
                 let bootstrap = ServerBootstrap(group: loop)
                     .serverChannelOption(.backlog, value: Int32(clamping: listen.backlog))
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
-                            if listen.reusePort {
+                            if perLoop {
                                 try channel.syncOptions!.setOption(.socketOption(.init(rawValue: SO_REUSEPORT)), value: 1)
                             }
                             if case .v6 = listen.address {
@@ -70,6 +75,23 @@ public enum Listener {
             throw ListenError(listen: listen, underlying: error)
         }
         return channels
+    }
+
+    /// Binds and closes a plain socket (no `SO_REUSEPORT`) on the listen address: fails with
+    /// EADDRINUSE if anything listens there, as the single socket nginx opens would.
+    static func probe(_ listen: ListenSpec) throws {
+        let address = listen.endpoint.socketAddress
+        let fd = socket(Int32(address.protocol.rawValue), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        defer { close(fd) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        if case .v6 = listen.address {
+            var v6only: Int32 = listen.ipv6Only ? 1 : 0
+            setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &v6only, socklen_t(MemoryLayout<Int32>.size))
+        }
+        let result = address.withSockAddr { Glibc.bind(fd, $0, socklen_t($1)) }
+        guard result == 0 else { throw IOError(errnoCode: errno, reason: "bind") }
     }
 
     /// Per-connection options through `syncOptions` (no future per option) and the one handler.

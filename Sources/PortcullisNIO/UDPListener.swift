@@ -215,8 +215,7 @@ final class UDPListenerHandler: ChannelInboundHandler {
     static func proxyHeader(_ datagram: ByteBuffer) -> (ProxyHeader, Int)? {
         datagram.withUnsafeReadableBytes { raw in
             guard raw.count >= 16, raw.starts(with: ProxyHeaderDecoder.v2Signature) else { return nil }
-            guard let decoded = try? ProxyHeaderDecoder.decode(raw), decoded != nil else { return nil }
-            return decoded
+            return try? ProxyHeaderDecoder.decode(raw)  // nil: incomplete; a throw: broken
         }
     }
 
