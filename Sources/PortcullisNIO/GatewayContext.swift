@@ -1,6 +1,7 @@
 import NIOCore
 public import Logging
 public import PortcullisPolicy
+import PortcullisWire
 public import PortcullisTelemetry
 import Synchronization
 
@@ -64,6 +65,21 @@ extension ServerRuntime {
             case .dryRun(let wouldBe): sessionLogger.logDryRun(wouldBe)
             }
         }
+    }
+}
+
+extension ServerRuntime {
+    /// The TLVs of the PROXY v2 header sent upstream for `record` (TCP and UDP alike): this
+    /// server's `proxy_protocol_tlv` list, then a trusted sender's AUTHORITY and UNIQUE_ID when
+    /// the list does not set them.
+    func upstreamTLVs(for record: SessionRecord) -> [ProxyTLV] {
+        var tlvs = policy.proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
+        if let received = record.proxyHeader, policy.realIPFrom.trusts(record.peer.address) {
+            for type in [ProxyTLVType.authority, .uniqueID] where !tlvs.contains(where: { $0.type == type.rawValue }) {
+                if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
+            }
+        }
+        return tlvs
     }
 }
 

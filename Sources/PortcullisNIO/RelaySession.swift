@@ -245,14 +245,7 @@ final class RelaySession {
             record.upstreamBytesSent += UInt64(bytes.count)  // nginx counts the header as sent
             upstream.write(bytes)
         case .v2:
-            var tlvs = proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
-            // AUTHORITY and UNIQUE_ID travel on when a trusted sender gave them and the rules
-            // do not set them.
-            if let received = record.proxyHeader, runtime.policy.realIPFrom.trusts(record.peer.address) {
-                for type in [ProxyTLVType.authority, .uniqueID] where !tlvs.contains(where: { $0.type == type.rawValue }) {
-                    if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
-                }
-            }
+            let tlvs = runtime.upstreamTLVs(for: record)
             let bytes = ProxyHeaderEncoder.v2(
                 source: record.client, destination: record.server, transport: .stream, tlvs: tlvs,
                 crc32c: proxy.proxyProtocolCRC32C)

@@ -94,9 +94,8 @@ final class UDPSession {
             return
         }
         if policy.proxy.sendProxyProtocol == .v2 {
-            let tlvs = policy.proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
             proxyHeader = ProxyHeaderEncoder.v2(source: record.client, destination: record.server, transport: .datagram,
-                                                tlvs: tlvs, crc32c: policy.proxy.proxyProtocolCRC32C)
+                                                tlvs: runtime.upstreamTLVs(for: record), crc32c: policy.proxy.proxyProtocolCRC32C)
         }
         connect(to: group.servers[index].endpoint, group: group, index: index)
         clientDatagram(first)

@@ -530,6 +530,59 @@ struct UDPTests {
 
     // MARK: 7. limit_conn counts sessions
 
+    @Test("listen udp proxy_protocol + proxy_protocol v2: a trusted sender's AUTHORITY and UNIQUE_ID go on upstream in every datagram's header, an untrusted sender's do not")
+    func trustedTLVsPassedOn() async throws {
+        let upstream = try UDPTestPeer { _, _, _ in [] }
+        defer { upstream.stop() }
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                server {
+                    listen 127.0.0.1:{PORT} udp proxy_protocol;
+                    set_real_ip_from 127.0.0.41;
+                    proxy_protocol v2;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        let tlvs: [(UInt8, [UInt8])] = [(0x02, Array("dns.example".utf8)), (0x05, Array(repeating: 0xAB, count: 16)), (0x01, Array("h2".utf8))]
+        for sender in ["127.0.0.41", "127.0.0.42"] {
+            let socket = try UDPTestSocket(bind: sender)
+            try socket.connect("127.0.0.1", gateway.port)
+            let header = RawV2.build(family: 0x12, source: "203.0.113.9", sourcePort: 5353, destination: "192.0.2.1",
+                                    destinationPort: 53, tlvs: tlvs)
+            for i in 0..<3 { try socket.send(header + Array("q\(i)".utf8)) }
+        }
+        let deadline = Date().addingTimeInterval(3)
+        while upstream.received.count < 6 && Date() < deadline { usleep(10_000) }
+        let received = upstream.received
+        try #require(received.count == 6, "\(received.count) datagrams")
+        /// The TLVs after the address block of a v2 header, by type.
+        func tlvTypes(_ d: [UInt8]) -> [UInt8: [UInt8]] {
+            guard let p = RawV2.parse(d) else { return [:] }
+            var at = 16 + 12, out: [UInt8: [UInt8]] = [:]
+            while at + 3 <= p.length {
+                let length = Int(d[at + 1]) << 8 | Int(d[at + 2])
+                out[d[at]] = Array(d[(at + 3)..<min(p.length, at + 3 + length)])
+                at += 3 + length
+            }
+            return out
+        }
+        for datagram in received.map(\.bytes) {
+            let parsed = try #require(RawV2.parse(datagram))
+            let found = tlvTypes(datagram)
+            if parsed.source == "203.0.113.9" {  // trusted: the header's client
+                #expect(found[0x02] == Array("dns.example".utf8))
+                #expect(found[0x05] == Array(repeating: 0xAB, count: 16))
+                #expect(found[0x01] == nil, "ALPN is not passed on")
+            } else {
+                #expect(parsed.source == "127.0.0.42", "\(parsed)")
+                #expect(found.isEmpty, "an untrusted sender's TLVs are not passed on: \(found.keys.sorted())")
+            }
+        }
+        #expect(received.filter { RawV2.parse($0.bytes)?.source == "203.0.113.9" }.count == 3)
+        await gateway.stop()
+    }
+
     @Test("limit_conn 2 on UDP: of three sessions from one address (three source ports) the third is refused, 503, audited once")
     func limitConnCountsSessions() async throws {
         let upstream = try UDPTestPeer { _, _, _ in [] }  // never answers
@@ -696,7 +749,8 @@ fileprivate enum RawV2 {
         return p
     }
 
-    static func build(family: UInt8, source: String, sourcePort: UInt16, destination: String, destinationPort: UInt16) -> [UInt8] {
+    static func build(family: UInt8, source: String, sourcePort: UInt16, destination: String, destinationPort: UInt16,
+                      tlvs: [(UInt8, [UInt8])] = []) -> [UInt8] {
         var body: [UInt8] = []
         for address in [source, destination] {
             if family >> 4 == 1 {
@@ -708,6 +762,7 @@ fileprivate enum RawV2 {
             }
         }
         body += [UInt8(sourcePort >> 8), UInt8(sourcePort & 0xFF), UInt8(destinationPort >> 8), UInt8(destinationPort & 0xFF)]
+        for (type, value) in tlvs { body += [type, UInt8(value.count >> 8), UInt8(value.count & 0xFF)] + value }
         return signature + [0x21, family, UInt8(body.count >> 8), UInt8(body.count & 0xFF)] + body
     }
 
