@@ -24,6 +24,9 @@ final class UDPSession {
 
     private var gate = SessionGate()
     private var upstream: (any Channel)?
+    /// Where the upstream socket is connected. Every write names it: SwiftNIO does not know a
+    /// socket handed to it connected (`withBoundSocket`) and wants an address per datagram.
+    private var upstreamAddress: SocketAddress?
     /// Client datagrams that arrived before the upstream socket was ready (bounded).
     private var pending: [ByteBuffer] = []
     private static let maximumPending = 64
@@ -116,19 +119,17 @@ final class UDPSession {
         let handler = UDPUpstreamHandler()
         let boundHandler = NIOLoopBound(handler, eventLoop: eventLoop)
         let replySize = min(max(runtime.policy.proxy.bufferSize, 1), 65_536)  // a datagram is at most 64 KiB
-        DatagramBootstrap(group: eventLoop)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    // A reply is read into proxy_buffer_size bytes (16k), as nginx does; longer
-                    // ones are cut there. One read per wake-up, so SwiftNIO keeps one such
-                    // buffer per session, not four.
-                    let options = channel.syncOptions!
-                    try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: replySize))
-                    try options.setOption(.maxMessagesPerRead, value: 1)
-                    try channel.pipeline.syncOperations.addHandler(boundHandler.value)
-                }
-            }
-            .connect(to: endpoint.socketAddress)
+        // The socket is made and connected here (a UDP connect only sets the peer), then handed
+        // to SwiftNIO: its own connect path costs two more system calls and a future chain per
+        // session, and a session per datagram is common for DNS.
+        let channel: EventLoopFuture<any Channel>
+        do {
+            let fd = try Self.connectedSocket(to: endpoint)
+            channel = Self.bootstrap(eventLoop, handler: boundHandler, replySize: replySize).withBoundSocket(fd)
+        } catch {
+            channel = eventLoop.makeFailedFuture(error)
+        }
+        channel
             .assumeIsolated()
             .whenComplete { [self] result in
                 let now = Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000)
@@ -142,6 +143,7 @@ final class UDPSession {
                     }
                     handler.session = self
                     upstream = channel
+                    upstreamAddress = endpoint.socketAddress
                     let queued = pending
                     pending = []
                     for datagram in queued { sendUpstream(datagram) }
@@ -157,6 +159,34 @@ final class UDPSession {
                     end()
                 }
             }
+    }
+
+    /// A non-blocking UDP socket connected to `endpoint` (replies are then only taken from it).
+    static func connectedSocket(to endpoint: SocketEndpoint) throws -> CInt {
+        let address = endpoint.socketAddress
+        let fd = socket(Int32(address.protocol.rawValue), Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        let result = address.withSockAddr { Glibc.connect(fd, $0, socklen_t($1)) }
+        guard result == 0 else {
+            let error = IOError(errnoCode: errno, reason: "connect")
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    static func bootstrap(_ eventLoop: any EventLoop, handler: NIOLoopBound<UDPUpstreamHandler>, replySize: Int) -> DatagramBootstrap {
+        DatagramBootstrap(group: eventLoop).channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture {
+                // A reply is read into proxy_buffer_size bytes (16k), as nginx does; longer
+                // ones are cut there. One read per wake-up, so SwiftNIO keeps one such
+                // buffer per session, not four.
+                let options = channel.syncOptions!
+                try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: replySize))
+                try options.setOption(.maxMessagesPerRead, value: 1)
+                try channel.pipeline.syncOperations.addHandler(handler.value)
+            }
+        }
     }
 
     // MARK: Datagrams
@@ -223,7 +253,7 @@ final class UDPSession {
             datagram = payload
         }
         record.upstreamBytesSent += UInt64(datagram.readableBytes)
-        upstream.write(datagram, promise: nil)
+        upstream.write(AddressedEnvelope(remoteAddress: upstreamAddress!, data: datagram), promise: nil)
         if !flushPending {
             flushPending = true
             listener.needsFlush(self)

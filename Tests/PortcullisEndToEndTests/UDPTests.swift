@@ -225,6 +225,32 @@ struct UDPTests {
         await gateway.stop()
     }
 
+    @Test("an upstream port nobody listens on: the ICMP port-unreachable ends the session at once with 502 and a recv() error line, not at proxy_timeout")
+    func upstreamRefuses() async throws {
+        let closedPort = try freeUDPPort()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log info;
+                \(Self.logFormat)
+                access_log {DIR}/access.log udp;
+                proxy_timeout 30s;
+                server {
+                    listen 127.0.0.1:{PORT} udp;
+                    proxy_responses 1;
+                    proxy_pass 127.0.0.1:\(closedPort);
+                }
+            }
+            """)
+        let client = try UDPTestSocket(bind: "127.0.0.35")
+        try client.connect("127.0.0.1", gateway.port)
+        try client.send(Array("anyone?".utf8))
+        let lines = await gateway.waitForLines(of: "access.log", timeout: 5) { !$0.isEmpty }.compactMap(AccessLine.init)
+        #expect(lines == [AccessLine("UDP 502 127.0.0.35:\(client.localPort) 7 0")!], "\(lines)")
+        #expect(gateway.lines(of: "error.log").contains { $0.contains("recv() failed (111: Connection refused) while proxying connection") })
+        #expect(client.receive(timeout: 0.2) == nil)
+        await gateway.stop()
+    }
+
     @Test("datagram sizes: a burst of 100 (1 to 60,000 bytes) reaches the upstream whole and in order; replies up to proxy_buffer_size pass whole, longer ones are cut there as in nginx")
     func datagramSizes() async throws {
         // The upstream answers "N" with N bytes, and echoes everything else.
