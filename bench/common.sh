@@ -30,17 +30,19 @@ wait_port() {  # wait_port PORT
 # nginx with a stream block and, optionally, an http block:
 # start_nginx STREAM_BODY [HTTP_BODY] (the insides of the blocks).
 start_nginx() {
-    local modules=""
+    local modules="" http=""
     [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+    # (Built here: a "}" inside ${2:+…} in the here-document would end the expansion early.)
+    [ -n "${2:-}" ] && http="http {
+$2
+}"
     cat > "$WORK/nginx.conf" <<NGINX
 $modules
 worker_processes 2;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log;
 events { worker_connections 16384; }
-${2:+http {
-$2
-}}
+$http
 stream {
 $1
 }
