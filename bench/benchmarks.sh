@@ -20,4 +20,7 @@ echo "building and running the benchmarks (the first build takes several minutes
 # --disable-sandbox: the relay benchmark listens and connects on loopback (only macOS
 # sandboxes plugins, but the flag costs nothing elsewhere). The plugin's own build lines
 # ([12/34] Compiling ...) are left out; everything else, the result tables included, is shown.
+# Its "running with the Swift runtime interposer" warning and "skipping LD_PRELOAD" note are
+# expected: that trait is off (see bench/Benchmarks/Package.swift), which only matters for
+# ARC (retain/release) metrics, and these benchmarks take none.
 swift package --disable-sandbox benchmark "$@" --no-progress 2>&1 | grep --line-buffered -vE '^\[[0-9]+/[0-9]+\] '
