@@ -23,9 +23,10 @@
 # All three log every session to an access log file with the same fields (client address,
 # status, bytes each way, session time). HAProxy cannot write a log file itself: it logs with
 # `log stdout format raw`, and its standard output is redirected to the file (one write(2) per
-# line, as nginx's unbuffered access_log). Portcullis's audit log is on too. No listener uses
-# reuseport (HAProxy 2.6 cannot shard a bind across threads); no process is pinned, except in
-# the UDP row. The order of the paths is rotated every repetition.
+# line, as nginx's unbuffered access_log). Portcullis's audit log is on too. No listen line
+# says reuseport (HAProxy 2.6 cannot shard a bind across threads); Portcullis opens one
+# SO_REUSEPORT socket per event loop by itself (docs/decisions/0009). No process is pinned,
+# except in the UDP row. The order of the paths is rotated every repetition.
 #
 # Measurements (ONLY= names):
 #   tcp      iperf3 -P 1 and -P 8 for SECS through each proxy and direct: Gbit/s received, and

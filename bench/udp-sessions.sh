@@ -204,7 +204,7 @@ sleep 2.5  # the drop report comes at most once a second
 read -r rss2 pss2 anon2 < <(mem); fd2=$(fds)
 drops2=$(( $(drops $GW_DENY) - d0 ))
 full_lines=$(grep -c "UDP sessions" "$WORK/error.log" || true)
-full_dropped=$(grep "UDP sessions" "$WORK/error.log" | sed -E 's/.*dropped ([0-9]+) datagrams.*/\1/' | awk '{s += $1} END {print s + 0}')
+full_dropped=$({ grep "UDP sessions" "$WORK/error.log" || true; } | sed -E 's/.*dropped ([0-9]+) datagrams.*/\1/' | awk '{s += $1} END {print s + 0}')
 refused=$((FLOOD - drops2 - full_dropped))
 read -r _ _ probes0 < <(sink)
 python3 "$WORK/udp.py" probe $GW_DENY
