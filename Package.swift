@@ -21,8 +21,10 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "portcullis", targets: ["portcullis"]),
-        // For bench/micro, which measures the pure layers from outside.
+        // For bench/micro and bench/Benchmarks, which measure from outside: the pure layers,
+        // and the gateway that runs in process for the relay benchmark.
         .library(name: "PortcullisPolicy", targets: ["PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisWire"]),
+        .library(name: "PortcullisGateway", targets: ["PortcullisGateway"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
