@@ -337,8 +337,10 @@ extension Listener {
                                   value: FixedSizeRecvByteBufferAllocator(capacity: Self.udpVectorReadCount * 65_536))
             try options.setOption(.maxMessagesPerRead, value: 2)
         } else {
+            // A per-address socket of a wildcard listen (up to 1,024 of them): SwiftNIO keeps
+            // up to maxMessagesPerRead 64 KiB buffers per socket after a burst, so few.
             try options.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65_536))
-            try options.setOption(.maxMessagesPerRead, value: 16)
+            try options.setOption(.maxMessagesPerRead, value: 4)
         }
         try channel.pipeline.syncOperations.addHandler(handler)
     }
