@@ -182,20 +182,25 @@ final class RelayHandler: ChannelDuplexHandler {
         session?.failed(on: side, error: error)
     }
 
-    /// Shuts this side's output once what is queued has been written, then calls `done`.
-    ///
-    /// The wait is explicit (an empty write's promise completes after every earlier write):
-    /// once NIO has seen EOF on a channel, it turns `close(mode: .output)` into a full close
-    /// that cancels queued writes.
-    func shutdownOutput(then done: @escaping () -> Void) {
+    /// Calls `done` once everything queued on this side has been written to the socket (an
+    /// empty write's promise completes after every earlier write), or at once if the channel
+    /// is gone. SwiftNIO's close cancels queued writes, so a close must wait for this.
+    func afterQueuedWrites(_ done: @escaping () -> Void) {
         guard let context, context.channel.isActive else {
-            outputIsClosed = true
             done()
             return
         }
         let drained = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: drained)
-        drained.futureResult.assumeIsolated().whenComplete { [self] _ in
+        drained.futureResult.assumeIsolated().whenComplete { _ in done() }
+    }
+
+    /// Shuts this side's output once what is queued has been written, then calls `done`.
+    ///
+    /// The wait is explicit (`afterQueuedWrites`): once NIO has seen EOF on a channel, it turns
+    /// `close(mode: .output)` into a full close that cancels queued writes.
+    func shutdownOutput(then done: @escaping () -> Void) {
+        afterQueuedWrites { [self] in
             guard let context = self.context, context.channel.isActive else {
                 outputIsClosed = true
                 done()
