@@ -13,7 +13,7 @@ import PortcullisWire
 /// One TCP session from accept to log: runs the access phase, dials the upstream on the
 /// client's event loop, pairs the two relay handlers, enforces `proxy_timeout`, and writes
 /// exactly one record when both sides are gone. Lives on the client's event loop only.
-final class RelaySession {
+final class RelaySession: IdleWatched {
     let runtime: ServerRuntime
     let eventLoop: any EventLoop
     var record: SessionRecord
@@ -29,6 +29,9 @@ final class RelaySession {
     private var connectStarted: NIODeadline = .now()
     private var upstreamConnectedAt: NIODeadline?
     private var idleTimer: Scheduled<Void>?
+    /// Watched by the event loop's `IdleSweeper` rather than `idleTimer`.
+    private var swept = false
+    private var timedOut = false
     private(set) var lastActivity = NIODeadline.now()
     /// Client bytes read while waiting for the PROXY header, and those that followed it.
     private var headerBytes: ByteBuffer?
@@ -380,15 +383,27 @@ final class RelaySession {
         upstream?.close()
     }
 
+    /// proxy_timeout: the loop's sweeper for long timeouts, a scheduled task for short ones.
     private func armIdleTimer() {
         let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
+        if timeout >= IdleSweeper.minimumTimeout {
+            IdleSweeper.on(eventLoop).watch(self)
+            swept = true
+            return
+        }
         idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
-            if NIODeadline.now() - lastActivity >= timeout {
-                logger.info("connection timed out (proxy_timeout), \(where_)")
-                closeBoth()
-            } else {
-                armIdleTimer()
-            }
+            checkIdle(now: .now())
+        }
+    }
+
+    func checkIdle(now: NIODeadline) {
+        guard !timedOut, !finished else { return }
+        if now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds)) {
+            timedOut = true
+            logger.info("connection timed out (proxy_timeout), \(where_)")
+            closeBoth()
+        } else if !swept {
+            armIdleTimer()
         }
     }
 
@@ -398,6 +413,7 @@ final class RelaySession {
         // Exactly once, however the session ended: this runs once (`finished`).
         gate.release()
         idleTimer?.cancel()
+        if swept { IdleSweeper.on(eventLoop).unwatch(self) }
         headerTimer?.cancel()
         record.endTime = Date().timeIntervalSince1970
         if let upstreamConnectedAt {

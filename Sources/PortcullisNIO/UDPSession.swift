@@ -14,7 +14,7 @@ import PortcullisWire
 /// choice); then datagrams go to the session's own upstream socket and replies come back from
 /// the listener's socket. `proxy_requests`, `proxy_responses` and `proxy_timeout` end it as in
 /// nginx; its record is logged when it ends. Lives on the listener's event loop only.
-final class UDPSession {
+final class UDPSession: IdleWatched {
     let runtime: ServerRuntime
     let key: UDPListenerHandler.SessionKey
     private let listener: UDPListenerHandler
@@ -43,6 +43,8 @@ final class UDPSession {
     private var detached = false
     private var finished = false
     private var idleTimer: Scheduled<Void>?
+    /// Watched by the event loop's `IdleSweeper` rather than `idleTimer`.
+    private var swept = false
     private var lastActivity = NIODeadline.now()
     private var upstreamStarted: NIODeadline?
     /// Datagrams written to the upstream socket and not flushed yet (see `needsFlush`).
@@ -306,22 +308,33 @@ final class UDPSession {
 
     // MARK: End
 
+    /// proxy_timeout: the loop's sweeper for long timeouts, a scheduled task for short ones.
     private func armIdleTimer() {
         let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
+        if timeout >= IdleSweeper.minimumTimeout {
+            IdleSweeper.on(eventLoop).watch(self)
+            swept = true
+            return
+        }
         idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
-            if NIODeadline.now() - lastActivity >= timeout {
-                // nginx: a session still waiting for proxy_responses answers ends with 502.
-                if !refused, upstream != nil, let expected = runtime.policy.proxy.udpResponses,
-                   expected > 0, responses < expected.multipliedReportingOverflow(by: requests).partialValue {
-                    runtime.errorLog.log(.error, "upstream timed out (110: Connection timed out) while proxying connection, \(where_)", connection: id)
-                    record.status = .badGateway
-                    record.phase = .relay
-                    record.reason = "upstream timed out"
-                }
-                end()
-            } else {
-                armIdleTimer()
+            checkIdle(now: .now())
+        }
+    }
+
+    func checkIdle(now: NIODeadline) {
+        guard !finished else { return }
+        if now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds)) {
+            // nginx: a session still waiting for proxy_responses answers ends with 502.
+            if !refused, upstream != nil, let expected = runtime.policy.proxy.udpResponses,
+               expected > 0, responses < expected.multipliedReportingOverflow(by: requests).partialValue {
+                runtime.errorLog.log(.error, "upstream timed out (110: Connection timed out) while proxying connection, \(where_)", connection: id)
+                record.status = .badGateway
+                record.phase = .relay
+                record.reason = "upstream timed out"
             }
+            end()
+        } else if !swept {
+            armIdleTimer()
         }
     }
 
@@ -332,6 +345,7 @@ final class UDPSession {
         finished = true
         if flushPending { flushUpstream() }  // proxy_responses 0: the datagram must leave first
         idleTimer?.cancel()
+        if swept { IdleSweeper.on(eventLoop).unwatch(self) }
         listener.detach(self)
         upstream?.close(promise: nil)
         gate.release()

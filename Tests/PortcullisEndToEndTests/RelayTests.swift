@@ -246,6 +246,48 @@ struct RelayTests {
         await gateway.stop()
     }
 
+    @Test("a long proxy_timeout (10s, watched by the event loop's once-a-second sweep) closes idle sessions within about a second after 10 s idle, and not an active one")
+    func longIdleTimeoutSwept() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log info;
+                server { listen 127.0.0.1:{PORT}; proxy_timeout 10s; proxy_pass 127.0.0.1:\(upstream.port); }
+            }
+            """)
+        // Eight idle sessions, and one kept busy past the timeout by a byte every second.
+        let idle = try (0..<8).map { _ in try TestConnection.connect(to: "127.0.0.1", port: gateway.port, timeout: 20) }
+        for connection in idle {
+            try connection.send("a")
+            #expect(try connection.receive(exactly: 1) == [UInt8(ascii: "a")])
+        }
+        let busy = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, timeout: 20)
+        let start = Date()
+        // Blocking reads on threads of their own (not on the tests' cooperative thread pool).
+        let closedAfter = Mutex<[Double]>([])
+        for connection in idle {
+            Thread {
+                if (try? connection.receiveAll())?.isEmpty == true {
+                    closedAfter.withLock { $0.append(Date().timeIntervalSince(start)) }
+                }
+            }.start()
+        }
+        // Meanwhile the busy one talks for 12 s: it must stay open throughout.
+        for _ in 0..<12 {
+            try busy.send("b")
+            #expect(try busy.receive(exactly: 1) == [UInt8(ascii: "b")])
+            usleep(1_000_000)
+        }
+        let waits = closedAfter.withLock { $0 }
+        #expect(waits.count == 8)
+        #expect(waits.allSatisfy { $0 > 9.8 && $0 < 11.8 }, "\(waits)")
+        try busy.send("c")
+        #expect(try busy.receive(exactly: 1) == [UInt8(ascii: "c")], "the active session is still open")
+        let timedOut = gateway.lines(of: "error.log").filter { $0.contains("connection timed out (proxy_timeout)") }
+        #expect(timedOut.count == 8, "one line per idle session, not one per sweep: \(timedOut.count)")
+        await gateway.stop()
+    }
+
     @Test("a streamed chunked HTTP response arrives chunk by chunk, as fast as it does directly")
     func chunkedStreamingIsNotHeldBack() async throws {
         let server = try ChunkedServer.start(chunks: 20, interval: 0.05)
