@@ -1,4 +1,4 @@
-public import PortcullisCore
+internal import PortcullisCore
 
 /// The decisions a session's first moments make, the same for TCP and UDP: access (address and
 /// variable rules), then `limit_conn`, then `limit_rate`. Pure: it fills in the session's

@@ -11,27 +11,16 @@ public struct SessionRecord: Sendable {
     public var server: SocketEndpoint
     /// The TCP peer as accepted (`$realip_remote_addr`): the PROXY sender, if one was trusted.
     public var peer: SocketEndpoint
-    /// The PROXY header read from the client, if the listener expects one.
-    public var proxyHeader: ProxyHeader?
     /// The `listen` the session arrived on, as an endpoint (`127.0.0.1:8080`, `0.0.0.0:8080`).
     public var listener: String
     public var status: SessionStatus = .ok
     /// The phase that ended the session when it was refused; `.relay` for a normal session.
     public var phase: Phase = .relay
-    /// The rule that refused the session, if a rule did.
-    public var rule: RuleReference?
-    /// For a refusal by `deny $var` (or `allow $var` not matching…): the variable and the value
-    /// that decided, for the audit line.
-    public var decidingVariable: (name: String, value: [UInt8])?
     /// The session's rule-defined variables (geo, map, geoip2, set), evaluated on first use and
     /// remembered, so the access phase and the log line see the same value.
     public var variables: SessionVariables?
     /// `$limit_conn_status`: PASSED, REJECTED or REJECTED_DRY_RUN once a `limit_conn` applied.
     public var limitConnStatus: String?
-    /// The limit that refused the session (or would have, in a dry run), for the audit line.
-    public var limit: LimitDecision?
-    /// Why the session ended badly, in words (for the error and audit logs).
-    public var reason: String?
     /// Bytes sent to / received from the client.
     public var bytesSent: UInt64 = 0
     public var bytesReceived: UInt64 = 0
@@ -59,6 +48,62 @@ public struct SessionRecord: Sendable {
 
     public var sessionTime: Double { max(0, endTime - startTime) }
     public var refused: Bool { status != .ok }
+
+    // MARK: What only some sessions have
+
+    /// The PROXY header read from the client, if the listener expects one.
+    public var proxyHeader: ProxyHeader? {
+        get { details?.proxyHeader }
+        set { if newValue != nil || details != nil { editDetails { $0.proxyHeader = newValue } } }
+    }
+    /// The rule that refused the session, if a rule did.
+    public var rule: RuleReference? {
+        get { details?.rule }
+        set { if newValue != nil || details != nil { editDetails { $0.rule = newValue } } }
+    }
+    /// For a refusal by `deny $var` (or `allow $var` not matching…): the variable and the value
+    /// that decided, for the audit line.
+    public var decidingVariable: (name: String, value: [UInt8])? {
+        get { details?.decidingVariable }
+        set { if newValue != nil || details != nil { editDetails { $0.decidingVariable = newValue } } }
+    }
+    /// The limit that refused the session (or would have, in a dry run), for the audit line.
+    public var limit: LimitDecision? {
+        get { details?.limit }
+        set { if newValue != nil || details != nil { editDetails { $0.limit = newValue } } }
+    }
+    /// Why the session ended badly, in words (for the error and audit logs).
+    public var reason: String? {
+        get { details?.reason }
+        set { if newValue != nil || details != nil { editDetails { $0.reason = newValue } } }
+    }
+
+    /// The fields above, out of line (about 210 bytes): every live session keeps a record and
+    /// every ended one is copied into the log queue, and most never set any of them.
+    /// Copy-on-write: a record copied before a change keeps what it had.
+    private final class Details: @unchecked Sendable {
+        var proxyHeader: ProxyHeader?
+        var rule: RuleReference?
+        var decidingVariable: (name: String, value: [UInt8])?
+        var limit: LimitDecision?
+        var reason: String?
+
+        init() {}
+        init(copying other: Details) {
+            (proxyHeader, rule, decidingVariable, limit, reason) =
+                (other.proxyHeader, other.rule, other.decidingVariable, other.limit, other.reason)
+        }
+    }
+    private var details: Details?
+
+    private mutating func editDetails(_ change: (Details) -> Void) {
+        if details == nil {
+            details = Details()
+        } else if !isKnownUniquelyReferenced(&details!) {
+            details = Details(copying: details!)
+        }
+        change(details!)
+    }
 }
 
 /// Which limit decided, and on what: the zone, the session's key in it, and the limit as written.

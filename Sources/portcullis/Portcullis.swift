@@ -66,7 +66,7 @@ struct Run: AsyncParsableCommand {
         let snapshot = loadRules()
         // Loading a large file (a million-line geo block) frees far more than the snapshot
         // keeps: hand those pages back to the system rather than hold them for the process's life.
-        malloc_trim(0)
+        _ = malloc_trim(0)
         let gateway: Gateway
         do {
             try ProcessSetup.applyLimits(snapshot.main)
