@@ -22,6 +22,25 @@ import PortcullisCore
         return try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
     }
 
+    @Test("a record is a value: a copy keeps its refusal details when the other copy changes (they live in a copy-on-write box)")
+    func recordCopiesKeepTheirDetails() {
+        let original = refused(ruleText: "deny 10.0.0.0/8;")
+        var changed = original
+        changed.reason = "changed"
+        changed.rule = nil
+        changed.limit = LimitDecision(zone: "perip", key: Array("10.1.2.3".utf8), limit: "1")
+        #expect(original.reason == "access forbidden by rule")
+        #expect(original.rule?.text == "deny 10.0.0.0/8;")
+        #expect(original.limit == nil)
+        #expect(changed.reason == "changed" && changed.rule == nil && changed.limit?.zone == "perip")
+        // A record that never set any detail reads nil everywhere.
+        let plain = SessionRecord(connection: 1, transport: .udp,
+                                  client: SocketEndpoint(address: IPAddress("127.0.0.1")!, port: 1),
+                                  server: SocketEndpoint(address: IPAddress("127.0.0.1")!, port: 2),
+                                  listener: "127.0.0.1:2", startTime: 0)
+        #expect(plain.proxyHeader == nil && plain.rule == nil && plain.decidingVariable == nil && plain.reason == nil)
+    }
+
     @Test func refusedSessionLine() throws {
         let line = AuditLine.render(refused(ruleText: "deny 10.0.0.0/8;"))
         let object = try parse(line)
