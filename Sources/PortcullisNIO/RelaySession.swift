@@ -38,6 +38,8 @@ final class RelaySession: IdleWatched {
     private var earlyPayload: ByteBuffer?
     private var headerTimer: Scheduled<Void>?
     private var readingProxyHeader = false
+    /// The client's EOF came while the upstream was being dialled (see `inputClosed`).
+    private var clientEOFBeforeRelay = false
     private var clientOpen = true
     private var upstreamOpen = false
     private var connecting = false
@@ -86,7 +88,13 @@ final class RelaySession: IdleWatched {
 
     /// Bytes that arrived before the relay started: the PROXY header, and perhaps payload.
     func receivedBeforeRelay(_ buffer: ByteBuffer) {
-        guard readingProxyHeader else { return }
+        guard readingProxyHeader else {
+            // Payload while the upstream is being dialled. Reads wait for the relay, but when
+            // the client's FIN arrives SwiftNIO drains the socket anyway (its RDHUP handling):
+            // keep the bytes for the upstream, as nginx would send them.
+            if earlyPayload == nil { earlyPayload = buffer } else { earlyPayload!.writeImmutableBuffer(buffer) }
+            return
+        }
         if headerBytes == nil {
             headerBytes = buffer
         } else {
@@ -227,6 +235,7 @@ final class RelaySession: IdleWatched {
                     }
                     client.pair(with: handler)
                     armIdleTimer()
+                    if clientEOFBeforeRelay { inputClosed(on: .client) }
                 case .failure(let error):
                     group.report(index, succeeded: false, now: now)
                     record.upstreamAttempts.append(UpstreamAttempt(address: server.endpoint, connectTime: nil))
@@ -304,6 +313,12 @@ final class RelaySession: IdleWatched {
     func inputClosed(on side: RelayHandler.Side) {
         if side == .client && readingProxyHeader {
             headerIncomplete("the client closed the connection")
+            return
+        }
+        if side == .client && upstream == nil && connecting {
+            // The client finished sending before the upstream answered: pass its bytes and its
+            // EOF on once the relay begins (`connectNextUpstream`), rather than dropping both.
+            clientEOFBeforeRelay = true
             return
         }
         let (from, to) = side == .client ? (client, upstream) : (upstream, client)

@@ -135,6 +135,81 @@ struct RelayTests {
     }
 
     /// Reads until EOF, then answers how many bytes it got.
+    /// A listening socket that never accepts, its queue already full: a connect to it hangs (the
+    /// kernel drops the SYN) until the connecting side gives up.
+    final class StuckListener {
+        let port: UInt16
+        private var fds: [Int32] = []
+
+        init() throws {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            _ = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            guard listen(fd, 0) == 0 else { throw HarnessError("listen: \(errno)") }
+            fds.append(fd)
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+            }
+            port = UInt16(bigEndian: address.sin_port)
+            // Fill the accept queue (backlog 0 holds one) and the SYN queue behind it.
+            for _ in 0..<2 {
+                let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                _ = withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(client, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                fds.append(client)
+            }
+            usleep(100_000)
+        }
+
+        deinit { for fd in fds { Glibc.close(fd) } }
+    }
+
+    @Test("a client that sends and closes its write side before the upstream connect completes: its bytes and its EOF reach the upstream once it does (with and without proxy_half_close)")
+    func clientEOFBeforeUpstreamConnects() async throws {
+        let stuck = try StuckListener()
+        let seen = Mutex<[Int]>([])  // bytes each upstream connection received before EOF
+        let upstream = try TestServer { connection in
+            let bytes = (try? connection.receiveAll()) ?? []
+            seen.withLock { $0.append(bytes.count) }
+            try? connection.send("got \(bytes.count) bytes")
+            connection.close()
+        }
+        for halfClose in ["on", "off"] {
+            // The first server hangs for proxy_connect_timeout, so the client's bytes and FIN
+            // arrive while the gateway is still connecting; the second server answers.
+            let gateway = try await GatewayHarness.start("""
+                stream {
+                    upstream pair { server 127.0.0.1:\(stuck.port); server 127.0.0.1:\(upstream.port); }
+                    server {
+                        listen 127.0.0.1:{PORT};
+                        proxy_connect_timeout 400ms;
+                        proxy_half_close \(halfClose);
+                        proxy_pass pair;
+                    }
+                }
+                """)
+            let before = upstream.connectionCount
+            let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+            try client.send("hello")
+            client.shutdownWrite()
+            let reply = String(decoding: try client.receiveAll(), as: UTF8.self)
+            if halfClose == "on" {
+                #expect(reply == "got 5 bytes", "proxy_half_close on: the upstream's answer to the 5 bytes")
+            }
+            #expect(upstream.connectionCount == before + 1, "the second server was reached")
+            let deadline = Date().addingTimeInterval(3)
+            while seen.withLock({ $0.count }) < before + 1 && Date() < deadline { usleep(10_000) }
+            #expect(seen.withLock { $0 } .last == 5, "proxy_half_close \(halfClose): the upstream got the 5 bytes, then EOF")
+            await gateway.stop()
+        }
+    }
+
     static func replyAfterEOF() throws -> TestServer {
         try TestServer { connection in
             let bytes = (try? connection.receiveAll()) ?? []
