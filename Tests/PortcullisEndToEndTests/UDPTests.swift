@@ -663,6 +663,40 @@ struct UDPTests {
 
     // MARK: 8. proxy_requests
 
+    @Test("proxy_timeout 10s on UDP (the once-a-second sweep): a silent session ends 10 to 11.8 s after its last datagram with 502 (an answer was due), a refused one is forgotten then too")
+    func longTimeoutSwept() async throws {
+        let upstream = try UDPTestPeer { _, _, _ in [] }  // never answers
+        defer { upstream.stop() }
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                \(Self.logFormat)
+                access_log {DIR}/access.log udp;
+                proxy_timeout 10s;
+                server {
+                    listen 127.0.0.1:{PORT} udp;
+                    proxy_responses 1;
+                    deny 127.0.0.37;
+                    allow all;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        let allowed = try UDPTestSocket(bind: "127.0.0.36")
+        let refused = try UDPTestSocket(bind: "127.0.0.37")
+        for socket in [allowed, refused] {
+            try socket.connect("127.0.0.1", gateway.port)
+            try socket.send(Array("q".utf8))
+        }
+        let start = Date()
+        let lines = await gateway.waitForLines(of: "access.log", timeout: 15) { $0.count >= 2 }.compactMap(AccessLine.init)
+        let waited = Date().timeIntervalSince(start)
+        #expect(waited > 9.8 && waited < 11.8, "\(waited) s")
+        #expect(Set(lines.map(\.description)) == [
+            "UDP 502 127.0.0.36:\(allowed.localPort) 1 0", "UDP 403 127.0.0.37:\(refused.localPort) 1 0",
+        ], "\(lines)")
+        await gateway.stop()
+    }
+
     @Test("proxy_requests 2: the third datagram from one client socket starts a new session (own upstream socket, own log line)")
     func proxyRequests() async throws {
         let upstream = try UDPTestPeer { datagram, _, _ in [datagram] }
