@@ -3,6 +3,8 @@ import NIOPosix
 
 /// A session whose `proxy_timeout` an `IdleSweeper` watches.
 protocol IdleWatched: AnyObject {
+    /// Whether the session has been idle for its timeout.
+    func isIdle(now: NIODeadline) -> Bool
     /// Ends the session if it has been idle for its timeout; called on its event loop.
     func checkIdle(now: NIODeadline)
 }
@@ -49,8 +51,10 @@ final class IdleSweeper {
         eventLoop.assumeIsolated().scheduleTask(in: Self.interval) { [self] in
             scheduled = false
             guard !watched.isEmpty else { return }
+            // Ending a session unwatches it, so first find the idle ones, then end them.
             let now = NIODeadline.now()
-            for session in Array(watched.values) { session.checkIdle(now: now) }
+            let idle = watched.values.filter { $0.isIdle(now: now) }
+            for session in idle { session.checkIdle(now: now) }
             if !watched.isEmpty { scheduleSweep() }
         }
     }

@@ -47,7 +47,7 @@ public enum Listener {
         var channels: [any Channel] = []
         do {
             if perLoop && !listen.reusePort { try probe(listen) }
-            for loop in perLoop ? loops : [group.next()] {
+            for loop in loops {  // one loop, or one socket per loop
                 let bootstrap = ServerBootstrap(group: loop)
                     .serverChannelOption(.backlog, value: Int32(clamping: listen.backlog))
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)

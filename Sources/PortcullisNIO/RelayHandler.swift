@@ -125,8 +125,10 @@ final class RelayHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         guard partner != nil else {
-            // Before the relay: the client's PROXY header (and whatever follows it).
-            session?.receivedBeforeRelay(buffer)
+            // Before the relay: the client's PROXY header (and whatever follows it), or what
+            // SwiftNIO drained from the client at its FIN. (The upstream side is paired as soon
+            // as it connects, so nothing of its own arrives here.)
+            if side == .client { session?.receivedBeforeRelay(buffer) }
             return
         }
         session?.noteActivity()

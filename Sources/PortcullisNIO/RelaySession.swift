@@ -382,11 +382,8 @@ final class RelaySession: IdleWatched {
         // A side that ended in order is an EOF for its partner: let the partner write what it
         // holds, then close. Any other end (reset, error, timeout, refusal) ends the session now.
         if handler.endedInOrder, let other, other.isActive {
-            if runtime.policy.proxy.halfClose {
-                other.shutdownOutput { [self] in closeBoth() }
-            } else {
-                other.afterQueuedWrites { [self] in closeBoth() }
-            }
+            // (Only with proxy_half_close on: `endedInOrder` needs an output shut down.)
+            other.shutdownOutput { [self] in closeBoth() }
         } else {
             other?.close()
         }
@@ -411,10 +408,15 @@ final class RelaySession: IdleWatched {
         }
     }
 
+    func isIdle(now: NIODeadline) -> Bool {
+        now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
+    }
+
     func checkIdle(now: NIODeadline) {
         guard !timedOut, !finished else { return }
-        if now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds)) {
+        if isIdle(now: now) {
             timedOut = true
+            if swept { IdleSweeper.on(eventLoop).unwatch(self) }
             logger.info("connection timed out (proxy_timeout), \(where_)")
             closeBoth()
         } else if !swept {

@@ -24,14 +24,17 @@ final class UDPSession: IdleWatched {
 
     private var gate = SessionGate()
     private var upstream: (any Channel)?
-    /// Where the upstream socket is connected. Every write names it: SwiftNIO does not know a
-    /// socket handed to it connected (`withBoundSocket`) and wants an address per datagram.
+    /// Where the upstream socket is connected. Every write names it: SwiftNIO's write queue does
+    /// not know a socket handed to it (`withBoundSocket`) is connected, and wants an address.
     private var upstreamAddress: SocketAddress?
     /// Client datagrams that arrived before the upstream socket was ready (bounded).
     private var pending: [ByteBuffer] = []
     private static let maximumPending = 64
     /// `proxy_protocol v2` to the upstream: the header every datagram starts with.
     private var proxyHeader: [UInt8]?
+    /// Client datagrams this session took for its upstream (queued or sent): `proxy_requests`.
+    private var taken = 0
+    /// Datagrams actually written to the upstream: each expects `proxy_responses` answers.
     private var requests = 0
     private var responses = 0
     /// Datagrams dropped by a bandwidth limit (UDP has no backpressure), for the error log.
@@ -145,7 +148,7 @@ final class UDPSession: IdleWatched {
                     }
                     handler.session = self
                     upstream = channel
-                    upstreamAddress = endpoint.socketAddress
+                    upstreamAddress = channel.remoteAddress ?? endpoint.socketAddress  // what SwiftNIO compares writes to
                     let queued = pending
                     pending = []
                     for datagram in queued { sendUpstream(datagram) }
@@ -203,7 +206,7 @@ final class UDPSession: IdleWatched {
         countFromClient(payload.readableBytes)
         guard !refused, !finished else { return }
         let requestLimit = runtime.policy.proxy.udpRequests
-        if requestLimit > 0 && requests + 1 >= requestLimit {
+        if requestLimit > 0 && taken + 1 >= requestLimit {
             // nginx's proxy_requests: this session takes no more; it ends once the responses
             // are in (or at proxy_timeout).
             detached = true
@@ -222,19 +225,21 @@ final class UDPSession: IdleWatched {
                 // Its own copy: the payload is a slice of the listener's vector-read buffer,
                 // which must be free again by the next read batch.
                 pending.append(ByteBuffer(buffer: payload))
-                requests += 1  // only datagrams that will be sent expect answers
+                taken += 1
             } else {
                 throttled += 1
             }
             return
         }
-        requests += 1
+        taken += 1
         sendUpstream(payload)
         if runtime.policy.proxy.udpResponses == 0 { end() }  // fire and forget
     }
 
+    /// Queues one datagram for the upstream (flushed at the end of the read batch). Only a
+    /// datagram that is sent counts as a request that expects `proxy_responses` answers.
     private func sendUpstream(_ payload: ByteBuffer) {
-        guard let upstream else { return }
+        guard let upstream, let upstreamAddress else { return }
         if !upstream.isWritable {
             // Writes wait for the end of the read batch; a batch of large datagrams can pass
             // the high-water mark (64 KiB) by itself: send what is queued, and drop only if
@@ -245,17 +250,18 @@ final class UDPSession: IdleWatched {
                 return
             }
         }
-        var datagram: ByteBuffer
+        // Always a buffer of its own: the payload is a slice of the listener's 2 MiB vector-read
+        // buffer, and a write the socket cannot take at once would keep that alive (and make
+        // SwiftNIO allocate another for the next read) until it drains.
+        var datagram = upstream.allocator.buffer(capacity: (proxyHeader?.count ?? 0) + payload.readableBytes)
         if let proxyHeader {
             // The spec's UDP rule: header and payload in one datagram, every datagram.
-            datagram = upstream.allocator.buffer(capacity: proxyHeader.count + payload.readableBytes)
             datagram.writeBytes(proxyHeader)
-            datagram.writeImmutableBuffer(payload)
-        } else {
-            datagram = payload
         }
+        datagram.writeImmutableBuffer(payload)
+        requests += 1
         record.upstreamBytesSent += UInt64(datagram.readableBytes)
-        upstream.write(AddressedEnvelope(remoteAddress: upstreamAddress!, data: datagram), promise: nil)
+        upstream.write(AddressedEnvelope(remoteAddress: upstreamAddress, data: datagram), promise: nil)
         if !flushPending {
             flushPending = true
             listener.needsFlush(self)
@@ -321,9 +327,13 @@ final class UDPSession: IdleWatched {
         }
     }
 
+    func isIdle(now: NIODeadline) -> Bool {
+        now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
+    }
+
     func checkIdle(now: NIODeadline) {
         guard !finished else { return }
-        if now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds)) {
+        if isIdle(now: now) {
             // nginx: a session still waiting for proxy_responses answers ends with 502.
             if !refused, upstream != nil, let expected = runtime.policy.proxy.udpResponses,
                expected > 0, responses < expected.multipliedReportingOverflow(by: requests).partialValue {
