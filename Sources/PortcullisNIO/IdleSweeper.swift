@@ -63,3 +63,37 @@ final class IdleSweeper {
         watched.removeValue(forKey: ObjectIdentifier(session))
     }
 }
+
+/// One session's `proxy_timeout`, in whichever form suits its length (decision 0010): the event
+/// loop's sweep from `IdleSweeper.minimumTimeout` up, a scheduled task below. The session keeps
+/// its last activity and says what ending means (`checkIdle`); this keeps the watching.
+struct IdleTimeout {
+    let timeout: TimeAmount
+    private var task: Scheduled<Void>?
+    private var swept = false
+
+    init(milliseconds: Int) { timeout = .milliseconds(Int64(milliseconds)) }
+
+    func isIdle(since lastActivity: NIODeadline, now: NIODeadline) -> Bool { now - lastActivity >= timeout }
+
+    /// Starts watching `session`, or — a scheduled task that fired before the session was idle
+    /// long enough — waits again from its last activity. (Swept sessions stay watched.)
+    mutating func arm(_ session: any IdleWatched, on eventLoop: any EventLoop, lastActivity: NIODeadline) {
+        guard timeout < IdleSweeper.minimumTimeout else {
+            if !swept { IdleSweeper.on(eventLoop).watch(session) }
+            swept = true
+            return
+        }
+        task = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) {
+            session.checkIdle(now: .now())
+        }
+    }
+
+    /// No more watching: the session timed out or ended.
+    mutating func stop(_ session: any IdleWatched, on eventLoop: any EventLoop) {
+        task?.cancel()
+        task = nil
+        if swept { IdleSweeper.on(eventLoop).unwatch(session) }
+        swept = false
+    }
+}

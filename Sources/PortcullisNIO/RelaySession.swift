@@ -28,9 +28,7 @@ final class RelaySession: IdleWatched {
     private var gate = SessionGate()
     private var connectStarted: NIODeadline = .now()
     private var upstreamConnectedAt: NIODeadline?
-    private var idleTimer: Scheduled<Void>?
-    /// Watched by the event loop's `IdleSweeper` rather than `idleTimer`.
-    private var swept = false
+    private var idleTimeout: IdleTimeout
     private var timedOut = false
     private(set) var lastActivity = NIODeadline.now()
     /// Client bytes read while waiting for the PROXY header, and those that followed it.
@@ -50,6 +48,7 @@ final class RelaySession: IdleWatched {
         self.eventLoop = channel.eventLoop
         self.client = client
         self.id = runtime.registry.open(channel)
+        idleTimeout = IdleTimeout(milliseconds: runtime.policy.proxy.idleTimeoutMilliseconds)
         let peer = channel.remoteAddress.flatMap(SocketEndpoint.init) ?? SocketEndpoint(address: .v4(0), port: 0)
         let local = channel.localAddress.flatMap(SocketEndpoint.init) ?? runtime.listen.endpoint
         record = SessionRecord(
@@ -234,7 +233,7 @@ final class RelaySession: IdleWatched {
                         handler.limitReadSize()
                     }
                     client.pair(with: handler)
-                    armIdleTimer()
+                    idleTimeout.arm(self, on: eventLoop, lastActivity: lastActivity)
                     if clientEOFBeforeRelay { inputClosed(on: .client) }
                 case .failure(let error):
                     group.report(index, succeeded: false, now: now)
@@ -395,32 +394,17 @@ final class RelaySession: IdleWatched {
         upstream?.close()
     }
 
-    /// proxy_timeout: the loop's sweeper for long timeouts, a scheduled task for short ones.
-    private func armIdleTimer() {
-        let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
-        if timeout >= IdleSweeper.minimumTimeout {
-            IdleSweeper.on(eventLoop).watch(self)
-            swept = true
-            return
-        }
-        idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
-            checkIdle(now: .now())
-        }
-    }
-
-    func isIdle(now: NIODeadline) -> Bool {
-        now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
-    }
+    func isIdle(now: NIODeadline) -> Bool { idleTimeout.isIdle(since: lastActivity, now: now) }
 
     func checkIdle(now: NIODeadline) {
         guard !timedOut, !finished else { return }
         if isIdle(now: now) {
             timedOut = true
-            if swept { IdleSweeper.on(eventLoop).unwatch(self) }
+            idleTimeout.stop(self, on: eventLoop)
             logger.info("connection timed out (proxy_timeout), \(where_)")
             closeBoth()
-        } else if !swept {
-            armIdleTimer()
+        } else {
+            idleTimeout.arm(self, on: eventLoop, lastActivity: lastActivity)
         }
     }
 
@@ -429,8 +413,7 @@ final class RelaySession: IdleWatched {
         finished = true
         // Exactly once, however the session ended: this runs once (`finished`).
         gate.release()
-        idleTimer?.cancel()
-        if swept { IdleSweeper.on(eventLoop).unwatch(self) }
+        idleTimeout.stop(self, on: eventLoop)
         headerTimer?.cancel()
         record.endTime = Date().timeIntervalSince1970
         if let upstreamConnectedAt {

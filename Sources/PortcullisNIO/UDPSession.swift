@@ -45,9 +45,7 @@ final class UDPSession: IdleWatched {
     private var refused = false
     private var detached = false
     private var finished = false
-    private var idleTimer: Scheduled<Void>?
-    /// Watched by the event loop's `IdleSweeper` rather than `idleTimer`.
-    private var swept = false
+    private var idleTimeout: IdleTimeout
     private var lastActivity = NIODeadline.now()
     private var upstreamStarted: NIODeadline?
     /// Datagrams written to the upstream socket and not flushed yet (see `needsFlush`).
@@ -59,6 +57,7 @@ final class UDPSession: IdleWatched {
         self.listener = listener
         self.eventLoop = eventLoop
         self.key = key
+        idleTimeout = IdleTimeout(milliseconds: runtime.policy.proxy.idleTimeoutMilliseconds)
         let bound = NIOLoopBound(WeakSession(), eventLoop: eventLoop)
         self.id = runtime.registry.open(end: { [eventLoop] in
             eventLoop.execute { bound.value.session?.end() }
@@ -85,7 +84,7 @@ final class UDPSession: IdleWatched {
 
     /// access → limit_conn → limit_rate → upstream_pick, once, on the first datagram.
     func start(_ first: ByteBuffer) {
-        armIdleTimer()
+        idleTimeout.arm(self, on: eventLoop, lastActivity: lastActivity)
         let policy = runtime.policy
         guard let group = gate.admit(policy, record: &record, now: NIODeadline.now().uptimeNanoseconds,
                                      wallClock: Date().timeIntervalSince1970, report: runtime.report(for: id))
@@ -314,22 +313,7 @@ final class UDPSession: IdleWatched {
 
     // MARK: End
 
-    /// proxy_timeout: the loop's sweeper for long timeouts, a scheduled task for short ones.
-    private func armIdleTimer() {
-        let timeout = TimeAmount.milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
-        if timeout >= IdleSweeper.minimumTimeout {
-            IdleSweeper.on(eventLoop).watch(self)
-            swept = true
-            return
-        }
-        idleTimer = eventLoop.assumeIsolated().scheduleTask(deadline: lastActivity + timeout) { [self] in
-            checkIdle(now: .now())
-        }
-    }
-
-    func isIdle(now: NIODeadline) -> Bool {
-        now - lastActivity >= .milliseconds(Int64(runtime.policy.proxy.idleTimeoutMilliseconds))
-    }
+    func isIdle(now: NIODeadline) -> Bool { idleTimeout.isIdle(since: lastActivity, now: now) }
 
     func checkIdle(now: NIODeadline) {
         guard !finished else { return }
@@ -343,8 +327,8 @@ final class UDPSession: IdleWatched {
                 record.reason = "upstream timed out"
             }
             end()
-        } else if !swept {
-            armIdleTimer()
+        } else {
+            idleTimeout.arm(self, on: eventLoop, lastActivity: lastActivity)
         }
     }
 
@@ -354,8 +338,7 @@ final class UDPSession: IdleWatched {
         guard !finished else { return }
         finished = true
         if flushPending { flushUpstream() }  // proxy_responses 0: the datagram must leave first
-        idleTimer?.cancel()
-        if swept { IdleSweeper.on(eventLoop).unwatch(self) }
+        idleTimeout.stop(self, on: eventLoop)
         listener.detach(self)
         upstream?.close(promise: nil)
         gate.release()
