@@ -174,6 +174,10 @@ public final class Gateway: Service, Sendable {
 
     public var liveSessions: Int { registry.count }
 
+    /// Sessions whose `proxy_timeout` the event loops' sweeps watch (decision 0010); 0 once
+    /// every session has ended.
+    public func sweptSessions() async -> Int { await IdleSweeper.watchedCount(in: group) }
+
     /// Runs until graceful shutdown is triggered. Binds first if `start()` was not called.
     public func run() async throws {
         if channels.withLock({ $0.isEmpty }) { try await start() }

@@ -18,7 +18,7 @@ protocol IdleWatched: AnyObject {
 /// dictionary slot, and its end removes it in O(1). The price is precision: a session ends up
 /// to a second after its timeout, so only timeouts of `minimumTimeout` or more are swept;
 /// shorter ones keep a scheduled task.
-final class IdleSweeper {
+public final class IdleSweeper {
     static let minimumTimeout = TimeAmount.seconds(10)
     private static let interval = TimeAmount.seconds(1)
     /// One sweeper per event loop thread, made on first use. (Each thread sees only its own
@@ -57,6 +57,16 @@ final class IdleSweeper {
             for session in idle { session.checkIdle(now: now) }
             if !watched.isEmpty { scheduleSweep() }
         }
+    }
+
+    /// Sessions watched on each of `group`'s event loops, summed (for tests and diagnostics: a
+    /// session that ended must not stay here).
+    public static func watchedCount(in group: MultiThreadedEventLoopGroup) async -> Int {
+        var total = 0
+        for loop in group.makeIterator() {
+            total += (try? await loop.submit { current.currentValue?.watched.count ?? 0 }.get()) ?? 0
+        }
+        return total
     }
 
     func unwatch(_ session: any IdleWatched) {

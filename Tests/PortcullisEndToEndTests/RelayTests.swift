@@ -361,6 +361,12 @@ struct RelayTests {
         #expect(try busy.receive(exactly: 1) == [UInt8(ascii: "c")], "the active session is still open")
         let timedOut = gateway.lines(of: "error.log").filter { $0.contains("connection timed out (proxy_timeout)") }
         #expect(timedOut.count == 8, "one line per idle session, not one per sweep: \(timedOut.count)")
+        // Ended sessions leave the sweep: only the busy one is watched, then none.
+        #expect(await gateway.gateway.sweptSessions() == 1)
+        busy.close()
+        let deadline = Date().addingTimeInterval(3)
+        while await gateway.gateway.sweptSessions() > 0 && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(await gateway.gateway.sweptSessions() == 0)
         await gateway.stop()
     }
 

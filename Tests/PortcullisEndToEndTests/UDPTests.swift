@@ -158,6 +158,8 @@ struct UDPTests {
             perSource[f[2], default: 0] += 1
         }
         #expect(perSource.count == 100 && perSource.values.allSatisfy { $0 == 100 }, "\(perSource.count) sources")
+        // 10,000 sessions under the default 10-minute proxy_timeout were swept, and all left.
+        #expect(await gateway.gateway.sweptSessions() == 0)
         await gateway.stop()
     }
 
@@ -696,6 +698,7 @@ struct UDPTests {
         #expect(Set(lines.map(\.description)) == [
             "UDP 502 127.0.0.36:\(allowed.localPort) 1 0", "UDP 403 127.0.0.37:\(refused.localPort) 1 0",
         ], "\(lines)")
+        #expect(await gateway.gateway.sweptSessions() == 0, "ended sessions leave the sweep")
         await gateway.stop()
     }
 
