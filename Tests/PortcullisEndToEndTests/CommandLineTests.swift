@@ -65,27 +65,31 @@ struct CommandLineTests {
         #expect(output.stderr.contains("cannot listen on 127.0.0.1:\(occupied.port) (\(path):2:21): Address already in use"))
     }
 
-    @Test("run: a second gateway on the same address fails at start-up, although each opens one SO_REUSEPORT socket per event loop")
+    @Test("run: a second gateway on the same address (IPv4 or IPv6) fails at start-up, although each opens one SO_REUSEPORT socket per event loop")
     func secondGatewaySameAddress() throws {
-        let port = try freePort()
-        let directory = try makeTemporaryDirectory()
-        let path = directory.appendingPathComponent("twice.conf").path
-        try """
-            worker_processes 2;
-            stream {
-                server { listen 127.0.0.1:\(port); proxy_pass 127.0.0.1:9; }
-            }
-            """.write(toFile: path, atomically: true, encoding: .utf8)
-        let first = try PortcullisBinary.launch(["run", "-c", path])
-        #expect(waitUntilListening(port: port))
-        let second = try PortcullisBinary.run(["run", "-c", path], timeout: 20)
-        #expect(second.status == 1)
-        #expect(second.stderr.contains("cannot listen on 127.0.0.1:\(port) (\(path):3:21): Address already in use"), "\(second.stderr)")
-        // Without the plain-socket probe the second process would have joined the first's
-        // SO_REUSEPORT group and taken half of its connections.
-        #expect(first.process.isRunning)
-        first.signal(SIGTERM)
-        #expect(first.wait(timeout: 15) != nil)
+        // IPv4, and IPv6 (the probe sets IPV6_V6ONLY as the listening sockets do).
+        for host in ["127.0.0.1", "::1"] {
+            let port = try freePort(host: host)
+            let written = host.contains(":") ? "[\(host)]" : host
+            let directory = try makeTemporaryDirectory()
+            let path = directory.appendingPathComponent("twice.conf").path
+            try """
+                worker_processes 2;
+                stream {
+                    server { listen \(written):\(port); proxy_pass 127.0.0.1:9; }
+                }
+                """.write(toFile: path, atomically: true, encoding: .utf8)
+            let first = try PortcullisBinary.launch(["run", "-c", path])
+            #expect(waitUntilListening(host: host, port: port))
+            let second = try PortcullisBinary.run(["run", "-c", path], timeout: 20)
+            #expect(second.status == 1)
+            #expect(second.stderr.contains("cannot listen on \(written):\(port) (\(path):3:21): Address already in use"), "\(second.stderr)")
+            // Without the plain-socket probe the second process would have joined the first's
+            // SO_REUSEPORT group and taken half of its connections.
+            #expect(first.process.isRunning)
+            first.signal(SIGTERM)
+            #expect(first.wait(timeout: 15) != nil)
+        }
     }
 
     @Test("run: refuses to start on a rule file with errors")

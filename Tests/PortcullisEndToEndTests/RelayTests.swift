@@ -170,7 +170,7 @@ struct RelayTests {
         deinit { for fd in fds { Glibc.close(fd) } }
     }
 
-    @Test("a client that sends and closes its write side before the upstream connect completes: its bytes and its EOF reach the upstream once it does (with and without proxy_half_close)")
+    @Test("a client that sends and closes its write side before the upstream connect completes: its bytes and its EOF reach the upstream once it does (with and without proxy_half_close); if no attempt succeeds, one 502 and nothing left behind")
     func clientEOFBeforeUpstreamConnects() async throws {
         let stuck = try StuckListener()
         let seen = Mutex<[Int]>([])  // bytes each upstream connection received before EOF
@@ -209,6 +209,24 @@ struct RelayTests {
             #expect(counts.count == before + 1 && counts.last == 5, "proxy_half_close \(halfClose): the upstream got the 5 bytes, then EOF: \(counts)")
             await gateway.stop()
         }
+
+        // Every attempt fails: the kept bytes go nowhere, the client is closed, the session is
+        // logged once (502) and leaves nothing behind.
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                log_format main '$status $bytes_received';
+                access_log {DIR}/access.log main;
+                server { listen 127.0.0.1:{PORT}; proxy_connect_timeout 300ms; proxy_pass 127.0.0.1:\(stuck.port); }
+            }
+            """)
+        let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
+        try client.send("hello")
+        client.shutdownWrite()
+        #expect(try client.receiveAll().isEmpty)
+        let lines = await gateway.waitForLines(of: "access.log", timeout: 3) { !$0.isEmpty }
+        #expect(lines == ["502 0"], "\(lines)")
+        #expect(gateway.gateway.liveSessions == 0)
+        await gateway.stop()
     }
 
     static func replyAfterEOF() throws -> TestServer {
