@@ -79,6 +79,7 @@ build_seconds=$((SECONDS - build_started))
 ulimit -n "$(ulimit -Hn)"
 HARD=$(ulimit -Hn)
 [ "$HARD" = unlimited ] && HARD=1048576
+export NGINX_NOFILE=$HARD   # every nginx this harness starts may hold as many descriptors as it can
 if [ "${IDLE:-auto}" = auto ]; then
     IDLE=$(( (HARD - 200) / 2 < 10000 ? (HARD - 200) / 2 : 10000 ))
     [ "$IDLE" -lt 10000 ] && want memory && note "hard RLIMIT_NOFILE is $HARD (2 descriptors per relayed connection): $IDLE idle connections instead of 10,000"
@@ -96,46 +97,10 @@ H_TCP=16301; H_HTTP=16302; H_ACL=16303; H_GEO=16304; H_IDLE=16305
 FORMAT='$remote_addr $status $bytes_sent $bytes_received $session_time'
 HA_FORMAT='%ci %ts %B %U %Tt'   # the same fields: HAProxy's %B is bytes to the client
 
-fail() { echo "compare.sh: $*" >&2; exit 1; }
 sample() { echo "$1 $2 $3 $4" >> "$WORK/samples"; }   # sample ROW TARGET REP VALUE
 : > "$WORK/samples"
 
 # --- Processes -----------------------------------------------------------------------------
-
-# nginx with its own file names: start_nginx_as NAME WORKERS CONNECTIONS HTTP STREAM (the insides
-# of the blocks; common.sh's start_nginx has one fixed pid file, and this harness runs several
-# nginx at once). LAUNCH, if set, is a command to start it under (taskset).
-start_nginx_as() {
-    local modules="" http="" stream=""
-    # (The blocks are put together here: inside a here-document, ${4:+http { … }} ends at the
-    # block's first closing brace.)
-    [ -n "$4" ] && http="http {
-$4
-}"
-    [ -n "$5" ] && stream="stream {
-$5
-}"
-    [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-    cat > "$WORK/$1.conf" <<NGINX
-$modules
-worker_processes $2;
-worker_rlimit_nofile $HARD;
-pid $WORK/$1.pid;
-error_log $WORK/$1-error.log;
-events { worker_connections $3; }
-$http
-$stream
-NGINX
-    rm -f "$WORK/$1.pid"
-    ${LAUNCH:-} nginx -c "$WORK/$1.conf" -p "$WORK" || fail "nginx $1 did not start: $(cat "$WORK/$1-error.log")"
-}
-nginx_master() {  # nginx_master NAME: its pid, once the pid file is there
-    for _ in $(seq 1 50); do
-        [ -s "$WORK/$1.pid" ] && { cat "$WORK/$1.pid"; return; }
-        sleep 0.1
-    done
-    fail "nginx $1 wrote no pid file"
-}
 
 portcullis_conf() {  # portcullis_conf NAME BODY (the inside of stream)
     cat > "$WORK/$1.conf" <<CONF
@@ -366,18 +331,9 @@ fi
 # --- 4. UDP datagrams per second ---------------------------------------------------------------
 if want udp; then
     echo "udp: 64-byte datagrams, 1 s + ${UDP_SECS}s, $REPS repetitions" >&2
-    LOAD_DIR="$ROOT/bench/udp-load"
-    LOAD="$LOAD_DIR/.build/udp-load"
-    if [ ! -x "$LOAD" ] || [ "$LOAD_DIR/udp-load.swift" -nt "$LOAD" ]; then
-        mkdir -p "$LOAD_DIR/.build"
-        swiftc -O -swift-version 5 "$LOAD_DIR/udp-load.swift" -o "$LOAD"
-    fi
-    GATE_CPU=(); GEN_CPU=()
-    if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-        GATE_CPU=(taskset -c 1); GEN_CPU=(taskset -c 0)
-    else
-        note "UDP row: nothing pinned (no taskset or fewer than 2 cores)"
-    fi
+    build_udp_load
+    pin_gateway_and_load
+    [ ${#GATE_CPU[@]} -gt 0 ] || note "UDP row: nothing pinned (no taskset or fewer than 2 cores)"
     cat > "$WORK/portcullis-udp.conf" <<CONF
 worker_processes 1;
 error_log $WORK/portcullis-udp-error.log;
@@ -397,12 +353,8 @@ CONF
     proxy_timeout 30s;
     server { listen 127.0.0.1:$N_UDP udp rcvbuf=4m; proxy_pass 127.0.0.1:$SINK; }"
     UDP_N_PID=$(nginx_master nginx-udp); PIDS+=($UDP_N_PID)
-    wait_udp() {
-        local hex; hex=$(printf ':%04X ' "$1")
-        for _ in $(seq 1 100); do grep -q "$hex" /proc/net/udp && return 0; sleep 0.1; done
-        fail "nothing listens on UDP port $1"
-    }
-    wait_udp $P_UDP; wait_udp $N_UDP
+    wait_udp $P_UDP || fail "Portcullis: $(cat "$WORK/portcullis-udp.err")"
+    wait_udp $N_UDP || fail "nginx: $(cat "$WORK/nginx-udp-error.log")"
     targets=(direct:$SINK portcullis:$P_UDP nginx:$N_UDP)
     for rep in $(seq 1 "$REPS"); do
         for i in "${!targets[@]}"; do

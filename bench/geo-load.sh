@@ -31,18 +31,7 @@ stream_body() {  # stream_body PORT WITH_GEO(0|1)
 
 write_configs() {  # write_configs WITH_GEO
     { echo "stream {"; stream_body 18901 "$1"; echo "}"; } > "$WORK/portcullis-$1.conf"
-    local modules=""
-    [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-    cat > "$WORK/nginx-$1.conf" <<NGINX
-$modules
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 1024; }
-stream {
-$(stream_body 18902 "$1")
-}
-NGINX
+    nginx_conf "nginx-$1" 2 1024 "" "$(stream_body 18902 "$1")"
 }
 write_configs 0
 write_configs 1
@@ -72,7 +61,7 @@ held_nginx() {  # held_nginx WITH_GEO → PSS KiB of master + workers once liste
     nginx -c "$WORK/nginx-$1.conf" -p "$WORK" 2>/dev/null  # one warning per duplicate block
     wait_port 18902
     sleep 0.5
-    local master; master=$(cat "$WORK/nginx.pid")
+    local master; master=$(nginx_master "nginx-$1")
     pss_kib "$master" $(pgrep -P "$master")
     kill "$master"
     for _ in $(seq 1 50); do kill -0 "$master" 2>/dev/null || break; sleep 0.1; done

@@ -157,16 +157,7 @@ PIDS+=($!)
 GATEWAY=$!
 PIDS+=($GATEWAY)
 
-wait_udp() {  # wait_udp PORT: until a UDP socket is bound to it
-    local hex; hex=$(printf ':%04X ' "$1")
-    for _ in $(seq 1 100); do
-        grep -q "$hex" /proc/net/udp && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on UDP port $1" >&2; cat "$WORK/portcullis.err" >&2
-    return 1
-}
-wait_udp $GW; wait_udp $GW_DENY; wait_udp $UP
+wait_udp $GW && wait_udp $GW_DENY && wait_udp $UP || fail "$(cat "$WORK/portcullis.err")"
 sleep 1
 
 mem() {  # mem -> "RSS_KiB PSS_KiB RssAnon_KiB"
@@ -228,23 +219,11 @@ other_errors=$(grep -v "UDP sessions" "$WORK/error.log" | grep -vc "access forbi
 kill "$GATEWAY"; wait "$GATEWAY" 2>/dev/null || true
 
 # 4. nginx, the same client against the same kind of listener (its worker's memory).
-modules=""
-[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-cat > "$WORK/nginx.conf" <<NGINX
-$modules
-worker_processes 1;
-worker_rlimit_nofile $NOFILE;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections $((2 * SESSIONS + 1024)); }
-stream {
+NGINX_NOFILE=$NOFILE start_nginx_as nginx 1 $((2 * SESSIONS + 1024)) "" "
     log_format s '\$protocol \$status \$remote_addr:\$remote_port \$bytes_received';
     access_log $WORK/nginx-access.log s;
     proxy_timeout ${TIMEOUT}s;
-    server { listen 127.0.0.1:$GW udp rcvbuf=4m; proxy_pass 127.0.0.1:$UP; }
-}
-NGINX
-nginx -c "$WORK/nginx.conf" -p "$WORK"
+    server { listen 127.0.0.1:$GW udp rcvbuf=4m; proxy_pass 127.0.0.1:$UP; }"
 wait_udp $GW
 sleep 1
 GATEWAY=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)   # the worker

@@ -31,19 +31,10 @@ SOCKETS=${SOCKETS:-4}
 need nginx libnginx-mod-stream
 build_release
 
-# The load generator, compiled once (swiftc, a single file) and again when its source changes.
-LOAD_DIR="$ROOT/bench/udp-load"
-LOAD="$LOAD_DIR/.build/udp-load"
-if [ ! -x "$LOAD" ] || [ "$LOAD_DIR/udp-load.swift" -nt "$LOAD" ]; then
-    mkdir -p "$LOAD_DIR/.build"
-    swiftc -O -swift-version 5 "$LOAD_DIR/udp-load.swift" -o "$LOAD"
-fi
+build_udp_load
 
 SINK=15501; P_LONG=15502; N_LONG=15503; P_ONE=15504; N_ONE=15505
-GATE_CPU=(); GEN_CPU=(); pinned="nothing pinned"
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-    GATE_CPU=(taskset -c 1); GEN_CPU=(taskset -c 0); pinned="gateway pinned to CPU 1, load generator to CPU 0"
-fi
+pin_gateway_and_load
 
 cat > "$WORK/gateway.conf" <<CONF
 worker_processes 1;
@@ -60,33 +51,13 @@ CONF
 "${GATE_CPU[@]}" "$PORTCULLIS" run -c "$WORK/gateway.conf" 2>"$WORK/portcullis.err" &
 PIDS+=($!)
 
-modules=""
-[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] && modules="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-cat > "$WORK/nginx.conf" <<NGINX
-$modules
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 16384; }
-stream {
+LAUNCH="${GATE_CPU[*]}" start_nginx_as nginx 1 16384 "" "
     log_format main '\$protocol \$remote_addr:\$remote_port \$status \$bytes_sent \$bytes_received';
     access_log $WORK/nginx-access.log main;
     proxy_timeout 30s;
     server { listen 127.0.0.1:$N_LONG udp rcvbuf=4m; proxy_pass 127.0.0.1:$SINK; }
-    server { listen 127.0.0.1:$N_ONE udp rcvbuf=4m; proxy_responses 0; proxy_pass 127.0.0.1:$SINK; }
-}
-NGINX
-"${GATE_CPU[@]}" nginx -c "$WORK/nginx.conf" -p "$WORK"
+    server { listen 127.0.0.1:$N_ONE udp rcvbuf=4m; proxy_responses 0; proxy_pass 127.0.0.1:$SINK; }"
 
-wait_udp() {  # wait_udp PORT: until a UDP socket is bound to it
-    local hex; hex=$(printf ':%04X ' "$1")
-    for _ in $(seq 1 100); do
-        grep -q "$hex" /proc/net/udp && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on UDP port $1" >&2
-    return 1
-}
 for p in $P_LONG $P_ONE $N_LONG $N_ONE; do wait_udp $p; done
 
 run_one() {  # run_one PORT -> "delivered/s sent/s upstream-source-ports"
@@ -114,7 +85,7 @@ measure long direct:$SINK portcullis:$P_LONG nginx:$N_LONG
 measure one portcullis:$P_ONE nginx:$N_ONE
 results[one/direct]=${results[long/direct]}; offered[one/direct]=${offered[long/direct]}; sources[one/direct]=${sources[long/direct]}
 
-echo "UDP relay, 64-byte datagrams from $SOCKETS client sockets, ${SECONDS_PER_RUN}s × $REPS, $(nproc) cores, $pinned, $(date -u +%Y-%m-%d)"
+echo "UDP relay, 64-byte datagrams from $SOCKETS client sockets, ${SECONDS_PER_RUN}s × $REPS, $(nproc) cores, $PINNED, $(date -u +%Y-%m-%d)"
 printf "%-24s %-11s %-30s %-9s %-8s %-18s %s\n" mode target "delivered/s median (min–max)" "× direct" "× nginx" "offered/s median" "upstream ports"
 for mode in long one; do
     label=$([ $mode = long ] && echo "sessions of many dgrams" || echo "one datagram per session")
