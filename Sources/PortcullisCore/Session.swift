@@ -59,3 +59,89 @@ public struct RuleReference: Hashable, Sendable {
 
     public var position: String { "\(file):\(line)" }
 }
+
+/// How one session ended, and why: the only thing the access log, the audit log, and (later)
+/// metrics and `explain` read about it. Written once by the session machine, when the phase
+/// that decides is reached; a session that ran to its end has `.completed` in `.relay`.
+public struct SessionOutcome: Sendable, Equatable {
+    /// Whether a refusal was carried out or only reported (`limit_conn_dry_run`,
+    /// `limit_rate_dry_run`: the audit line of what would have happened).
+    public enum Enforcement: String, Sendable, Equatable {
+        case enforced
+        case dryRun = "dry_run"
+    }
+
+    /// Why the session ended. Each cause has one status (nginx's `$status`) and one wording.
+    public enum Cause: Sendable, Equatable {
+        /// The relay ran until a side ended it (EOF, close, reset).
+        case completed
+        /// `proxy_timeout` passed with no bytes either way (nginx logs 200).
+        case idleTimeout
+        case proxyHeaderTimedOut
+        case proxyHeaderBroken(String)
+        /// The client closed or failed before its PROXY header was complete.
+        case proxyHeaderIncomplete(String)
+        case accessDenied
+        case connectionLimit(zone: String)
+        case connectionZoneFull(zone: String)
+        case sessionRateLimit(zone: String)
+        /// `proxy_pass $var` rendered a value that is neither an upstream nor `ADDRESS:PORT`.
+        case noSuchUpstream(String)
+        case noLiveUpstreams
+        case upstreamUnreachable
+        /// UDP: the upstream answered a datagram with ICMP (port unreachable) before any reply.
+        case upstreamRefusedDatagrams
+        /// UDP: `proxy_timeout` passed while `proxy_responses` answers were still owed.
+        case upstreamTimedOut
+
+        public var status: SessionStatus {
+            switch self {
+            case .completed, .idleTimeout: .ok
+            case .proxyHeaderTimedOut, .proxyHeaderBroken, .proxyHeaderIncomplete: .badRequest
+            case .accessDenied: .forbidden
+            case .connectionLimit, .connectionZoneFull, .sessionRateLimit: .serviceUnavailable
+            case .noSuchUpstream, .noLiveUpstreams, .upstreamUnreachable, .upstreamRefusedDatagrams, .upstreamTimedOut:
+                .badGateway
+            }
+        }
+
+        /// The audit log's `reason`; nil for a session that was not refused.
+        public var reason: String? {
+            switch self {
+            case .completed, .idleTimeout: nil
+            case .proxyHeaderTimedOut: "PROXY protocol header timed out"
+            case .proxyHeaderBroken(let why): "broken PROXY protocol header: \(why)"
+            case .proxyHeaderIncomplete(let why): "incomplete PROXY protocol header: \(why)"
+            case .accessDenied: "access forbidden by rule"
+            case .connectionLimit(let zone): "limiting connections by zone \"\(zone)\""
+            case .connectionZoneFull(let zone): "limit_conn zone \"\(zone)\" is full"
+            case .sessionRateLimit(let zone): "limiting sessions by zone \"\(zone)\""
+            case .noSuchUpstream(let text): "proxy_pass named no upstream: \"\(text)\""
+            case .noLiveUpstreams: "no live upstreams"
+            case .upstreamUnreachable: "upstream unreachable"
+            case .upstreamRefusedDatagrams: "upstream refused the datagrams"
+            case .upstreamTimedOut: "upstream timed out"
+            }
+        }
+    }
+
+    /// The phase that decided: the refusing phase, or `.relay` for a session that was let through.
+    public var phase: Phase
+    public var cause: Cause
+    /// The rule that decided, when a rule did (an `allow`/`deny`, a `limit_conn`, a `limit_rate`).
+    public var rule: RuleReference?
+    public var enforcement: Enforcement
+
+    public init(phase: Phase, cause: Cause, rule: RuleReference? = nil, enforcement: Enforcement = .enforced) {
+        self.phase = phase
+        self.cause = cause
+        self.rule = rule
+        self.enforcement = enforcement
+    }
+
+    /// A session let through that ran to its end.
+    public static let completed = SessionOutcome(phase: .relay, cause: .completed)
+
+    public var status: SessionStatus { cause.status }
+    public var refused: Bool { cause.status != .ok }
+}

@@ -1,7 +1,6 @@
 import NIOCore
 public import Logging
 public import PortcullisPolicy
-import PortcullisWire
 public import PortcullisTelemetry
 import Synchronization
 
@@ -11,16 +10,17 @@ import Synchronization
 /// spec, loggers: about 600 bytes) it was copied into each — 1.8 KB of every idle TCP
 /// connection's 7.3 KB, and a retain per field on each copy.
 public final class ServerRuntime: Sendable {
-    public let policy: ServerPolicy
-    public let listen: ListenSpec
+    /// What the session machines of this listen read.
+    public let listener: ListenerPolicy
+    public var policy: ServerPolicy { listener.server }
+    public var listen: ListenSpec { listener.listen }
     public let sessionLogger: SessionLogger
     public let errorLog: Logger
     public let registry: SessionRegistry
 
     public init(policy: ServerPolicy, listen: ListenSpec, sessionLogger: SessionLogger, errorLog: Logger,
                 registry: SessionRegistry) {
-        self.policy = policy
-        self.listen = listen
+        self.listener = ListenerPolicy(server: policy, listen: listen)
         self.sessionLogger = sessionLogger
         self.errorLog = errorLog
         self.registry = registry
@@ -61,29 +61,14 @@ public final class SessionRegistry: Sendable {
 }
 
 extension ServerRuntime {
-    /// Where `SessionGate` says what to log for session `connection`.
-    func report(for connection: UInt64) -> (SessionGate.Event) -> Void {
-        { [self] event in
-            switch event {
+    /// Writes what a session machine noted: error-log lines and dry runs' audit lines.
+    func write(_ notes: [SessionMachine.Note], connection: UInt64) {
+        for note in notes {
+            switch note {
             case .log(let level, let message): errorLog.log(level, message, connection: connection)
-            case .dryRun(let wouldBe): sessionLogger.logDryRun(wouldBe)
+            case .audit(let record): sessionLogger.logRefusal(record)
             }
         }
-    }
-}
-
-extension ServerRuntime {
-    /// The TLVs of the PROXY v2 header sent upstream for `record` (TCP and UDP alike): this
-    /// server's `proxy_protocol_tlv` list, then a trusted sender's AUTHORITY and UNIQUE_ID when
-    /// the list does not set them.
-    func upstreamTLVs(for record: SessionRecord) -> [ProxyTLV] {
-        var tlvs = policy.proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
-        if let received = record.proxyHeader, policy.realIPFrom.trusts(record.peer.address) {
-            for type in [ProxyTLVType.authority, .uniqueID] where !tlvs.contains(where: { $0.type == type.rawValue }) {
-                if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
-            }
-        }
-        return tlvs
     }
 }
 

@@ -3,7 +3,7 @@ import PortcullisCore
 /// One JSON line of the audit log for a refused session: who, when, where, and which rule.
 /// Every string goes through the JSON escaper, so a hostile value cannot forge a field or a line.
 public enum AuditLine {
-    public static func render(_ r: SessionRecord, dryRun: Bool = false) -> String {
+    public static func render(_ r: SessionRecord) -> String {
         var fields: [(String, String)] = [
             ("time", LogEscaping.jsonString(TimeText.iso8601(r.endTime, milliseconds: true))),
             ("connection", String(r.connection)),
@@ -40,7 +40,7 @@ public enum AuditLine {
             let list = r.upstreamAttempts.map { LogEscaping.jsonString($0.address.description) }
             fields.append(("upstream", "[" + list.joined(separator: ",") + "]"))
         }
-        fields.append(("dry_run", dryRun ? "true" : "false"))
+        fields.append(("dry_run", r.outcome.enforcement == .dryRun ? "true" : "false"))
         return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
     }
 }

@@ -9,13 +9,13 @@ public import PortcullisPolicy
 enum LogEntry: Sendable {
     case text(String)
     case access(SessionRecord, LogFormat)
-    case audit(SessionRecord, dryRun: Bool)
+    case audit(SessionRecord)
 
     var text: String {
         switch self {
         case .text(let line): return line
         case .access(let record, let format): return format.render(record)
-        case .audit(let record, let dryRun): return AuditLine.render(record, dryRun: dryRun)
+        case .audit(let record): return AuditLine.render(record)
         }
     }
 }
@@ -77,7 +77,7 @@ public final class LogFile: Sendable {
     public func write(_ record: SessionRecord, format: LogFormat) { enqueue(.access(record, format)) }
 
     /// Queues the audit line of a refused session, formatted on the writer thread.
-    public func writeAudit(_ record: SessionRecord, dryRun: Bool = false) { enqueue(.audit(record, dryRun: dryRun)) }
+    public func writeAudit(_ record: SessionRecord) { enqueue(.audit(record)) }
 
     private func enqueue(_ line: LogEntry) {
         let accepted = state.withLock { s -> Bool in

@@ -42,28 +42,25 @@ public final class SessionLogger: Sendable {
             }
             file.write(record, format: spec.format)
         }
-        if record.refused && audit { writeAudit(record, dryRun: false) }
+        if record.refused && audit { writeAudit(record) }
     }
 
     /// The audit line of a refusal, written when it is decided (a UDP session refused on its
     /// first datagram ends only when its client goes quiet).
+    /// Also the line of a refusal a dry run did not carry out (`limit_conn_dry_run`,
+    /// `limit_rate_dry_run`): its outcome has the status the refusal would have had and says
+    /// `.dryRun`, which the line prints as `"dry_run": true`.
     public func logRefusal(_ record: SessionRecord) {
-        writeAudit(record, dryRun: false)
+        writeAudit(record)
     }
 
-    /// A refusal a dry run did not carry out (`limit_conn_dry_run`, `limit_rate_dry_run`): an
-    /// audit line now, with the status the refusal would have had and `"dry_run": true`.
-    public func logDryRun(_ record: SessionRecord) {
-        writeAudit(record, dryRun: true)
-    }
-
-    private func writeAudit(_ record: SessionRecord, dryRun: Bool) {
+    private func writeAudit(_ record: SessionRecord) {
         guard let audit else { return }
         let (write, summary) = sampler.withLock {
             $0.admit(phase: record.phase.rawValue, now: Date().timeIntervalSince1970)
         }
         if let summary { audit.write(summary) }
-        if write { audit.writeAudit(record, dryRun: dryRun) }
+        if write { audit.writeAudit(record) }
     }
 
     private func writePendingSummary() {

@@ -10,11 +10,14 @@ import PortcullisCore
             client: SocketEndpoint(address: IPAddress("::ffff:10.1.2.3")!, port: 40000),
             server: SocketEndpoint(address: IPAddress("127.0.0.1")!, port: 8080),
             listener: "127.0.0.1:8080", startTime: 1_764_270_000.5)
-        r.status = .forbidden
-        r.phase = .access
-        r.rule = RuleReference(file: file, line: 12, text: ruleText)
-        r.reason = "access forbidden by rule"
+        r.outcome = SessionOutcome(phase: .access, cause: .accessDenied, rule: RuleReference(file: file, line: 12, text: ruleText))
         return r
+    }
+
+    func dryRun(_ record: SessionRecord) -> SessionRecord {
+        var record = record
+        record.outcome.enforcement = .dryRun
+        return record
     }
 
     func parse(_ line: String) throws -> [String: Any] {
@@ -26,19 +29,20 @@ import PortcullisCore
     func recordCopiesKeepTheirDetails() {
         let original = refused(ruleText: "deny 10.0.0.0/8;")
         var changed = original
-        changed.reason = "changed"
-        changed.rule = nil
+        changed.outcome = SessionOutcome(phase: .limitConn, cause: .connectionLimit(zone: "perip"))
         changed.limit = LimitDecision(zone: "perip", key: Array("10.1.2.3".utf8), limit: "1")
         #expect(original.reason == "access forbidden by rule")
         #expect(original.rule?.text == "deny 10.0.0.0/8;")
         #expect(original.limit == nil)
-        #expect(changed.reason == "changed" && changed.rule == nil && changed.limit?.zone == "perip")
+        #expect(changed.reason == "limiting connections by zone \"perip\"" && changed.rule == nil && changed.limit?.zone == "perip")
+        #expect(original.status == .forbidden && changed.status == .serviceUnavailable)
         // A record that never set any detail reads nil everywhere.
         let plain = SessionRecord(connection: 1, transport: .udp,
                                   client: SocketEndpoint(address: IPAddress("127.0.0.1")!, port: 1),
                                   server: SocketEndpoint(address: IPAddress("127.0.0.1")!, port: 2),
                                   listener: "127.0.0.1:2", startTime: 0)
         #expect(plain.proxyHeader == nil && plain.rule == nil && plain.decidingVariable == nil && plain.reason == nil)
+        #expect(plain.outcome == .completed && plain.status == .ok && plain.phase == .relay && !plain.refused)
     }
 
     @Test func refusedSessionLine() throws {
@@ -68,7 +72,7 @@ import PortcullisCore
 
     @Test func hostileRuleTextCannotBreakTheLine() throws {
         let hostile = "deny \"x\",\"status\":200}\n{\"forged\":true \\ \u{1}"
-        let line = AuditLine.render(refused(ruleText: hostile, file: "a\"b\n.conf"), dryRun: true)
+        let line = AuditLine.render(dryRun(refused(ruleText: hostile, file: "a\"b\n.conf")))
         let object = try parse(line)
         #expect(object["status"] as? Int == 403)
         #expect(object["forged"] == nil)
@@ -80,10 +84,7 @@ import PortcullisCore
 
     @Test func withoutRuleAndWithUpstreams() throws {
         var r = refused(ruleText: "")
-        r.rule = nil
-        r.reason = nil
-        r.status = .badGateway
-        r.phase = .upstreamPick
+        r.outcome = SessionOutcome(phase: .upstreamPick, cause: .noLiveUpstreams)
         r.upstreamAttempts = [
             UpstreamAttempt(address: SocketEndpoint(address: IPAddress("10.0.0.9")!, port: 80), connectTime: nil),
             UpstreamAttempt(address: SocketEndpoint(address: IPAddress("::1")!, port: 81), connectTime: nil),
@@ -93,7 +94,7 @@ import PortcullisCore
         let object = try parse(line)
         #expect(object["status"] as? Int == 502)
         #expect(object["phase"] as? String == "upstream_pick")
-        #expect(object["reason"] == nil)
+        #expect(object["reason"] as? String == "no live upstreams")
         #expect(object["upstream"] as? [String] == ["10.0.0.9:80", "[::1]:81"])
     }
 }

@@ -1070,9 +1070,8 @@ extension VariablesTests {
                 client: SocketEndpoint(address: IPAddress("1.0.1.1")!, port: 40000),
                 server: SocketEndpoint(address: IPAddress("127.0.0.1")!, port: 8080),
                 listener: "127.0.0.1:8080", startTime: 1_764_270_000)
-            record.status = .forbidden
-            record.phase = .access
-            record.rule = RuleReference(file: "/etc/portcullis/rules.conf", line: 12, text: "deny $bad_country;")
+            record.outcome = SessionOutcome(phase: .access, cause: .accessDenied,
+                                            rule: RuleReference(file: "/etc/portcullis/rules.conf", line: 12, text: "deny $bad_country;"))
             record.decidingVariable = ("$bad_country", value)
             return record
         }

@@ -1,9 +1,9 @@
 internal import PortcullisCore
 
-/// The decisions a session's first moments make, the same for TCP and UDP: access (address and
-/// variable rules), then `limit_conn`, then `limit_rate`. Pure: it fills in the session's
-/// record and holds what the session took (limit slots, buckets); the transport logs the
-/// events it reports and gives everything back once, when the session ends.
+/// The access and limit phases, the same for TCP and UDP: access (address and variable rules),
+/// then `limit_conn`, then `limit_rate`. Pure: it sets the session's outcome when it refuses
+/// and holds what the session took (limit slots, buckets); the session machine runs it, says
+/// what it reports, and gives everything back once, when the session ends.
 public struct SessionGate: Sendable {
     /// What a decision wants said, in nginx's words where nginx has them.
     public enum Event: Sendable {
@@ -24,28 +24,16 @@ public struct SessionGate: Sendable {
 
     // MARK: The sequence
 
-    /// access → limit_conn → limit_rate → which upstream, for a session's first moment (TCP: the
-    /// client is connected, and its PROXY header read; UDP: its first datagram). Returns the
-    /// upstream group, or nil when the session is refused: the record then says why, and
-    /// `report` has been told what to log.
+    /// access → limit_conn → limit_rate, for a session's first moment (TCP: the client is
+    /// connected, and its PROXY header read; UDP: its first datagram). False when the session
+    /// is refused: its outcome then says why, and `report` has been told what to log.
     public mutating func admit(_ policy: ServerPolicy, record: inout SessionRecord, now: UInt64, wallClock: Double,
-                               report: (Event) -> Void) -> UpstreamGroup? {
+                               report: (Event) -> Void) -> Bool {
         guard Self.access(policy, record: &record) else {
             report(.log(.error, "access forbidden by rule, \(Self.place(record))"))
-            return nil
+            return false
         }
-        guard limits(policy, record: &record, now: now, wallClock: wallClock, report: report) else {
-            return nil
-        }
-        let (group, text) = policy.upstream(for: record)
-        guard let group else {
-            report(.log(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(Self.place(record))"))
-            record.status = .badGateway
-            record.phase = .upstreamPick
-            record.reason = "proxy_pass named no upstream: \"\(text)\""
-            return nil
-        }
-        return group
+        return limits(policy, record: &record, now: now, wallClock: wallClock, report: report)
     }
 
     /// "client: …, server: …", the end of nginx's error-log lines (with "udp " for UDP).
@@ -68,13 +56,10 @@ public struct SessionGate: Sendable {
             verdict = access.evaluate(record.client.address)
         }
         guard !verdict.allowed else { return true }
-        record.status = .forbidden
-        record.phase = .access
-        record.rule = verdict.rule?.reference
+        record.outcome = SessionOutcome(phase: .access, cause: .accessDenied, rule: verdict.rule?.reference)
         if let rule = verdict.rule, let name = rule.variableName {
             record.decidingVariable = (name, verdict.variableValue ?? [])
         }
-        record.reason = "access forbidden by rule"
         return false
     }
 
@@ -97,15 +82,15 @@ public struct SessionGate: Sendable {
                 continue
             }
             let decision = LimitDecision(zone: zone.name, key: key, limit: String(rule.limit))
-            let reason: String
+            let cause: SessionOutcome.Cause
             if outcome == .zoneFull {
-                reason = "limit_conn zone \"\(zone.name)\" is full"
+                cause = .connectionZoneFull(zone: zone.name)
                 // nginx: "[crit] ngx_slab_alloc() failed: no memory in limit_conn_zone"; at most once a second.
                 if zone.shouldReportFull(now: Int64(wallClock.rounded(.down))) {
                     report(.log(.crit, "no memory in limit_conn_zone \"\(zone.name)\": the part of the zone this key falls in is full (the zone holds up to \(zone.capacity) keys in 16 parts, \(zone.size) bytes); new keys there are refused, \(Self.place(record))"))
                 }
             } else {
-                reason = "limiting connections by zone \"\(zone.name)\""
+                cause = .connectionLimit(zone: zone.name)
                 report(.log(limits.connLogLevel, "limiting connections\(limits.connDryRun ? ", dry run," : "") by zone \"\(zone.name)\", \(Self.place(record))"))
             }
             if limits.connDryRun {
@@ -113,13 +98,13 @@ public struct SessionGate: Sendable {
                 // limit_conn (the session goes on, counted in no zone).
                 release()
                 record.limitConnStatus = "REJECTED_DRY_RUN"
-                report(.dryRun(Self.wouldBe(record, phase: .limitConn, rule: rule.reference, decision: decision, reason: reason, at: wallClock)))
+                report(.dryRun(Self.wouldBe(record, phase: .limitConn, rule: rule.reference, decision: decision, cause: cause, at: wallClock)))
                 break
             }
             // Earlier zones' slots go back now, as nginx's rollback, not when the session ends.
             release()
             record.limitConnStatus = "REJECTED"
-            Self.refuse(&record, phase: .limitConn, rule: rule.reference, decision: decision, reason: reason)
+            Self.refuse(&record, phase: .limitConn, rule: rule.reference, decision: decision, cause: cause)
             return false
         }
         for rule in limits.rate {
@@ -132,13 +117,13 @@ public struct SessionGate: Sendable {
             case .sessions:
                 guard !zone.admit(key, now: now) else { continue }
                 let decision = LimitDecision(zone: zone.name, key: key, limit: "\(zone.rateText) burst=\(Int(zone.burst))")
-                let reason = "limiting sessions by zone \"\(zone.name)\""
-                report(.log(.error, "\(reason)\(limits.rateDryRun ? ", dry run" : ""), \(Self.place(record))"))
+                let cause = SessionOutcome.Cause.sessionRateLimit(zone: zone.name)
+                report(.log(.error, "\(cause.reason ?? "")\(limits.rateDryRun ? ", dry run" : ""), \(Self.place(record))"))
                 if limits.rateDryRun {
-                    report(.dryRun(Self.wouldBe(record, phase: .limitRate, rule: rule.reference, decision: decision, reason: reason, at: wallClock)))
+                    report(.dryRun(Self.wouldBe(record, phase: .limitRate, rule: rule.reference, decision: decision, cause: cause, at: wallClock)))
                     continue
                 }
-                Self.refuse(&record, phase: .limitRate, rule: rule.reference, decision: decision, reason: reason)
+                Self.refuse(&record, phase: .limitRate, rule: rule.reference, decision: decision, cause: cause)
                 return false
             }
         }
@@ -171,18 +156,16 @@ public struct SessionGate: Sendable {
     }
 
     private static func refuse(_ record: inout SessionRecord, phase: Phase, rule: RuleReference, decision: LimitDecision,
-                               reason: String) {
-        record.status = .serviceUnavailable
-        record.phase = phase
-        record.rule = rule
+                               cause: SessionOutcome.Cause, enforcement: SessionOutcome.Enforcement = .enforced) {
+        record.outcome = SessionOutcome(phase: phase, cause: cause, rule: rule, enforcement: enforcement)
         record.limit = decision
-        record.reason = reason
     }
 
+    /// The record a refusal a dry run did not carry out would have ended in, for its audit line.
     private static func wouldBe(_ record: SessionRecord, phase: Phase, rule: RuleReference, decision: LimitDecision,
-                                reason: String, at time: Double) -> SessionRecord {
+                                cause: SessionOutcome.Cause, at time: Double) -> SessionRecord {
         var wouldBe = record
-        refuse(&wouldBe, phase: phase, rule: rule, decision: decision, reason: reason)
+        refuse(&wouldBe, phase: phase, rule: rule, decision: decision, cause: cause, enforcement: .dryRun)
         wouldBe.endTime = time
         return wouldBe
     }

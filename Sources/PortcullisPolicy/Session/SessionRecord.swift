@@ -13,9 +13,6 @@ public struct SessionRecord: Sendable {
     public var peer: SocketEndpoint
     /// The `listen` the session arrived on, as an endpoint (`127.0.0.1:8080`, `0.0.0.0:8080`).
     public var listener: String
-    public var status: SessionStatus = .ok
-    /// The phase that ended the session when it was refused; `.relay` for a normal session.
-    public var phase: Phase = .relay
     /// The session's rule-defined variables (geo, map, geoip2, set), evaluated on first use and
     /// remembered, so the access phase and the log line see the same value.
     public var variables: SessionVariables?
@@ -47,7 +44,18 @@ public struct SessionRecord: Sendable {
     }
 
     public var sessionTime: Double { max(0, endTime - startTime) }
-    public var refused: Bool { status != .ok }
+
+    /// How the session ended and why; set once, by the session machine.
+    public var outcome: SessionOutcome {
+        get { details?.outcome ?? .completed }
+        set { if newValue != .completed || details != nil { editDetails { $0.outcome = newValue } } }
+    }
+    /// What the logs print of the outcome.
+    public var status: SessionStatus { outcome.status }
+    public var phase: Phase { outcome.phase }
+    public var rule: RuleReference? { outcome.rule }
+    public var reason: String? { outcome.cause.reason }
+    public var refused: Bool { outcome.refused }
 
     // MARK: What only some sessions have
 
@@ -55,11 +63,6 @@ public struct SessionRecord: Sendable {
     public var proxyHeader: ProxyHeader? {
         get { details?.proxyHeader }
         set { if newValue != nil || details != nil { editDetails { $0.proxyHeader = newValue } } }
-    }
-    /// The rule that refused the session, if a rule did.
-    public var rule: RuleReference? {
-        get { details?.rule }
-        set { if newValue != nil || details != nil { editDetails { $0.rule = newValue } } }
     }
     /// For a refusal by `deny $var` (or `allow $var` not matching…): the variable and the value
     /// that decided, for the audit line.
@@ -72,26 +75,20 @@ public struct SessionRecord: Sendable {
         get { details?.limit }
         set { if newValue != nil || details != nil { editDetails { $0.limit = newValue } } }
     }
-    /// Why the session ended badly, in words (for the error and audit logs).
-    public var reason: String? {
-        get { details?.reason }
-        set { if newValue != nil || details != nil { editDetails { $0.reason = newValue } } }
-    }
 
-    /// The fields above, out of line (about 210 bytes): every live session keeps a record and
+    /// The fields above and the outcome, out of line (about 210 bytes): every live session keeps a record and
     /// every ended one is copied into the log queue, and most never set any of them.
     /// Copy-on-write: a record copied before a change keeps what it had.
     private final class Details: @unchecked Sendable {
         var proxyHeader: ProxyHeader?
-        var rule: RuleReference?
+        var outcome = SessionOutcome.completed
         var decidingVariable: (name: String, value: [UInt8])?
         var limit: LimitDecision?
-        var reason: String?
 
         init() {}
         init(copying other: Details) {
-            (proxyHeader, rule, decidingVariable, limit, reason) =
-                (other.proxyHeader, other.rule, other.decidingVariable, other.limit, other.reason)
+            (proxyHeader, outcome, decidingVariable, limit) =
+                (other.proxyHeader, other.outcome, other.decidingVariable, other.limit)
         }
     }
     private var details: Details?
