@@ -131,8 +131,7 @@ final class RelayHandler: ChannelDuplexHandler {
             if side == .client { session?.receivedBeforeRelay(buffer) }
             return
         }
-        session?.noteActivity()
-        session?.counted(buffer.readableBytes, readBy: side)
+        session?.counted(buffer.readableBytes, readBy: side)  // counts as activity too
         partner?.context?.write(wrapOutboundOut(buffer), promise: nil)
     }
 

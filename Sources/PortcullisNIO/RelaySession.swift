@@ -51,8 +51,8 @@ final class RelaySession: IdleWatched {
         return machine.readDelay(side.machineSide, now: Self.now())
     }
 
-    var throttles: Bool { machine.throttles }
-
+    /// Bytes read from `side` and passed on: counted, spent from the rate limits, and the
+    /// session's last activity (one clock read per read).
     func counted(_ bytes: Int, readBy side: RelayHandler.Side) {
         machine.relayed(bytes, from: side.machineSide, now: Self.now())
     }
