@@ -56,8 +56,9 @@ final class UDPSession: IdleWatched {
 
     /// The first datagram: the machine decides the session, then the datagram goes its way.
     func start(_ first: ByteBuffer) {
-        idleTimeout.arm(self, on: eventLoop, lastActivity: .now())
-        perform(machine.datagramSessionStarted(now: RelaySession.now()))
+        // From the machine's accept time: no second clock read for a one-datagram session.
+        idleTimeout.arm(self, on: eventLoop, lastActivity: .uptimeNanoseconds(machine.lastActivity))
+        perform(machine.datagramSessionStarted(now: machine.lastActivity))
         clientDatagram(first)
     }
 

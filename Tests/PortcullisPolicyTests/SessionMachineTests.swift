@@ -327,7 +327,20 @@ private struct NoHostsResolver: HostResolver {
         _ = try #require(Self.dialled(third.accepted(now: Self.t0)), "the ended session's slot was not given back")
     }
 
-    @Test("a broken PROXY header after limit_conn gives no slot away; dry run: an audit note, the session goes on")
+    @Test("a refusal after limit_conn (upstream_pick) gives its slot back at once, not when the client has closed")
+    func refusalAfterLimitConnReleases() throws {
+        let listener = try Self.listener("listen 8080; limit_conn addr 1; proxy_pass $nowhere;",
+                                         stream: "limit_conn_zone $binary_remote_addr zone=addr:1m;\n    map $remote_addr $nowhere { default \"not-a-pool\"; }")
+        var first = Self.machine(listener, connection: 1)
+        guard case .closeClient = first.accepted(now: Self.t0) else { Issue.record("expected closeClient"); return }
+        #expect(first.record.outcome.cause == .noSuchUpstream("not-a-pool"))
+        // The first client is not closed yet: had it kept its slot, this one would get a 503.
+        var second = Self.machine(listener, connection: 2)
+        guard case .closeClient = second.accepted(now: Self.t0) else { Issue.record("expected closeClient"); return }
+        #expect(second.record.phase == .upstreamPick && second.record.status == .badGateway, "\(second.record.outcome)")
+    }
+
+    @Test("limit_conn_dry_run: an audit note of the refusal that would have been, and the session goes on")
     func limitConnDryRun() throws {
         let listener = try Self.listener("listen 8080; limit_conn addr 1; limit_conn_dry_run on; proxy_pass 127.0.0.1:9000;",
                                          stream: "limit_conn_zone $binary_remote_addr zone=addr:1m;")
