@@ -3,7 +3,9 @@ import PackageDescription
 
 // Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
 //   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
-//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers), PortcullisNIO (channel handlers)
+//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers),
+//                PortcullisEngine (the epoll TCP engine, session runtime; CPortcullisLinux for epoll),
+//                PortcullisNIO (UDP on SwiftNIO channels)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
 //   3 exe:       portcullis (check / run)
 let strictSettings: [SwiftSetting] = [
@@ -52,10 +54,19 @@ let package = Package(
             dependencies: ["PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
+        .target(name: "CPortcullisLinux"),
+        .target(
+            name: "PortcullisEngine",
+            dependencies: [
+                "CPortcullisLinux", "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .target(
             name: "PortcullisNIO",
             dependencies: [
-                "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry",
+                "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry", "PortcullisEngine",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -67,7 +78,7 @@ let package = Package(
             name: "PortcullisGateway",
             dependencies: [
                 "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisTelemetry", "PortcullisNIO",
-                "PortcullisGeoIP",
+                "PortcullisEngine", "PortcullisGeoIP",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -108,6 +119,7 @@ let package = Package(
             name: "PortcullisPolicyTests",
             dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore", "PortcullisGeoIP", "PortcullisTestSupport"]
         ),
+        .testTarget(name: "PortcullisEngineTests", dependencies: ["PortcullisEngine", "PortcullisCore", "PortcullisPolicy"]),
         .testTarget(name: "PortcullisTelemetryTests", dependencies: ["PortcullisTelemetry", "PortcullisPolicy"]),
         .testTarget(
             name: "PortcullisEndToEndTests",

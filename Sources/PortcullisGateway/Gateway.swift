@@ -7,12 +7,14 @@ import NIOCore
 import NIOPosix
 public import PortcullisPolicy
 import PortcullisNIO
+public import PortcullisEngine
+import PortcullisCore
 import PortcullisGeoIP
 import PortcullisTelemetry
 public import ServiceLifecycle
 import Synchronization
 
-/// The running gateway: event loops, listeners, logs. A `Service`, so it runs inside a
+/// The running gateway: the epoll engine's loops for TCP, SwiftNIO's for UDP, listeners, logs. A `Service`, so it runs inside a
 /// swift-service-lifecycle `ServiceGroup` and stops when graceful shutdown is triggered.
 public final class Gateway: Service, Sendable {
     public let snapshot: PolicySnapshot
@@ -20,9 +22,13 @@ public final class Gateway: Service, Sendable {
     private let errorLogFile: LogFile
     private let sessionLogger: SessionLogger
     private let registry = SessionRegistry()
-    private let group: MultiThreadedEventLoopGroup
+    /// Plain TCP: the epoll engine (docs/decisions/0012-relay-engine.md).
+    private let engine: Engine
+    /// UDP: SwiftNIO's datagram channels; no threads unless a `listen … udp` needs them.
+    private let group: MultiThreadedEventLoopGroup?
     private let boxes: [RuntimeBox]
     private let channels = Mutex<[any Channel]>([])
+    private let tcpAddresses = Mutex<[SocketEndpoint]>([])
     /// How long a stop waits for sessions; nil = until they end. Set by the signal that stops us.
     private let drainTimeout = Mutex<TimeAmount?>(.seconds(5))
     /// `geoip2 … { auto_reload T; }` timers, on their own queue so that opening and checking a
@@ -47,7 +53,10 @@ public final class Gateway: Service, Sendable {
         errorLog = Logger(label: "portcullis") { _ in ErrorLogHandler(file: file, level: level) }
         let sessionLogger = try SessionLogger(snapshot: snapshot)
         self.sessionLogger = sessionLogger
-        group = MultiThreadedEventLoopGroup(numberOfThreads: snapshot.main.workerProcesses ?? System.coreCount)
+        let threads = snapshot.main.workerProcesses ?? System.coreCount
+        engine = try Engine(loopCount: threads)
+        let udp = snapshot.servers.contains { $0.listens.contains(where: \.udp) }
+        group = udp ? MultiThreadedEventLoopGroup(numberOfThreads: threads) : nil
         let errorLog = self.errorLog
         let registry = self.registry
         boxes = snapshot.servers.flatMap { server in
@@ -64,15 +73,22 @@ public final class Gateway: Service, Sendable {
     /// Binds every listener. Throws `ListenError` (and binds nothing) if one cannot be bound.
     public func start() async throws {
         var opened: [any Channel] = []
+        var bound: [SocketEndpoint] = []
         do {
             for box in boxes {
-                opened += try await Listener.bind(box, group: group)
+                if box.runtime.listen.udp, let group {
+                    opened += try await Listener.bind(box, group: group)
+                } else {
+                    bound.append(try await engine.bind(box))
+                }
             }
         } catch {
             for channel in opened { try? await channel.close() }
+            await engine.closeListeners()
             throw error
         }
         channels.withLock { $0 = opened }
+        tcpAddresses.withLock { $0 = bound }
         startGeoIPReloads()
         errorLog.notice("portcullis started, listening on \(boxes.map(\.runtime.listen.description).joined(separator: ", "))")
     }
@@ -107,7 +123,9 @@ public final class Gateway: Service, Sendable {
     }
 
     /// The addresses actually bound (tests listen on ephemeral ports).
-    public var boundAddresses: [SocketAddress] { channels.withLock { $0.compactMap(\.localAddress) } }
+    public var boundAddresses: [SocketAddress] {
+        tcpAddresses.withLock { $0.map(\.socketAddress) } + channels.withLock { $0.compactMap(\.localAddress) }
+    }
 
     /// How the next stop drains: `nil` waits for every session (SIGQUIT without
     /// `worker_shutdown_timeout`), a time closes what is left after it.
@@ -136,6 +154,7 @@ public final class Gateway: Service, Sendable {
             return channels
         }
         for channel in listening { try? await channel.close() }
+        await engine.closeListeners()
         reloadTimers.withLock { timers in
             timers.forEach { $0.source.cancel() }
             timers = []
@@ -151,10 +170,12 @@ public final class Gateway: Service, Sendable {
         }
         if registry.count > 0 {
             registry.closeAll()
+            await engine.closeAllSessions()
             // Give the closes a moment to run their log phase.
             for _ in 0..<100 where registry.count > 0 { try? await Task.sleep(for: .milliseconds(10)) }
         }
-        try? await group.shutdownGracefully()
+        await engine.shutdown()
+        try? await group?.shutdownGracefully()
         errorLog.notice("exiting")
         sessionLogger.closeAll()
         errorLogFile.close()
@@ -176,11 +197,15 @@ public final class Gateway: Service, Sendable {
 
     /// Sessions whose `proxy_timeout` the event loops' sweeps watch (decision 0010); 0 once
     /// every session has ended.
-    public func sweptSessions() async -> Int { await IdleSweeper.watchedCount(in: group) }
+    public func sweptSessions() async -> Int {
+        var count = await engine.watchedSessions()
+        if let group { count += await IdleSweeper.watchedCount(in: group) }
+        return count
+    }
 
     /// Runs until graceful shutdown is triggered. Binds first if `start()` was not called.
     public func run() async throws {
-        if channels.withLock({ $0.isEmpty }) { try await start() }
+        if channels.withLock({ $0.isEmpty }) && tcpAddresses.withLock({ $0.isEmpty }) { try await start() }
         try? await gracefulShutdown()
         await stop()
     }

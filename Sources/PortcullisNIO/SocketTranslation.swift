@@ -4,8 +4,10 @@ import Glibc
 import NIOCore
 import PortcullisCore
 import PortcullisPolicy
+import PortcullisEngine
 
-// The one place SwiftNIO's addresses and errors become the pure layer's words.
+// The one place SwiftNIO's addresses and errors become the pure layer's words (the epoll
+// engine's are in PortcullisEngine/Posix).
 
 extension SocketEndpoint {
     init?(_ address: SocketAddress) {
@@ -21,7 +23,7 @@ extension SocketEndpoint {
         }
     }
 
-    var socketAddress: SocketAddress {
+    public var socketAddress: SocketAddress {
         switch address {
         case .v4(let value):
             var sin = sockaddr_in()
@@ -46,25 +48,11 @@ extension DialFailure {
     /// A failed connect, as SwiftNIO reported it.
     init(_ error: any Error) {
         if let io = error as? IOError {
-            self = .failed(errno: io.errnoCode, message: String(cString: strerror(io.errnoCode)))
+            self.init(errno: io.errnoCode)
         } else if case ChannelError.connectTimeout = error {
             self = .timedOut
         } else {
             self = .other("\(error)")
-        }
-    }
-}
-
-extension SessionMachine.Failure {
-    /// A relay side's error, as SwiftNIO reported it: a reset is passed on as a reset, SwiftNIO's
-    /// own channel errors (a close we asked for) are not worth a line.
-    init(_ error: any Error) {
-        if let io = error as? IOError, io.errnoCode == ECONNRESET || io.errnoCode == EPIPE {
-            self = .reset("\(error)")
-        } else if error is ChannelError {
-            self = .quiet("\(error)")
-        } else {
-            self = .error("\(error)")
         }
     }
 }

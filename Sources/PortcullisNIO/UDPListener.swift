@@ -6,6 +6,7 @@ import NIOCore
 import NIOPosix
 import PortcullisCore
 import PortcullisPolicy
+import PortcullisEngine
 import PortcullisWire
 
 /// One `listen … udp` socket and its sessions (docs/decisions/0008-udp-sessions.md).

@@ -6,6 +6,7 @@ import NIOCore
 import NIOPosix
 import PortcullisCore
 import PortcullisPolicy
+import PortcullisEngine
 import PortcullisWire
 
 /// The SwiftNIO engine of one UDP session: the session machine decides (the policy once, on the
@@ -41,7 +42,7 @@ final class UDPSession: IdleWatched {
             eventLoop.execute { bound.value.session?.end() }
         })
         machine = SessionMachine(listener: runtime.listener, connection: id, client: key.client, peer: key.peer,
-                                 server: server, proxyHeader: header, now: RelaySession.now(),
+                                 server: server, proxyHeader: header, now: Clock.monotonic(),
                                  wallClock: Date().timeIntervalSince1970)
         bound.value.session = self
     }
@@ -105,7 +106,7 @@ final class UDPSession: IdleWatched {
             .whenComplete { [self] result in
                 switch result {
                 case .success(let channel):
-                    let action = machine.dialSucceeded(now: RelaySession.now())
+                    let action = machine.dialSucceeded(now: Clock.monotonic())
                     guard case .startRelay = action else {
                         channel.close(promise: nil)  // the session ended meanwhile
                         return perform(action)
@@ -117,9 +118,9 @@ final class UDPSession: IdleWatched {
                     held = []
                     for datagram in queued { sendUpstream(datagram) }
                     flushUpstream()  // outside a read batch: nothing else would flush them
-                    perform(machine.heldDatagramsSent(now: RelaySession.now()))
+                    perform(machine.heldDatagramsSent(now: Clock.monotonic()))
                 case .failure(let error):
-                    perform(machine.dialFailed(DialFailure(error), now: RelaySession.now()))
+                    perform(machine.dialFailed(DialFailure(error), now: Clock.monotonic()))
                 }
             }
     }
@@ -156,7 +157,7 @@ final class UDPSession: IdleWatched {
 
     /// A datagram from the client (after its PROXY header, if the listener reads one).
     func clientDatagram(_ payload: ByteBuffer) {
-        let verdict = machine.clientDatagram(payload.readableBytes, now: RelaySession.now())
+        let verdict = machine.clientDatagram(payload.readableBytes, now: Clock.monotonic())
         if verdict.detach { listener.detach(self) }
         switch verdict.disposition {
         case .drop:
@@ -209,7 +210,7 @@ final class UDPSession: IdleWatched {
 
     /// A datagram from the upstream: back to the client, from the listener's address.
     func upstreamDatagram(_ payload: ByteBuffer) {
-        let verdict = machine.upstreamDatagram(payload.readableBytes, now: RelaySession.now())
+        let verdict = machine.upstreamDatagram(payload.readableBytes, now: Clock.monotonic())
         if verdict.reply { listener.send(payload, to: key.peer) }
         if verdict.ends {
             listener.flush()  // the handler's batch flush would not come after the session ends
@@ -222,7 +223,7 @@ final class UDPSession: IdleWatched {
     /// The upstream socket failed (an ICMP "port unreachable" shows up as ECONNREFUSED).
     func upstreamFailed(_ error: any Error) {
         let reason = (error as? IOError).map { $0.described(as: "recv") } ?? "\(error)"
-        perform(machine.upstreamFailed(reason, now: RelaySession.now()))
+        perform(machine.upstreamFailed(reason, now: Clock.monotonic()))
     }
 
     // MARK: End
@@ -233,7 +234,7 @@ final class UDPSession: IdleWatched {
 
     /// Ends the session once: gives back its limit slots, closes its upstream socket, logs one
     /// record (the audit line of a refusal was written when it was refused).
-    func end() { perform(machine.end(now: RelaySession.now())) }
+    func end() { perform(machine.end(now: Clock.monotonic())) }
 }
 
 /// The session's upstream socket: replies in, errors to the session.

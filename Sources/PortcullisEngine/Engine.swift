@@ -1,0 +1,81 @@
+import Foundation
+public import PortcullisCore
+
+/// The plain-TCP relay engine (docs/decisions/0012-relay-engine.md): one epoll event loop per
+/// thread, each with its own listening socket per `listen`, sessions driven by `SessionMachine`
+/// with no futures, channels or per-connection allocations beyond the session itself.
+public final class Engine: Sendable {
+    private let loops: [EventLoop]
+    private let exited: [DispatchSemaphore]
+
+    /// Starts `loopCount` loop threads (at least one).
+    public init(loopCount: Int) throws {
+        var loops: [EventLoop] = []
+        for index in 0..<max(loopCount, 1) { loops.append(try EventLoop(index: index)) }
+        self.loops = loops
+        exited = loops.map { _ in DispatchSemaphore(value: 0) }
+        for (loop, done) in zip(loops, exited) {
+            let thread = Thread {
+                loop.run()
+                done.signal()
+            }
+            thread.name = "portcullis-tcp-\(loop.index)"
+            thread.start()
+        }
+    }
+
+    /// Binds `box`'s TCP listen (one socket per loop) and starts accepting. Returns the bound
+    /// address. Throws `ListenError`, with nothing bound.
+    public func bind(_ box: RuntimeBox) async throws -> SocketEndpoint {
+        let listeners = try TCPListener.bind(box, loops: loops.count)
+        let endpoint = listeners[0].endpoint
+        for (index, listener) in listeners.enumerated() {
+            let send = UncheckedBox(listener)
+            await loops[index].submit { loop in loop.addListener(send.value) }
+        }
+        return endpoint
+    }
+
+    /// Stops accepting on every listener (sessions go on).
+    public func closeListeners() async {
+        for loop in loops { await loop.submit { $0.closeListeners() } }
+    }
+
+    /// Closes every live session's client connection (the end of a drain); each then writes its
+    /// record as any session does.
+    public func closeAllSessions() async {
+        for loop in loops {
+            await loop.submit { loop in
+                for session in loop.liveSessions { session.closeClient() }
+            }
+        }
+    }
+
+    /// Sessions whose `proxy_timeout` is watched, summed over the loops (0 once all ended).
+    public func watchedSessions() async -> Int {
+        var total = 0
+        for loop in loops {
+            total += await loop.submit { loop in loop.liveSessions.filter(\.isWatchingIdle).count }
+        }
+        return total
+    }
+
+    /// Stops the loops (what is still open is closed without a record) and waits for them.
+    public func shutdown() async {
+        for loop in loops { loop.execute { [loop] in loop.stop() } }
+        for done in exited {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                DispatchQueue.global().async {
+                    done.wait()
+                    continuation.resume()
+                }
+            }
+        }
+    }
+}
+
+/// Hands a loop-confined object to its loop's thread through a `@Sendable` task.
+private struct UncheckedBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}

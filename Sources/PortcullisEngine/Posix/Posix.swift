@@ -1,0 +1,152 @@
+import CPortcullisLinux
+import Glibc
+public import PortcullisCore
+public import PortcullisPolicy
+
+// The one place the engine's system calls become the pure layer's words: socket addresses,
+// errno texts in nginx's wording, socket options.
+
+/// A failed system call: which one and its errno.
+public struct SystemCallError: Error, Sendable, CustomStringConvertible {
+    public var call: String
+    public var errno: Int32
+
+    public init(_ call: String, errno: Int32 = Glibc.errno) {
+        self.call = call
+        self.errno = errno
+    }
+
+    /// strerror's text: "Connection refused".
+    public static func text(_ errno: Int32) -> String { String(cString: strerror(errno)) }
+
+    /// nginx's wording: `recv() failed (104: Connection reset by peer)`.
+    public var description: String { "\(call)() failed (\(errno): \(Self.text(errno)))" }
+}
+
+extension DialFailure {
+    /// connect() (or the socket before it) failed with `errno`.
+    public init(errno: Int32) { self = .failed(errno: errno, message: SystemCallError.text(errno)) }
+}
+
+extension SessionMachine.Failure {
+    /// A relay side's failed read or write: a reset is passed on as a reset.
+    init(_ error: SystemCallError) {
+        self = error.errno == ECONNRESET || error.errno == EPIPE ? .reset("\(error)") : .error("\(error)")
+    }
+}
+
+extension SocketEndpoint {
+    /// The address a `sockaddr_in`/`sockaddr_in6` holds; nil for other families.
+    init?(_ storage: sockaddr_storage) {
+        var storage = storage
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            let sin = withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in.self) }
+            self.init(address: .v4(UInt32(bigEndian: sin.sin_addr.s_addr)), port: UInt16(bigEndian: sin.sin_port))
+        case AF_INET6:
+            let sin6 = withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in6.self) }
+            guard let address = withUnsafeBytes(of: sin6.sin6_addr, { IPAddress(bytes: $0) }) else { return nil }
+            self.init(address: address, port: UInt16(bigEndian: sin6.sin6_port))
+        default:
+            return nil
+        }
+    }
+
+    var family: Int32 { address.isIPv4 ? AF_INET : AF_INET6 }
+
+    /// Calls `body` with this endpoint as a `sockaddr` and its length.
+    func withSockAddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+        var storage = sockaddr_storage()
+        let length: Int
+        switch address {
+        case .v4(let value):
+            var sin = sockaddr_in()
+            sin.sin_family = sa_family_t(AF_INET)
+            sin.sin_port = port.bigEndian
+            sin.sin_addr.s_addr = value.bigEndian
+            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
+            length = MemoryLayout<sockaddr_in>.size
+        case .v6:
+            var sin6 = sockaddr_in6()
+            sin6.sin6_family = sa_family_t(AF_INET6)
+            sin6.sin6_port = port.bigEndian
+            let bytes = address.bytes
+            withUnsafeMutableBytes(of: &sin6.sin6_addr) { raw in
+                for i in 0..<16 { raw[i] = bytes[i] }
+            }
+            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin6, as: sockaddr_in6.self) }
+            length = MemoryLayout<sockaddr_in6>.size
+        }
+        return withUnsafePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(length)) }
+        }
+    }
+}
+
+/// Socket calls on a raw descriptor.
+enum Socket {
+    static func setOption(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: Int32) throws(SystemCallError) {
+        var value = value
+        guard setsockopt(fd, level, name, &value, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
+            throw SystemCallError("setsockopt")
+        }
+    }
+
+    /// `SO_LINGER {1, 0}`: the coming close sends a reset (a peer's reset passed on).
+    static func resetOnClose(_ fd: Int32) {
+        var option = linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &option, socklen_t(MemoryLayout<linger>.size))
+    }
+
+    /// The pending error of a socket (`SO_ERROR`): how a non-blocking connect ended.
+    static func pendingError(_ fd: Int32) -> Int32 {
+        var value: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &length) == 0 else { return errno }
+        return value
+    }
+
+    static func localEndpoint(_ fd: Int32) -> SocketEndpoint? {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let result = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return result == 0 ? SocketEndpoint(storage) : nil
+    }
+
+    /// `SO_KEEPALIVE` and its TCP tuning, as `listen … so_keepalive=` says.
+    static func applyKeepalive(_ fd: Int32, _ keepalive: ListenSpec.Keepalive) {
+        switch keepalive {
+        case .systemDefault:
+            break
+        case .off:
+            try? setOption(fd, SOL_SOCKET, SO_KEEPALIVE, 0)
+        case .on:
+            try? setOption(fd, SOL_SOCKET, SO_KEEPALIVE, 1)
+        case .tuned(let idle, let interval, let count):
+            try? setOption(fd, SOL_SOCKET, SO_KEEPALIVE, 1)
+            if let idle { try? setOption(fd, Int32(IPPROTO_TCP), TCP_KEEPIDLE, Int32(clamping: idle)) }
+            if let interval { try? setOption(fd, Int32(IPPROTO_TCP), TCP_KEEPINTVL, Int32(clamping: interval)) }
+            if let count { try? setOption(fd, Int32(IPPROTO_TCP), TCP_KEEPCNT, Int32(clamping: count)) }
+        }
+    }
+}
+
+/// Monotonic and wall clocks as the session machine wants them.
+public enum Clock {
+    /// CLOCK_MONOTONIC in nanoseconds: the machine's `now` (SwiftNIO's deadlines use the same clock).
+    @inline(__always)
+    public static func monotonic() -> UInt64 {
+        var time = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &time)
+        return UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_nsec)
+    }
+
+    /// Seconds since 1970.
+    public static func wall() -> Double {
+        var time = timespec()
+        clock_gettime(CLOCK_REALTIME, &time)
+        return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
+    }
+}
