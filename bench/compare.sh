@@ -32,9 +32,12 @@
 #   tcp      iperf3 -P 1 and -P 8 for SECS through each proxy and direct: Gbit/s received, and
 #            the proxy's CPU-seconds (utime+stime of all its processes, /proc/PID/stat, before
 #            and after the run) per GB moved
-#   conn     wrk -t2 -c32 -H 'Connection: close' to a separate nginx HTTP backend (one small
-#            response per connection), direct and through each proxy: connections/s, and the
-#            proxy's CPU time per connection
+#   conn     wrk -t2 -c32 and -c64 -H 'Connection: close' to a separate nginx HTTP backend
+#            (one small response per connection), direct and through each proxy:
+#            connections/s, and the proxy's CPU time per connection
+#   held     the conn measurement (-c32) through each proxy while IDLE idle connections are
+#            held open through the same proxy (bench/compare/idle.py), as a ratio to the same
+#            proxy's conn row: what many live sessions cost every new one
 #   latency  wrk -t1 -c1 --latency, keep-alive, direct and through each proxy: p50 and p99, and
 #            what the hop adds over direct (per repetition, then median)
 #   udp      bench/udp-load as bench/udp-throughput.sh runs it: 4 client sockets send 64-byte
@@ -58,7 +61,7 @@ source "$(dirname "$0")/common.sh"
 REPS=${REPS:-3}
 SECS=${SECS:-4}
 UDP_SECS=${UDP_SECS:-3}
-ONLY=${ONLY:-tcp,conn,latency,udp,memory,rules}
+ONLY=${ONLY:-tcp,conn,held,latency,udp,memory,rules}
 OUT=${OUT:-/tmp/portcullis-compare.md}
 RULES=${RULES:-10000}
 GEO_ENTRIES=${GEO_ENTRIES:-100000}
@@ -81,8 +84,8 @@ HARD=$(ulimit -Hn)
 [ "$HARD" = unlimited ] && HARD=1048576
 export NGINX_NOFILE=$HARD   # every nginx this harness starts may hold as many descriptors as it can
 if [ "${IDLE:-auto}" = auto ]; then
-    IDLE=$(( (HARD - 200) / 2 < 10000 ? (HARD - 200) / 2 : 10000 ))
-    [ "$IDLE" -lt 10000 ] && want memory && note "hard RLIMIT_NOFILE is $HARD (2 descriptors per relayed connection): $IDLE idle connections instead of 10,000"
+    IDLE=$(( (HARD - 400) / 2 < 10000 ? (HARD - 400) / 2 : 10000 ))
+    [ "$IDLE" -lt 10000 ] && { want memory || want held; } && note "hard RLIMIT_NOFILE is $HARD (2 descriptors per relayed connection): $IDLE idle connections instead of 10,000"
 fi
 HA_MAXCONN=$((IDLE + 90))
 CLK_TCK=$(getconf CLK_TCK)
@@ -90,9 +93,9 @@ CLK_TCK=$(getconf CLK_TCK)
 # Ports: backends 160xx, Portcullis 161xx, nginx 162xx, HAProxy 163xx; the same last digits
 # for the same job.
 IPERF=16001; HTTP=16002; HOLD=16003; SINK=16004
-P_TCP=16101; P_HTTP=16102; P_ACL=16103; P_GEO=16104; P_IDLE=16105; P_UDP=16106
-N_TCP=16201; N_HTTP=16202; N_ACL=16203; N_GEO=16204; N_IDLE=16205; N_UDP=16206
-H_TCP=16301; H_HTTP=16302; H_ACL=16303; H_GEO=16304; H_IDLE=16305
+P_TCP=16101; P_HTTP=16102; P_ACL=16103; P_GEO=16104; P_IDLE=16105; P_UDP=16106; P_HELD=16107
+N_TCP=16201; N_HTTP=16202; N_ACL=16203; N_GEO=16204; N_IDLE=16205; N_UDP=16206; N_HELD=16207
+H_TCP=16301; H_HTTP=16302; H_ACL=16303; H_GEO=16304; H_IDLE=16305; H_HELD=16307
 
 FORMAT='$remote_addr $status $bytes_sent $bytes_received $session_time'
 HA_FORMAT='%ci %ts %B %U %Tt'   # the same fields: HAProxy's %B is bytes to the client
@@ -194,26 +197,31 @@ if want conn || want latency || want rules; then
     keepalive_requests 1000000;
     server { listen 127.0.0.1:$HTTP backlog=4096; location / { return 200 \"ok\\n\"; } }" ""
 fi
-if want memory; then
+if want memory || want held; then
     python3 "$ROOT/bench/compare/idle.py" hold $HOLD "$WORK/hold.count" &
     PIDS+=($!)
 fi
 
 # --- The proxies for tcp, conn, latency and rules --------------------------------------------
-if want tcp || want conn || want latency || want rules; then
+if want tcp || want conn || want held || want latency || want rules; then
     portcullis_conf portcullis "
+    server { listen 127.0.0.1:$P_HELD; proxy_pass 127.0.0.1:$HOLD; }
     server { listen 127.0.0.1:$P_TCP; proxy_pass 127.0.0.1:$IPERF; }
     server { listen 127.0.0.1:$P_HTTP; proxy_pass 127.0.0.1:$HTTP; }${RULE_SERVERS_P:-}"
     "$PORTCULLIS" run -c "$WORK/portcullis.conf" 2> "$WORK/portcullis.err" &
     P_PID=$!; PIDS+=($P_PID)
 
-    start_nginx_as nginx 2 16384 "" "
+    start_nginx_as nginx 2 $((2 * IDLE + 16384)) "" "
     log_format main '$FORMAT';
     access_log $WORK/nginx-access.log main;
+    server { listen 127.0.0.1:$N_HELD; proxy_pass 127.0.0.1:$HOLD; }
     server { listen 127.0.0.1:$N_TCP; proxy_pass 127.0.0.1:$IPERF; }
     server { listen 127.0.0.1:$N_HTTP; proxy_pass 127.0.0.1:$HTTP; }${RULE_SERVERS_N:-}"
 
     haproxy_conf haproxy "
+frontend held
+    bind 127.0.0.1:$H_HELD
+    default_backend hold
 frontend tcp
     bind 127.0.0.1:$H_TCP
     default_backend iperf
@@ -263,10 +271,11 @@ if want tcp; then
 fi
 
 # --- 2 and 6. New connections per second, without and with rules -----------------------------
-conn_run() {  # conn_run ROW TARGET PORT REP
-    local pids t0 t1 out requests rate errors
+conn_run() {  # conn_run ROW TARGET PORT REP (ROW conn64: 64 connections at a time, else 32)
+    local pids t0 t1 out requests rate errors cpurow connections=32
+    [ "$1" = conn64 ] && connections=64
     pids=$(proxy_pids "$2"); t0=$(cpu_ticks $pids)
-    out=$(timeout $((SECS + 20)) wrk -t 2 -c 32 -d "${SECS}s" -H 'Connection: close' "http://127.0.0.1:$3/" 2>&1 || true)
+    out=$(timeout $((SECS + 20)) wrk -t 2 -c $connections -d "${SECS}s" -H 'Connection: close' "http://127.0.0.1:$3/" 2>&1 || true)
     t1=$(cpu_ticks $pids)
     requests=$(awk '/ requests in / { print $1 }' <<< "$out")
     rate=$(awk '/^Requests\/sec:/ { print $2 }' <<< "$out")
@@ -274,8 +283,9 @@ conn_run() {  # conn_run ROW TARGET PORT REP
     errors=$(awk '/Socket errors:|Non-2xx/ { print }' <<< "$out")
     [ -z "$errors" ] || note "wrk through $2 ($1, repetition $4): $(echo $errors)"
     sample "$1" "$2" "$4" "$rate"
-    [ "$1" = conn ] && [ "$2" != direct ] && [ "$requests" -gt 0 ] &&
-        sample cpuconn "$2" "$4" "$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { print t / hz / n * 1e6 }')"
+    case $1 in conn) cpurow=cpuconn ;; conn64) cpurow=cpuconn64 ;; connheld) cpurow=cpuheld ;; *) cpurow= ;; esac
+    [ -n "$cpurow" ] && [ "$2" != direct ] && [ "$requests" -gt 0 ] &&
+        sample $cpurow "$2" "$4" "$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { print t / hz / n * 1e6 }')"
     return 0
 }
 if want conn || want rules; then
@@ -283,14 +293,14 @@ if want conn || want rules; then
     # with the geo table, back to back, so that a rule list's ratio compares runs made close
     # together. The groups' order rotates every repetition, and so does the order inside each.
     groups=()
-    want conn && groups+=(conn:direct:$HTTP)
-    if want rules; then
-        groups+=("conn:portcullis:$P_HTTP acl:portcullis:$P_ACL geo:portcullis:$P_GEO"
-                 "conn:nginx:$N_HTTP acl:nginx:$N_ACL geo:nginx:$N_GEO"
-                 "conn:haproxy:$H_HTTP acl:haproxy:$H_ACL geo:haproxy:$H_GEO")
-    else
-        groups+=(conn:portcullis:$P_HTTP conn:nginx:$N_HTTP conn:haproxy:$H_HTTP)
-    fi
+    want conn && groups+=("conn:direct:$HTTP conn64:direct:$HTTP")
+    for t in portcullis:P nginx:N haproxy:H; do
+        name=${t%%:*}; http=${t##*:}_HTTP; acl=${t##*:}_ACL; geo=${t##*:}_GEO
+        group="conn:$name:${!http}"
+        want conn && group+=" conn64:$name:${!http}"
+        want rules && group+=" acl:$name:${!acl} geo:$name:${!geo}"
+        groups+=("$group")
+    done
     echo "$(want conn && echo "conn ")$(want rules && echo "rules "): wrk ${SECS}s, Connection: close, $(echo ${groups[*]} | wc -w) paths, $REPS repetitions" >&2
     for rep in $(seq 1 "$REPS"); do
         for g in "${!groups[@]}"; do
@@ -299,6 +309,30 @@ if want conn || want rules; then
                 IFS=: read -r row target port <<< "${runs[$(( (i + rep) % ${#runs[@]} ))]}"
                 conn_run "$row" "$target" "$port" "$rep"
             done
+        done
+    done
+fi
+
+# --- 2b. New connections per second with IDLE idle connections held through the same proxy --
+held() { cat "$WORK/hold.count" 2>/dev/null || echo 0; }
+wait_held() {  # wait_held SECONDS CONDITION: until the upstream's count satisfies [ count CONDITION ]
+    local deadline=$((SECONDS + $1))
+    until [ "$(held)" $2 ]; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.1; done
+}
+if want held; then
+    echo "held: wrk ${SECS}s -c32 with $IDLE idle connections held through the same proxy, $REPS repetitions" >&2
+    wait_port $HOLD
+    targets=(portcullis:$P_HELD:$P_HTTP nginx:$N_HELD:$N_HTTP haproxy:$H_HELD:$H_HTTP)
+    for rep in $(seq 1 "$REPS"); do
+        for i in "${!targets[@]}"; do
+            IFS=: read -r target hold http <<< "${targets[$(( (i + rep) % ${#targets[@]} ))]}"
+            wait_held 30 "-eq 0" || true
+            python3 "$ROOT/bench/compare/idle.py" open "$hold" "$IDLE" > "$WORK/held-client.out" &
+            client=$!
+            wait_held 60 "-ge $IDLE" || note "held, $target, repetition $rep: only $(held) of $IDLE idle connections reached the upstream"
+            conn_run connheld "$target" "$http" "$rep"
+            [ "$(held)" -ge "$IDLE" ] || note "held, $target, repetition $rep: $(held) of $IDLE idle connections still open after the run"
+            kill "$client"; wait "$client" 2>/dev/null || true
         done
     done
 fi
@@ -367,12 +401,7 @@ CONF
     kill "$UDP_P_PID" "$UDP_N_PID" 2>/dev/null || true
 fi
 
-# --- 5. Memory per idle connection ------------------------------------------------------------
-held() { cat "$WORK/hold.count" 2>/dev/null || echo 0; }
-wait_held() {  # wait_held SECONDS CONDITION: until the upstream's count satisfies [ count CONDITION ]
-    local deadline=$((SECONDS + $1))
-    until [ "$(held)" $2 ]; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.1; done
-}
+# --- 5. Memory per idle connection (held() and wait_held() are above) -------------------------
 memory_start() {  # memory_start TARGET: a fresh instance relaying its idle port to the holder
     case $1 in
         portcullis)

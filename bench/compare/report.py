@@ -37,6 +37,7 @@ derive("add50", "p50", "added")
 derive("add99", "p99", "added")
 derive("aclx", "acl", "ratio")
 derive("geox", "geo", "ratio")
+derive("heldx", "connheld", "ratio")
 
 # (row, label, has a direct-loopback line, has ratio columns)
 ROWS = [
@@ -46,6 +47,11 @@ ROWS = [
     ("cpugb8", "proxy CPU-seconds per GB, 8 streams (lower is better)", False, True),
     ("conn", "new connections/s (HTTP, Connection: close)", True, True),
     ("cpuconn", "proxy CPU µs per connection (lower is better)", False, True),
+    ("conn64", "new connections/s, wrk -c64", True, True),
+    ("cpuconn64", "proxy CPU µs per connection, -c64 (lower is better)", False, True),
+    ("connheld", "new connections/s with %s idle connections held" % format(idle_n, ","), False, True),
+    ("heldx", "  × the same proxy without them", False, False),
+    ("cpuheld", "proxy CPU µs per connection, idle connections held (lower is better)", False, True),
     ("p50", "keep-alive latency p50, µs, 1 connection (lower is better)", True, True),
     ("add50", "  added by the hop, p50, µs", False, False),
     ("p99", "keep-alive latency p99, µs (lower is better)", True, True),
@@ -60,7 +66,7 @@ ROWS = [
 NOT_APPLICABLE = {("udp", "haproxy"): "n/a (no UDP proxy in 2.6)"}
 
 def number(v, row):
-    if row in ("aclx", "geox"):
+    if row in ("aclx", "geox", "heldx"):
         return "%.2f" % v
     a = abs(v)
     if a >= 1000:

@@ -20,6 +20,9 @@ final class TCPListener {
     private let wildcard: Bool
     var slot: UInt32 = 0
     var paused = false
+    /// TCP_NODELAY as set on the listening socket: accepted sockets inherit it (and the
+    /// keepalive options), so a connection costs no setsockopt unless a reload changed it.
+    private let inheritedNoDelay: Bool
     private var lastDescriptorComplaint: UInt64 = 0
     private static let acceptBatch = 64
 
@@ -28,6 +31,7 @@ final class TCPListener {
         self.box = box
         self.endpoint = endpoint
         wildcard = endpoint.address == .v4(0) || endpoint.address == .v6(0)
+        inheritedNoDelay = box.runtime.policy.proxy.tcpNoDelay
     }
 
     func close() { Glibc.close(fd) }
@@ -42,7 +46,8 @@ final class TCPListener {
             if perLoop && !listen.reusePort { try probe(listen) }
             var endpoint = listen.endpoint
             for _ in 0..<(perLoop ? loops : 1) {
-                let fd = try open(endpoint, listen: listen, reusePort: perLoop)
+                let fd = try open(endpoint, listen: listen, reusePort: perLoop,
+                                  tcpNoDelay: box.runtime.policy.proxy.tcpNoDelay)
                 // Port 0: the other loops' sockets join the port the kernel picked for the first.
                 if endpoint.port == 0, let bound = Socket.localEndpoint(fd) { endpoint = bound }
                 opened.append(TCPListener(fd: fd, box: box, endpoint: endpoint))
@@ -54,7 +59,8 @@ final class TCPListener {
         return opened
     }
 
-    private static func open(_ endpoint: SocketEndpoint, listen: ListenSpec, reusePort: Bool) throws(SystemCallError) -> Int32 {
+    private static func open(_ endpoint: SocketEndpoint, listen: ListenSpec, reusePort: Bool,
+                             tcpNoDelay: Bool) throws(SystemCallError) -> Int32 {
         let fd = socket(endpoint.family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SystemCallError("socket") }
         do throws(SystemCallError) {
@@ -63,6 +69,9 @@ final class TCPListener {
             if case .v6 = endpoint.address {
                 try Socket.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, listen.ipv6Only ? 1 : 0)
             }
+            // Inherited by every accepted socket (Linux copies them at accept).
+            try Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, tcpNoDelay ? 1 : 0)
+            Socket.applyKeepalive(fd, listen.keepalive)
             guard endpoint.withSockAddr({ Glibc.bind(fd, $0, $1) }) == 0 else { throw SystemCallError("bind") }
             guard Glibc.listen(fd, Int32(clamping: listen.backlog)) == 0 else { throw SystemCallError("listen") }
         } catch {
@@ -118,11 +127,12 @@ final class TCPListener {
         }
     }
 
-    /// Per-connection socket options, as the NIO channels had them: TCP_NODELAY on
-    /// (`tcp_nodelay on` is nginx's default too), keepalive as `listen … so_keepalive=` says.
+    /// Per-connection socket options: TCP_NODELAY (`tcp_nodelay on` is nginx's default) and
+    /// keepalive (`listen … so_keepalive=`) come from the listening socket; only a reloaded
+    /// `tcp_nodelay` that differs from it costs a call here.
     private func configure(_ fd: Int32, _ runtime: ServerRuntime) {
-        if runtime.policy.proxy.tcpNoDelay { try? Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1) }
-        Socket.applyKeepalive(fd, runtime.listen.keepalive)
+        let noDelay = runtime.policy.proxy.tcpNoDelay
+        if noDelay != inheritedNoDelay { try? Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, noDelay ? 1 : 0) }
     }
 
     /// nginx's line (crit), at most once a second, not once per refused accept.

@@ -62,8 +62,10 @@ final class TCPSession {
     private var relaying = false
     private var readSize = EventLoop.scratchSize
     private var ended = false
-    private var registered = false
     private var deferred = false
+    /// Bytes taken from the client while its upstream was dialled (`readEarly`), at most 64 KiB.
+    private var earlyBytes = 0
+    private static let earlyLimit = 64 * 1024
 
     // Deadlines in the loop's monotonic nanoseconds; 0: none.
     private var headerDeadline: UInt64 = 0
@@ -96,7 +98,6 @@ final class TCPSession {
         session.generation = generation
         session.perform(session.machine.accepted(now: loop.now))
         guard !session.ended, session.client.isOpen else { return }
-        session.registered = true
         if !loop.register(fd, session.token(.client)) {
             session.perform(session.machine.failed(.client, .error("\(SystemCallError("epoll_ctl"))"), now: loop.now))
         }
@@ -126,7 +127,7 @@ final class TCPSession {
 
         if side == .upstream && !upstreamConnected {
             guard failed || flags & (EPOLLOUT.rawValue | EPOLLHUP.rawValue) != 0 else { return }
-            connectFinished()
+            connectFinished(clean: !failed && flags & EPOLLHUP.rawValue == 0)
             return
         }
         if failed || (side == .client && !relaying && flags & EPOLLHUP.rawValue != 0 && !machine.readingProxyHeader) {
@@ -227,9 +228,6 @@ final class TCPSession {
             }
         }
     }
-
-    private var earlyBytes = 0
-    private static let earlyLimit = 64 * 1024
 
     /// Moves bytes from `side` to the other side while both can: 16 reads, then the other
     /// sessions get a turn; throttled, one small read a turn, each when the buckets allow.
@@ -377,9 +375,11 @@ final class TCPSession {
         armTimer()
     }
 
-    private func connectFinished() {
+    /// `clean`: writable with no error or hang-up, which is a connect that succeeded: no
+    /// getsockopt(SO_ERROR) needed to be sure.
+    private func connectFinished(clean: Bool) {
         connectDeadline = 0
-        let error = Socket.pendingError(upstream.fd)
+        let error = clean ? 0 : Socket.pendingError(upstream.fd)
         guard error == 0 else {
             closeDial()
             perform(machine.dialFailed(DialFailure(errno: error), now: loop.now))
