@@ -4,7 +4,7 @@
 # repetitions, min–max, ratios) and writes it as Markdown to OUT.
 #
 #   bash bench/compare.sh
-#   REPS=3 SECS=4 UDP_SECS=3 ONLY=tcp,conn,latency,udp,memory,rules OUT=/tmp/portcullis-compare.md \
+#   REPS=3 SECS=4 UDP_SECS=3 ONLY=tcp,conn,held,latency,udp,memory,rules OUT=/tmp/portcullis-compare.md \
 #   IDLE=auto RULES=10000 GEO_ENTRIES=100000 bash bench/compare.sh
 #
 # Knobs (environment): REPS repetitions (default 3; fewer is for trying the script out), SECS

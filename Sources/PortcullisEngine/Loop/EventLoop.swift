@@ -102,7 +102,7 @@ final class EventLoop: @unchecked Sendable {
     /// Where reads land before they are written to the other side: one per loop, so a relayed
     /// connection holds no buffer of its own unless its reader is slow (`BufferPool`).
     let scratch: UnsafeMutableRawBufferPointer
-    static let scratchSize = 64 * 1024
+    static let scratchSize = 256 * 1024
     var pool = BufferPool()
 
     private static let batch = 256
@@ -271,11 +271,11 @@ final class EventLoop: @unchecked Sendable {
     }
 }
 
-/// Buffers for bytes a slow reader has not taken yet: a session holds one only while its
+/// Buffers for bytes a slow reader has not taken yet (up to 16 of 256 KiB kept per loop): a session holds one only while its
 /// writes are short, and gives it back when they drain. Kept per loop, bounded.
 struct BufferPool {
     private var free: [[UInt8]] = []
-    private static let kept = 32
+    private static let kept = 16
 
     mutating func take() -> [UInt8] {
         if let buffer = free.popLast() { return buffer }
