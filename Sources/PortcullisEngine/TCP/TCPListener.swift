@@ -129,7 +129,8 @@ final class TCPListener {
 
     /// Per-connection socket options: TCP_NODELAY (`tcp_nodelay on` is nginx's default) and
     /// keepalive (`listen … so_keepalive=`) come from the listening socket; only a reloaded
-    /// `tcp_nodelay` that differs from it costs a call here.
+    /// `tcp_nodelay` that differs from it costs a call here. (`so_keepalive=` belongs to the
+    /// `listen` itself: a reload that changes it must open a new listening socket, issue #15.)
     private func configure(_ fd: Int32, _ runtime: ServerRuntime) {
         let noDelay = runtime.policy.proxy.tcpNoDelay
         if noDelay != inheritedNoDelay { try? Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, noDelay ? 1 : 0) }
