@@ -1,5 +1,6 @@
 import Foundation
 public import PortcullisCore
+import Synchronization
 
 /// The plain-TCP relay engine (docs/decisions/0012-relay-engine.md): one epoll event loop per
 /// thread, each with its own listening socket per `listen`, sessions driven by `SessionMachine`
@@ -7,6 +8,7 @@ public import PortcullisCore
 public final class Engine: Sendable {
     private let loops: [EventLoop]
     private let exited: [DispatchSemaphore]
+    private let stopped = Atomic<Bool>(false)
 
     /// Starts `loopCount` loop threads (at least one).
     public init(loopCount: Int) throws {
@@ -62,6 +64,8 @@ public final class Engine: Sendable {
 
     /// Stops the loops (what is still open is closed without a record) and waits for them.
     public func shutdown() async {
+        // A second call must not wait for threads that are gone.
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
         for loop in loops { loop.execute { [loop] in loop.stop() } }
         for done in exited {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in

@@ -318,6 +318,41 @@ struct LimitsEndToEndTests {
         upstream.stop()
     }
 
+    @Test("proxy_upload_rate 256k: a client that writes 1 MiB and closes at once still has its last bytes throttled (EOF is seen only after them)")
+    func closingSenderIsThrottledToTheEnd() async throws {
+        let ended = Mutex<(bytes: Int, at: Date)?>(nil)
+        let upstream = try TestServer { connection in
+            let bytes = (try? connection.receiveAll()) ?? []
+            ended.withLock { $0 = (bytes.count, Date()) }
+            connection.close()
+        }
+        let gateway = try await GatewayHarness.start("""
+            stream { server { listen 127.0.0.1:{PORT}; proxy_upload_rate 256k; proxy_pass 127.0.0.1:\(upstream.port); } }
+            """)
+        let payload = [UInt8](repeating: 0x5A, count: 1 << 20)
+        let start = Date()
+        let port = gateway.port
+        try await Task.detached {
+            let client = try TestConnection.connect(to: "127.0.0.1", port: port)
+            try client.send(payload)
+            client.shutdownWrite()
+            _ = try? client.receiveAll()
+            client.close()
+        }.value
+        let deadline = Date().addingTimeInterval(10)
+        while ended.withLock({ $0 == nil }) && Date() < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        let result = try #require(ended.withLock { $0 })
+        let seconds = result.at.timeIntervalSince(start)
+        // A full bucket of one second (256 KiB), then 256 KiB/s: the last of 1 MiB leaves at
+        // 3 s, less one 16 KiB read of overdraft (0.06 s). Passing the sender's tail at once
+        // at its EOF, as the SwiftNIO engine did, ended it with the 64 KiB receive buffer
+        // unthrottled: at about 2.75 s.
+        #expect(result.bytes == payload.count)
+        #expect(seconds >= 2.85 && seconds < 5, "1 MiB at 256 KiB/s (256 KiB burst) ended after \(seconds) s; expected about 3 s")
+        await gateway.stop()
+        upstream.stop()
+    }
+
     // MARK: Audit flood cap
 
     @Test("audit_log sample=5/s: 40 quick refusals write at most 5 lines a second and a summary that counts the rest")
