@@ -12,35 +12,15 @@ import PortcullisEngine
 extension SocketEndpoint {
     init?(_ address: SocketAddress) {
         switch address {
-        case .v4(let v4):
-            self.init(address: .v4(UInt32(bigEndian: v4.address.sin_addr.s_addr)), port: UInt16(address.port ?? 0))
-        case .v6(let v6):
-            let bytes = withUnsafeBytes(of: v6.address.sin6_addr) { Array($0) }
-            guard let ip = IPAddress(bytes: bytes) else { return nil }
-            self.init(address: ip, port: UInt16(address.port ?? 0))
-        case .unixDomainSocket:
-            return nil
+        case .v4(let v4): self.init(v4.address)
+        case .v6(let v6): self.init(v6.address)
+        case .unixDomainSocket: return nil
         }
     }
 
     public var socketAddress: SocketAddress {
-        switch address {
-        case .v4(let value):
-            var sin = sockaddr_in()
-            sin.sin_family = sa_family_t(AF_INET)
-            sin.sin_port = port.bigEndian
-            sin.sin_addr.s_addr = value.bigEndian
-            return SocketAddress(sin, host: "")
-        case .v6:
-            var sin6 = sockaddr_in6()
-            sin6.sin6_family = sa_family_t(AF_INET6)
-            sin6.sin6_port = port.bigEndian
-            let bytes = address.bytes
-            withUnsafeMutableBytes(of: &sin6.sin6_addr) { raw in
-                for i in 0..<16 { raw[i] = bytes[i] }
-            }
-            return SocketAddress(sin6, host: "")
-        }
+        if let sin = sockaddrIPv4 { return SocketAddress(sin, host: "") }
+        return SocketAddress(sockaddrIPv6!, host: "")
     }
 }
 

@@ -41,12 +41,9 @@ extension SocketEndpoint {
         var storage = storage
         switch Int32(storage.ss_family) {
         case AF_INET:
-            let sin = withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in.self) }
-            self.init(address: .v4(UInt32(bigEndian: sin.sin_addr.s_addr)), port: UInt16(bigEndian: sin.sin_port))
+            self.init(withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in.self) })
         case AF_INET6:
-            let sin6 = withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in6.self) }
-            guard let address = withUnsafeBytes(of: sin6.sin6_addr, { IPAddress(bytes: $0) }) else { return nil }
-            self.init(address: address, port: UInt16(bigEndian: sin6.sin6_port))
+            self.init(withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in6.self) })
         default:
             return nil
         }
@@ -54,32 +51,55 @@ extension SocketEndpoint {
 
     var family: Int32 { address.isIPv4 ? AF_INET : AF_INET6 }
 
+    /// This endpoint as a `sockaddr_in`; nil for IPv6. (Also SwiftNIO's `SocketAddress` is
+    /// made from these, in PortcullisNIO.)
+    public var sockaddrIPv4: sockaddr_in? {
+        guard case .v4(let value) = address else { return nil }
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        sin.sin_port = port.bigEndian
+        sin.sin_addr.s_addr = value.bigEndian
+        return sin
+    }
+
+    /// This endpoint as a `sockaddr_in6`; nil for IPv4.
+    public var sockaddrIPv6: sockaddr_in6? {
+        guard case .v6 = address else { return nil }
+        var sin6 = sockaddr_in6()
+        sin6.sin6_family = sa_family_t(AF_INET6)
+        sin6.sin6_port = port.bigEndian
+        let bytes = address.bytes
+        withUnsafeMutableBytes(of: &sin6.sin6_addr) { raw in
+            for i in 0..<16 { raw[i] = bytes[i] }
+        }
+        return sin6
+    }
+
     /// Calls `body` with this endpoint as a `sockaddr` and its length.
     func withSockAddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
         var storage = sockaddr_storage()
         let length: Int
-        switch address {
-        case .v4(let value):
-            var sin = sockaddr_in()
-            sin.sin_family = sa_family_t(AF_INET)
-            sin.sin_port = port.bigEndian
-            sin.sin_addr.s_addr = value.bigEndian
+        if let sin = sockaddrIPv4 {
             withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
             length = MemoryLayout<sockaddr_in>.size
-        case .v6:
-            var sin6 = sockaddr_in6()
-            sin6.sin6_family = sa_family_t(AF_INET6)
-            sin6.sin6_port = port.bigEndian
-            let bytes = address.bytes
-            withUnsafeMutableBytes(of: &sin6.sin6_addr) { raw in
-                for i in 0..<16 { raw[i] = bytes[i] }
-            }
-            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin6, as: sockaddr_in6.self) }
+        } else {
+            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sockaddrIPv6!, as: sockaddr_in6.self) }
             length = MemoryLayout<sockaddr_in6>.size
         }
         return withUnsafePointer(to: &storage) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(length)) }
         }
+    }
+
+    /// The address a `sockaddr_in` holds.
+    public init(_ sin: sockaddr_in) {
+        self.init(address: .v4(UInt32(bigEndian: sin.sin_addr.s_addr)), port: UInt16(bigEndian: sin.sin_port))
+    }
+
+    /// The address a `sockaddr_in6` holds.
+    public init(_ sin6: sockaddr_in6) {
+        let address = withUnsafeBytes(of: sin6.sin6_addr) { IPAddress(bytes: $0) }!  // always 16 bytes
+        self.init(address: address, port: UInt16(bigEndian: sin6.sin6_port))
     }
 }
 

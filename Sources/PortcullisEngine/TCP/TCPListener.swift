@@ -59,8 +59,10 @@ final class TCPListener {
         return opened
     }
 
-    private static func open(_ endpoint: SocketEndpoint, listen: ListenSpec, reusePort: Bool,
-                             tcpNoDelay: Bool) throws(SystemCallError) -> Int32 {
+    /// A socket bound to `endpoint` with the listen's options; listening unless `probe`.
+    /// TCP_NODELAY and keepalive are set here because accepted sockets inherit them.
+    private static func open(_ endpoint: SocketEndpoint, listen: ListenSpec, reusePort: Bool, tcpNoDelay: Bool,
+                             probe: Bool = false) throws(SystemCallError) -> Int32 {
         let fd = socket(endpoint.family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw SystemCallError("socket") }
         do throws(SystemCallError) {
@@ -69,11 +71,14 @@ final class TCPListener {
             if case .v6 = endpoint.address {
                 try Socket.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, listen.ipv6Only ? 1 : 0)
             }
-            // Inherited by every accepted socket (Linux copies them at accept).
-            try Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, tcpNoDelay ? 1 : 0)
-            Socket.applyKeepalive(fd, listen.keepalive)
+            if !probe {
+                try Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, tcpNoDelay ? 1 : 0)
+                Socket.applyKeepalive(fd, listen.keepalive)
+            }
             guard endpoint.withSockAddr({ Glibc.bind(fd, $0, $1) }) == 0 else { throw SystemCallError("bind") }
-            guard Glibc.listen(fd, Int32(clamping: listen.backlog)) == 0 else { throw SystemCallError("listen") }
+            if !probe {
+                guard Glibc.listen(fd, Int32(clamping: listen.backlog)) == 0 else { throw SystemCallError("listen") }
+            }
         } catch {
             Glibc.close(fd)
             throw error
@@ -84,15 +89,7 @@ final class TCPListener {
     /// Binds and closes a plain socket (no `SO_REUSEPORT`) on the listen address: fails with
     /// EADDRINUSE if anything listens there, as the single socket nginx opens would.
     private static func probe(_ listen: ListenSpec) throws(SystemCallError) {
-        let endpoint = listen.endpoint
-        let fd = socket(endpoint.family, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SystemCallError("socket") }
-        defer { Glibc.close(fd) }
-        try Socket.setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
-        if case .v6 = endpoint.address {
-            try Socket.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, listen.ipv6Only ? 1 : 0)
-        }
-        guard endpoint.withSockAddr({ Glibc.bind(fd, $0, $1) }) == 0 else { throw SystemCallError("bind") }
+        Glibc.close(try open(listen.endpoint, listen: listen, reusePort: false, tcpNoDelay: false, probe: true))
     }
 
     /// Accepts what is waiting, up to a batch (the socket is level-triggered: the rest comes

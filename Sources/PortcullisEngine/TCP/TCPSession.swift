@@ -139,12 +139,8 @@ final class TCPSession {
                 return
             }
         }
-        if machine.readingProxyHeader {
-            if side == .client { readHeader() }
-            return
-        }
         guard relaying else {
-            if side == .client && client.peerClosing && upstream.isOpen && !upstreamConnected { readEarly() }
+            if side == .client { readBeforeRelay() }
             return
         }
         if self[side].writable && self[side].hasPending { flush(side) }
@@ -189,33 +185,25 @@ final class TCPSession {
 
     // MARK: Reading and writing
 
-    /// The PROXY header (and whatever follows it, which the machine keeps for the upstream).
-    private func readHeader() {
-        while client.readable && !ended && machine.readingProxyHeader {
-            let count = recv(client.fd, loop.scratch.baseAddress, readSize, 0)
-            if count > 0 {
-                if count < readSize && !client.peerClosing { client.readable = false }
-                perform(machine.received(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now))
-            } else if count == 0 {
-                client.readable = false
-                client.inputClosed = true
-                perform(machine.inputClosed(.client, now: loop.now))
-            } else if errno == EAGAIN || errno == EWOULDBLOCK {
-                client.readable = false
-            } else if errno != EINTR {
-                fail(.client, SystemCallError("recv"))
+    /// What the client sends before the relay, handed to the machine: its PROXY header (and
+    /// whatever follows it in the same reads), and — when the client finished sending while its
+    /// upstream is dialled — its bytes, up to `earlyLimit`, and its EOF, kept for the upstream
+    /// as nginx sends them once connected; a refusal then closes a drained socket (a FIN, not a
+    /// reset). Otherwise the client is not read until the relay starts.
+    private func readBeforeRelay() {
+        while client.readable && !ended && !client.inputClosed {
+            let size: Int
+            if machine.readingProxyHeader {
+                size = readSize
+            } else if client.peerClosing && upstream.isOpen && !upstreamConnected && earlyBytes < Self.earlyLimit {
+                size = min(readSize, Self.earlyLimit - earlyBytes)
+            } else {
+                return
             }
-        }
-    }
-
-    /// The client finished sending while its upstream is dialled: its bytes (up to
-    /// `earlyLimit`) and its EOF are taken now and kept for the upstream by the machine, as nginx
-    /// sends them once connected; a refusal then closes a drained socket (a FIN, not a reset).
-    private func readEarly() {
-        while client.readable && !ended && !client.inputClosed && earlyBytes < Self.earlyLimit {
-            let count = recv(client.fd, loop.scratch.baseAddress, min(readSize, Self.earlyLimit - earlyBytes), 0)
+            let count = recv(client.fd, loop.scratch.baseAddress, size, 0)
             if count > 0 {
-                earlyBytes += count
+                if !machine.readingProxyHeader { earlyBytes += count }
+                if count < size && !client.peerClosing { client.readable = false }
                 perform(machine.received(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now))
             } else if count == 0 {
                 client.readable = false
@@ -406,7 +394,7 @@ final class TCPSession {
         case .readProxyHeader(let timeout):
             headerDeadline = loop.now &+ UInt64(max(timeout, 1)) * 1_000_000
             armTimer()
-            if client.readable { readHeader() }
+            if client.readable { readBeforeRelay() }
         case .dial(let dial):
             self.dial(dial)
         case .startRelay(let start):
@@ -503,7 +491,8 @@ final class TCPSession {
         runtime.registry.closeStream()
     }
 
-    /// The engine stops with the session still open (after a drain that closed what it could).
+    /// The engine stops with the session still open (after a drain that closed what it could):
+    /// its sockets are closed without a record.
     func abandon() { end() }
 
     /// Closes the client (the end of a drain): the machine then closes the rest and logs.
