@@ -156,6 +156,57 @@ struct CommandLineTests {
         #expect((try? TestConnection.connect(to: "127.0.0.1", port: port, timeout: 1)) == nil)
     }
 
+    @Test("out of descriptors (RLIMIT_NOFILE 64, 100 clients): accepting pauses instead of spinning, accept4's EMFILE is logged at most once a second per listener, and clients are served again once the flood ends")
+    func descriptorExhaustion() throws {
+        let upstream = try TestServer.echo()
+        let directory = try makeTemporaryDirectory()
+        let port = try freePort()
+        let path = directory.appendingPathComponent("gateway.conf").path
+        let errors = directory.appendingPathComponent("error.log").path
+        try """
+            error_log \(errors) info;
+            stream { server { listen 127.0.0.1:\(port); proxy_pass 127.0.0.1:\(upstream.port); } }
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let gateway = try PortcullisBinary.launch(["run", "-c", path])
+        #expect(waitUntilListening(port: port))
+        let limit = Process()
+        limit.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
+        limit.arguments = ["--pid", "\(gateway.pid)", "--nofile=64:64"]
+        try limit.run()
+        limit.waitUntilExit()
+        try #require(limit.terminationStatus == 0, "prlimit could not lower the gateway's descriptor limit")
+
+        var clients: [TestConnection] = []
+        for _ in 0..<100 { if let client = try? TestConnection.connect(to: "127.0.0.1", port: port) { clients.append(client) } }
+        usleep(300_000)
+        func cpuTicks() -> Int {
+            let stat = (try? String(contentsOfFile: "/proc/\(gateway.pid)/stat", encoding: .utf8)) ?? ""
+            let fields = stat.split(separator: ")").last?.split(separator: " ") ?? []
+            return fields.count > 12 ? (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0) : 0
+        }
+        let before = cpuTicks()
+        let held = Date()
+        sleep(2)  // the flood held: connections wait in the backlog the gateway cannot accept
+        let ticks = cpuTicks() - before
+        let heldFor = Date().timeIntervalSince(held)
+        // A level-triggered listener that kept failing accept4 would burn a core (100 ticks a second).
+        #expect(ticks < 40, "\(ticks) CPU ticks in \(heldFor) s while out of descriptors")
+        let complaints = ((try? String(contentsOfFile: errors, encoding: .utf8)) ?? "")
+            .split(separator: "\n").filter { $0.contains("accept4() failed (24: Too many open files)") }
+        #expect(!complaints.isEmpty, "EMFILE is said in the error log")
+        // One listening socket per event loop (2 on this machine), each at most once a second.
+        let listeners = Double(max(ProcessInfo.processInfo.activeProcessorCount, 1))
+        #expect(Double(complaints.count) <= listeners * (heldFor + 1.5), "\(complaints.count) lines in \(heldFor) s")
+        for client in clients { client.close() }
+        usleep(500_000)
+        let after = try TestConnection.connect(to: "127.0.0.1", port: port)
+        try after.send("back")
+        #expect(try after.receive(exactly: 4) == Array("back".utf8), "served again after the flood")
+        after.close()
+        gateway.signal(SIGTERM)
+        #expect(gateway.wait(timeout: 15) == 0)
+    }
+
     @Test("a slow reader does not grow the gateway's memory: reads from the upstream wait for the client")
     func slowReaderBoundedMemory() throws {
         // The upstream writes as fast as it can, up to 512 MiB; the client reads 64 KiB every 20 ms.
