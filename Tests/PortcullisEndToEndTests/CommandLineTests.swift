@@ -165,7 +165,18 @@ struct CommandLineTests {
         let errors = directory.appendingPathComponent("error.log").path
         try """
             error_log \(errors) info;
-            stream { server { listen 127.0.0.1:\(port); proxy_pass 127.0.0.1:\(upstream.port); } }
+            stream {
+                server {
+                    # Sessions wait for a PROXY header before dialling, so each holds exactly one
+                    # descriptor and the limit is always met by accept4 (with an upstream socket
+                    # per session, whether accept4 or the dial's socket() hits it first would
+                    # depend on how many descriptors were open at the start).
+                    listen 127.0.0.1:\(port) proxy_protocol;
+                    proxy_protocol_timeout 30s;
+                    set_real_ip_from 127.0.0.1;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
             """.write(toFile: path, atomically: true, encoding: .utf8)
         let gateway = try PortcullisBinary.launch(["run", "-c", path])
         #expect(waitUntilListening(port: port))
@@ -200,7 +211,7 @@ struct CommandLineTests {
         for client in clients { client.close() }
         usleep(500_000)
         let after = try TestConnection.connect(to: "127.0.0.1", port: port)
-        try after.send("back")
+        try after.send("PROXY TCP4 127.0.0.9 127.0.0.1 4000 80\r\nback")
         #expect(try after.receive(exactly: 4) == Array("back".utf8), "served again after the flood")
         after.close()
         gateway.signal(SIGTERM)
