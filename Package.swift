@@ -4,8 +4,8 @@ import PackageDescription
 // Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
 //   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
 //   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers),
-//                PortcullisEngine (the epoll TCP engine, session runtime; CPortcullisLinux for epoll),
-//                PortcullisNIO (UDP on SwiftNIO channels)
+//                PortcullisEngine (the epoll engine for TCP and UDP, session runtime;
+//                CPortcullisLinux for epoll and the datagram calls)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
 //   3 exe:       portcullis (check / run)
 let strictSettings: [SwiftSetting] = [
@@ -63,24 +63,13 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
-        .target(
-            name: "PortcullisNIO",
-            dependencies: [
-                "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry", "PortcullisEngine",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-            ],
-            swiftSettings: nioSettings
-        ),
         // Layer 2
         .target(
             name: "PortcullisGateway",
             dependencies: [
-                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisTelemetry", "PortcullisNIO",
+                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisTelemetry",
                 "PortcullisEngine", "PortcullisGeoIP",
                 .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],

@@ -1,14 +1,18 @@
 import Foundation
 public import PortcullisCore
+import PortcullisPolicy
 import Synchronization
 
-/// The plain-TCP relay engine (docs/decisions/0012-relay-engine.md): one epoll event loop per
-/// thread, each with its own listening socket per `listen`, sessions driven by `SessionMachine`
-/// with no futures, channels or per-connection allocations beyond the session itself.
+/// The relay engine for TCP and UDP (docs/decisions/0012-relay-engine.md): one epoll event
+/// loop per thread, each with its own listening socket per TCP `listen` (and per `listen … udp
+/// reuseport`), sessions driven by `SessionMachine` with no futures, channels or per-session
+/// allocations beyond the session itself.
 public final class Engine: Sendable {
     private let loops: [EventLoop]
     private let exited: [DispatchSemaphore]
     private let stopped = Atomic<Bool>(false)
+    /// The loop the next single-socket UDP listen goes to (they are spread over the loops).
+    private let nextUDPLoop = Atomic<Int>(0)
 
     /// Starts `loopCount` loop threads (at least one).
     public init(loopCount: Int) throws {
@@ -21,21 +25,28 @@ public final class Engine: Sendable {
                 loop.run()
                 done.signal()
             }
-            thread.name = "portcullis-tcp-\(loop.index)"
+            thread.name = "portcullis-loop-\(loop.index)"
             thread.start()
         }
     }
 
-    /// Binds `box`'s TCP listen (one socket per loop) and starts accepting. Returns the bound
-    /// address. Throws `ListenError`, with nothing bound.
+    /// Binds `box`'s listen and starts accepting (TCP: one socket per loop) or reading (UDP: one
+    /// socket, or one per loop with `reuseport`). Returns the bound address. Throws
+    /// `ListenError`, with nothing bound.
     public func bind(_ box: RuntimeBox) async throws -> SocketEndpoint {
-        let listeners = try TCPListener.bind(box, loops: loops.count)
-        let endpoint = listeners[0].endpoint
+        let listeners: [any LoopListener & Endpointed]
+        var first = 0
+        if box.runtime.listen.udp {
+            listeners = try UDPListener.bind(box, loops: loops.count)
+            if listeners.count == 1 { first = nextUDPLoop.wrappingAdd(1, ordering: .relaxed).oldValue % loops.count }
+        } else {
+            listeners = try TCPListener.bind(box, loops: loops.count)
+        }
         for (index, listener) in listeners.enumerated() {
             let send = UncheckedBox(listener)
-            await loops[index].submit { loop in loop.addListener(send.value) }
+            await loops[(first + index) % loops.count].submit { loop in loop.addListener(send.value) }
         }
-        return endpoint
+        return listeners[0].endpoint
     }
 
     /// Stops accepting on every listener (sessions go on).
@@ -77,6 +88,14 @@ public final class Engine: Sendable {
         }
     }
 }
+
+/// A listening socket's bound address.
+protocol Endpointed {
+    var endpoint: SocketEndpoint { get }
+}
+
+extension TCPListener: Endpointed {}
+extension UDPListener: Endpointed {}
 
 /// Hands a loop-confined object to its loop's thread through a `@Sendable` task.
 private struct UncheckedBox<T>: @unchecked Sendable {

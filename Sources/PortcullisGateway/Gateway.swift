@@ -3,10 +3,8 @@ import Glibc
 #endif
 import Foundation
 public import Logging
-import NIOCore
-import NIOPosix
+public import NIOCore
 public import PortcullisPolicy
-import PortcullisNIO
 public import PortcullisEngine
 import PortcullisCore
 import PortcullisGeoIP
@@ -14,21 +12,19 @@ import PortcullisTelemetry
 public import ServiceLifecycle
 import Synchronization
 
-/// The running gateway: the epoll engine's loops for TCP, SwiftNIO's for UDP, listeners, logs. A `Service`, so it runs inside a
-/// swift-service-lifecycle `ServiceGroup` and stops when graceful shutdown is triggered.
+/// The running gateway: the epoll engine's loops (TCP and UDP), listeners, logs. A `Service`,
+/// so it runs inside a swift-service-lifecycle `ServiceGroup` and stops when graceful shutdown
+/// is triggered.
 public final class Gateway: Service, Sendable {
     public let snapshot: PolicySnapshot
     public let errorLog: Logger
     private let errorLogFile: LogFile
     private let sessionLogger: SessionLogger
     private let registry = SessionRegistry()
-    /// Plain TCP: the epoll engine (docs/decisions/0012-relay-engine.md).
+    /// Every session's relay: the epoll engine (docs/decisions/0012-relay-engine.md).
     private let engine: Engine
-    /// UDP: SwiftNIO's datagram channels; no threads unless a `listen … udp` needs them.
-    private let group: MultiThreadedEventLoopGroup?
     private let boxes: [RuntimeBox]
-    private let channels = Mutex<[any Channel]>([])
-    private let tcpAddresses = Mutex<[SocketEndpoint]>([])
+    private let addresses = Mutex<[SocketEndpoint]>([])
     /// How long a stop waits for sessions; nil = until they end. Set by the signal that stops us.
     private let drainTimeout = Mutex<TimeAmount?>(.seconds(5))
     /// `geoip2 … { auto_reload T; }` timers, on their own queue so that opening and checking a
@@ -55,8 +51,6 @@ public final class Gateway: Service, Sendable {
         self.sessionLogger = sessionLogger
         let threads = snapshot.main.workerProcesses ?? System.coreCount
         engine = try Engine(loopCount: threads)
-        let udp = snapshot.servers.contains { $0.listens.contains(where: \.udp) }
-        group = udp ? MultiThreadedEventLoopGroup(numberOfThreads: threads) : nil
         let errorLog = self.errorLog
         let registry = self.registry
         boxes = snapshot.servers.flatMap { server in
@@ -72,23 +66,14 @@ public final class Gateway: Service, Sendable {
 
     /// Binds every listener. Throws `ListenError` (and binds nothing) if one cannot be bound.
     public func start() async throws {
-        var opened: [any Channel] = []
         var bound: [SocketEndpoint] = []
         do {
-            for box in boxes {
-                if box.runtime.listen.udp, let group {
-                    opened += try await Listener.bind(box, group: group)
-                } else {
-                    bound.append(try await engine.bind(box))
-                }
-            }
+            for box in boxes { bound.append(try await engine.bind(box)) }
         } catch {
-            for channel in opened { try? await channel.close() }
             await engine.closeListeners()
             throw error
         }
-        channels.withLock { $0 = opened }
-        tcpAddresses.withLock { $0 = bound }
+        addresses.withLock { $0 = bound }
         startGeoIPReloads()
         errorLog.notice("portcullis started, listening on \(boxes.map(\.runtime.listen.description).joined(separator: ", "))")
     }
@@ -124,7 +109,7 @@ public final class Gateway: Service, Sendable {
 
     /// The addresses actually bound (tests listen on ephemeral ports).
     public var boundAddresses: [SocketAddress] {
-        tcpAddresses.withLock { $0.map(\.socketAddress) } + channels.withLock { $0.compactMap(\.localAddress) }
+        addresses.withLock { $0.map(\.socketAddress) }
     }
 
     /// How the next stop drains: `nil` waits for every session (SIGQUIT without
@@ -149,11 +134,7 @@ public final class Gateway: Service, Sendable {
     /// Stops accepting, lets sessions finish up to the drain timeout, closes the rest, and
     /// writes every pending log line.
     public func stop() async {
-        let listening = channels.withLock { channels -> [any Channel] in
-            defer { channels = [] }
-            return channels
-        }
-        for channel in listening { try? await channel.close() }
+        // (A UDP listener's sessions end with it: no more datagrams can reach them.)
         await engine.closeListeners()
         reloadTimers.withLock { timers in
             timers.forEach { $0.source.cancel() }
@@ -169,13 +150,11 @@ public final class Gateway: Service, Sendable {
             try? await Task.sleep(for: .milliseconds(20))
         }
         if registry.count > 0 {
-            registry.closeAll()
             await engine.closeAllSessions()
             // Give the closes a moment to run their log phase.
             for _ in 0..<100 where registry.count > 0 { try? await Task.sleep(for: .milliseconds(10)) }
         }
         await engine.shutdown()
-        try? await group?.shutdownGracefully()
         errorLog.notice("exiting")
         sessionLogger.closeAll()
         errorLogFile.close()
@@ -197,16 +176,20 @@ public final class Gateway: Service, Sendable {
 
     /// Sessions whose `proxy_timeout` the event loops' sweeps watch (decision 0010); 0 once
     /// every session has ended.
-    public func sweptSessions() async -> Int {
-        var count = await engine.watchedSessions()
-        if let group { count += await IdleSweeper.watchedCount(in: group) }
-        return count
-    }
+    public func sweptSessions() async -> Int { await engine.watchedSessions() }
 
     /// Runs until graceful shutdown is triggered. Binds first if `start()` was not called.
     public func run() async throws {
-        if channels.withLock({ $0.isEmpty }) && tcpAddresses.withLock({ $0.isEmpty }) { try await start() }
+        if addresses.withLock({ $0.isEmpty }) { try await start() }
         try? await gracefulShutdown()
         await stop()
+    }
+}
+
+extension SocketEndpoint {
+    /// As SwiftNIO's address type, which the gateway's callers (the tests' clients) use.
+    var socketAddress: SocketAddress {
+        if let sin = sockaddrIPv4 { return SocketAddress(sin, host: "") }
+        return SocketAddress(sockaddrIPv6!, host: "")
     }
 }

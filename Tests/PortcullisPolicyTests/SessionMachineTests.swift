@@ -391,7 +391,7 @@ private struct NoHostsResolver: HostResolver {
         #expect(record.upstreamAttempts == [UpstreamAttempt(address: Self.endpoint("127.0.0.1:53"), connectTime: 0)])
     }
 
-    @Test("UDP: proxy_timeout while answers are owed is a 502; proxy_requests detaches; proxy_responses 0 fires and forgets")
+    @Test("UDP: proxy_timeout while answers are owed is a 502; proxy_requests detaches; proxy_responses 0 fires and forgets, reading no answers")
     func udpTimeoutsAndCounts() throws {
         let owing = try Self.listener("listen 5300 udp; proxy_pass 127.0.0.1:53; proxy_timeout 2s; proxy_requests 2; proxy_responses 1;")
         var m = Self.udpMachine(owing)
@@ -410,6 +410,9 @@ private struct NoHostsResolver: HostResolver {
         _ = f.datagramSessionStarted(now: Self.t0)
         _ = f.dialSucceeded(now: Self.t0)
         #expect(f.clientDatagram(10, now: Self.t0) == .init(disposition: .forward, endAfterSending: true))
+        // Only fire-and-forget sessions leave their upstream socket unread (and unwatched).
+        #expect(!f.expectsReplies && m.expectsReplies)
+        #expect(Self.udpMachine(try Self.listener("listen 5300 udp; proxy_pass 127.0.0.1:53;")).expectsReplies)
     }
 
     @Test("UDP: refused on the first datagram, audited then; later datagrams dropped; the end writes no second audit line")

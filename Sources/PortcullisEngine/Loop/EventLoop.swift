@@ -38,16 +38,40 @@ struct EventToken: Equatable {
     }
 }
 
+/// What a loop's slab holds: a TCP or a UDP session, reached from its sockets' events and its
+/// timers.
+protocol LoopSession: AnyObject {
+    /// An event on one of its sockets (`attempt`: which dial's socket, for the upstream).
+    func handle(_ flags: UInt32, side: SessionMachine.Side, attempt: UInt8)
+    /// A deadline it scheduled came due.
+    func timerFired(_ deadline: UInt64)
+    /// The end of a drain: stop now (its record is written as for any end).
+    func closeClient()
+    /// The loop is stopping: close without a record.
+    func abandon()
+    /// Whether its `proxy_timeout` is being watched.
+    var isWatchingIdle: Bool { get }
+}
+
+/// What a loop's listener table holds: a TCP or a UDP listening socket (level-triggered).
+protocol LoopListener: AnyObject {
+    var fd: Int32 { get }
+    var slot: UInt32 { get set }
+    /// The socket is readable: accept, or read datagrams, a batch.
+    func readable(on loop: EventLoop)
+    func close()
+}
+
 /// The live sessions of one loop, by slot: what an event's token points at. Freed slots are
 /// reused (last freed first, so the slab stays as small as the peak of live sessions), each
 /// reuse with the next generation.
 struct SessionSlab {
-    private(set) var sessions: [TCPSession?] = []
+    private(set) var sessions: [(any LoopSession)?] = []
     private var generations: [UInt32] = []
     private var free: [UInt32] = []
     private(set) var count = 0
 
-    mutating func insert(_ session: TCPSession) -> (slot: UInt32, generation: UInt32)? {
+    mutating func insert(_ session: any LoopSession) -> (slot: UInt32, generation: UInt32)? {
         let slot: UInt32
         if let reused = free.popLast() {
             slot = reused
@@ -63,7 +87,7 @@ struct SessionSlab {
         return (slot, generations[Int(slot)])
     }
 
-    func session(slot: UInt32, generation: UInt32) -> TCPSession? {
+    func session(slot: UInt32, generation: UInt32) -> (any LoopSession)? {
         let index = Int(slot)
         guard index < sessions.count, generations[index] == generation else { return nil }
         return sessions[index]
@@ -90,7 +114,9 @@ final class EventLoop: @unchecked Sendable {
 
     var slab = SessionSlab()
     var timers = TimerHeap()
-    private var listeners: [TCPListener?] = []
+    private var listeners: [any LoopListener] = []
+    /// One-shot tasks at a deadline that are not a session's (a listener's once-a-second report).
+    private var tasksAt: [(deadline: UInt64, run: () -> Void)] = []
     /// Sessions that stopped reading to let others have a turn (read cap, or one throttled read
     /// a turn); they read again after this turn's events.
     private var deferred: [TCPSession] = []
@@ -104,6 +130,10 @@ final class EventLoop: @unchecked Sendable {
     let scratch: UnsafeMutableRawBufferPointer
     static let scratchSize = 256 * 1024
     var pool = BufferPool()
+    /// Where UDP listeners' batch reads land: a 64 KiB slot per datagram of a batch (a slot
+    /// must hold the largest datagram), made when the loop gets its first UDP listener. Only
+    /// the pages datagrams land on are ever touched.
+    private(set) lazy var datagramBuffer = DatagramBuffer()
 
     private static let batch = 256
     private var events: UnsafeMutablePointer<epoll_event>
@@ -162,15 +192,25 @@ final class EventLoop: @unchecked Sendable {
         return epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &event) == 0
     }
 
-    /// Listening sockets are level-triggered: a batch of accepts may stop before EAGAIN.
-    func addListener(_ listener: TCPListener) {
+    /// A UDP session's upstream socket: level-triggered input only. Its replies are read a few
+    /// at a time without the extra read that would find EAGAIN, and it is never written to
+    /// through epoll (a full send buffer drops the datagram, as UDP does).
+    func registerDatagramSocket(_ fd: Int32, _ token: EventToken) -> Bool {
+        var event = epoll_event()
+        event.events = EPOLLIN.rawValue
+        event.data.u64 = token.word
+        return epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &event) == 0
+    }
+
+    /// Listening sockets are level-triggered: a batch of accepts or reads may stop before EAGAIN.
+    func addListener(_ listener: any LoopListener) {
         let slot = UInt32(listeners.count)
         listeners.append(listener)
         listener.slot = slot
         watchListener(listener, reading: true, add: true)
     }
 
-    private func watchListener(_ listener: TCPListener, reading: Bool, add: Bool = false) {
+    private func watchListener(_ listener: any LoopListener, reading: Bool, add: Bool = false) {
         var event = epoll_event()
         event.events = reading ? EPOLLIN.rawValue : 0
         event.data.u64 = EventToken(tag: .listener, slot: listener.slot).word
@@ -178,7 +218,7 @@ final class EventLoop: @unchecked Sendable {
     }
 
     func closeListeners() {
-        for case let listener? in listeners { listener.close() }
+        for listener in listeners { listener.close() }
         listeners = []
     }
 
@@ -196,7 +236,10 @@ final class EventLoop: @unchecked Sendable {
 
     func deferRead(_ session: TCPSession) { deferred.append(session) }
 
-    var liveSessions: [TCPSession] { slab.sessions.compactMap { $0 } }
+    /// Runs `task` on this loop once `deadline` has passed.
+    func run(at deadline: UInt64, _ task: @escaping () -> Void) { tasksAt.append((deadline, task)) }
+
+    var liveSessions: [any LoopSession] { slab.sessions.compactMap { $0 } }
 
     // MARK: The loop
 
@@ -231,8 +274,8 @@ final class EventLoop: @unchecked Sendable {
             }
             for task in pending { task() }
         case .listener:
-            guard Int(token.slot) < listeners.count, let listener = listeners[Int(token.slot)] else { return }
-            listener.acceptBatch(on: self)
+            guard Int(token.slot) < listeners.count else { return }
+            listeners[Int(token.slot)].readable(on: self)
         case .client, .upstream:
             guard let session = slab.session(slot: token.slot, generation: token.generation) else { return }
             session.handle(flags, side: token.tag == .client ? .client : .upstream, attempt: token.attempt)
@@ -243,6 +286,7 @@ final class EventLoop: @unchecked Sendable {
         if !deferred.isEmpty || wakePending.load(ordering: .relaxed) { return 0 }
         var next = timers.earliest ?? 0
         if acceptResumeAt != 0 && (next == 0 || acceptResumeAt < next) { next = acceptResumeAt }
+        for task in tasksAt where next == 0 || task.deadline < next { next = task.deadline }
         guard next != 0 else { return -1 }
         let current = Clock.monotonic()
         guard next > current else { return 0 }
@@ -256,10 +300,15 @@ final class EventLoop: @unchecked Sendable {
         }
         if acceptResumeAt != 0 && now >= acceptResumeAt {
             acceptResumeAt = 0
-            for case let listener? in listeners where listener.paused {
+            for case let listener as TCPListener in listeners where listener.paused {
                 listener.paused = false
                 watchListener(listener, reading: true)
             }
+        }
+        if !tasksAt.isEmpty {
+            let due = tasksAt.filter { $0.deadline <= now }
+            tasksAt.removeAll { $0.deadline <= now }
+            for task in due { task.run() }
         }
     }
 
@@ -291,5 +340,27 @@ struct BufferPool {
         guard free.count < Self.kept, returned.capacity <= 4 * EventLoop.scratchSize else { return }
         returned.removeAll(keepingCapacity: true)
         free.append(returned)
+    }
+}
+
+/// One loop's room for a UDP batch read (`portcullis_receive_datagrams`): the slots and what
+/// the kernel said about each datagram.
+final class DatagramBuffer {
+    static let count = Int(PORTCULLIS_DATAGRAM_BATCH)
+    static let slot = 65_536
+    let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: count * slot, alignment: 16)
+    let datagrams = UnsafeMutablePointer<portcullis_datagram>.allocate(capacity: count)
+    /// A session's batched sends: two parts (PROXY header, payload) per datagram at most.
+    let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2 * count)
+
+    deinit {
+        bytes.deallocate()
+        datagrams.deallocate()
+        vectors.deallocate()
+    }
+
+    /// The bytes of the `index`-th datagram of the last read.
+    func payload(_ index: Int) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: bytes[index * Self.slot ..< index * Self.slot + Int(datagrams[index].length)])
     }
 }

@@ -75,19 +75,23 @@ extension SocketEndpoint {
         return sin6
     }
 
+    /// Writes this endpoint into `storage` as a `sockaddr_in` or `sockaddr_in6`; its length.
+    @discardableResult
+    func store(into storage: inout sockaddr_storage) -> socklen_t {
+        if let sin = sockaddrIPv4 {
+            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
+            return socklen_t(MemoryLayout<sockaddr_in>.size)
+        }
+        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sockaddrIPv6!, as: sockaddr_in6.self) }
+        return socklen_t(MemoryLayout<sockaddr_in6>.size)
+    }
+
     /// Calls `body` with this endpoint as a `sockaddr` and its length.
     func withSockAddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
         var storage = sockaddr_storage()
-        let length: Int
-        if let sin = sockaddrIPv4 {
-            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
-            length = MemoryLayout<sockaddr_in>.size
-        } else {
-            withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sockaddrIPv6!, as: sockaddr_in6.self) }
-            length = MemoryLayout<sockaddr_in6>.size
-        }
+        let length = store(into: &storage)
         return withUnsafePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(length)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) }
         }
     }
 

@@ -27,46 +27,24 @@ public final class ServerRuntime: Sendable {
     }
 }
 
-/// Live sessions, so that a graceful stop can wait for them and then close the stragglers.
-/// Also hands out `$connection` numbers.
-///
-/// A TCP session costs two relaxed atomic operations here (its number and the live count);
-/// its engine closes the stragglers itself (`Engine.closeAllSessions`). A UDP session leaves
-/// how to end it (`open(end:)`).
+/// Live sessions, so that a graceful stop can wait for them; also hands out `$connection`
+/// numbers. A session costs two relaxed atomic operations here (its number and the live
+/// count); the engine closes the stragglers itself (`Engine.closeAllSessions`).
 public final class SessionRegistry: Sendable {
     private let nextConnection = Atomic<UInt64>(1)
-    private let liveStreams = Atomic<Int>(0)
-    /// How to end each live UDP session.
-    private let live = Mutex<[UInt64: @Sendable () -> Void]>([:])
+    private let live = Atomic<Int>(0)
 
     public init() {}
 
-    /// A TCP session began: its connection number.
-    public func openStream() -> UInt64 {
-        liveStreams.wrappingAdd(1, ordering: .relaxed)
+    /// A session began (a TCP connection or a UDP session): its connection number.
+    public func openSession() -> UInt64 {
+        live.wrappingAdd(1, ordering: .relaxed)
         return nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
     }
 
-    public func closeStream() { liveStreams.wrappingSubtract(1, ordering: .relaxed) }
+    public func closeSession() { live.wrappingSubtract(1, ordering: .relaxed) }
 
-    /// A session without a connection of its own (UDP): `end` is how a drain stops it.
-    public func open(end: @escaping @Sendable () -> Void) -> UInt64 {
-        let id = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
-        live.withLock { $0[id] = end }
-        return id
-    }
-
-    public func close(_ id: UInt64) {
-        _ = live.withLock { $0.removeValue(forKey: id) }
-    }
-
-    public var count: Int { liveStreams.load(ordering: .relaxed) + live.withLock { $0.count } }
-
-    /// Ends every live UDP session (the end of a drain; TCP sessions are the engine's).
-    public func closeAll() {
-        let ends = live.withLock { Array($0.values) }
-        for end in ends { end() }
-    }
+    public var count: Int { live.load(ordering: .relaxed) }
 }
 
 /// The current runtime of one listener. Reload swaps it; every accept reads it once, so a

@@ -8,10 +8,8 @@ import PortcullisPolicy
 ///
 /// Each loop has its own socket with `SO_REUSEPORT`, so the kernel spreads connections over the
 /// loops and no accepted connection is handed from one thread to another
-/// (docs/decisions/0009-listener-per-event-loop.md). nginx does this only with `reuseport`;
-/// without it, `bind` first binds a plain socket to the address and closes it, so an address
-/// already in use (by another program, or a wildcard `listen` of this one) is still an error.
-final class TCPListener {
+/// (docs/decisions/0009-listener-per-event-loop.md; `ListeningSocket`).
+final class TCPListener: LoopListener {
     let fd: Int32
     let box: RuntimeBox
     /// The address it is bound to (the real port when the rule said 0).
@@ -40,61 +38,19 @@ final class TCPListener {
     /// `reuseport`). Throws `ListenError`, with nothing left open.
     static func bind(_ box: RuntimeBox, loops: Int) throws(ListenError) -> [TCPListener] {
         let listen = box.runtime.listen
-        let perLoop = listen.reusePort || loops > 1
-        var opened: [TCPListener] = []
-        do throws(SystemCallError) {
-            if perLoop && !listen.reusePort { try probe(listen) }
-            var endpoint = listen.endpoint
-            for _ in 0..<(perLoop ? loops : 1) {
-                let fd = try open(endpoint, listen: listen, reusePort: perLoop,
-                                  tcpNoDelay: box.runtime.policy.proxy.tcpNoDelay)
-                // Port 0: the other loops' sockets join the port the kernel picked for the first.
-                if endpoint.port == 0, let bound = Socket.localEndpoint(fd) { endpoint = bound }
-                opened.append(TCPListener(fd: fd, box: box, endpoint: endpoint))
-            }
-        } catch {
-            for listener in opened { listener.close() }
-            throw ListenError(listen: listen, errno: error.errno)
+        let tcpNoDelay = box.runtime.policy.proxy.tcpNoDelay
+        let sockets = try ListeningSocket.open(listen, count: listen.reusePort || loops > 1 ? loops : 1,
+                                               type: SOCK_STREAM) { fd throws(SystemCallError) in
+            // Set here because accepted sockets inherit them.
+            try Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, tcpNoDelay ? 1 : 0)
+            Socket.applyKeepalive(fd, listen.keepalive)
         }
-        return opened
-    }
-
-    /// A socket bound to `endpoint` with the listen's options; listening unless `probe`.
-    /// TCP_NODELAY and keepalive are set here because accepted sockets inherit them.
-    private static func open(_ endpoint: SocketEndpoint, listen: ListenSpec, reusePort: Bool, tcpNoDelay: Bool,
-                             probe: Bool = false) throws(SystemCallError) -> Int32 {
-        let fd = socket(endpoint.family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SystemCallError("socket") }
-        do throws(SystemCallError) {
-            try Socket.setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
-            if reusePort { try Socket.setOption(fd, SOL_SOCKET, SO_REUSEPORT, 1) }
-            if case .v6 = endpoint.address {
-                try Socket.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, listen.ipv6Only ? 1 : 0)
-            }
-            if !probe {
-                try Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, tcpNoDelay ? 1 : 0)
-                Socket.applyKeepalive(fd, listen.keepalive)
-            }
-            guard endpoint.withSockAddr({ Glibc.bind(fd, $0, $1) }) == 0 else { throw SystemCallError("bind") }
-            if !probe {
-                guard Glibc.listen(fd, Int32(clamping: listen.backlog)) == 0 else { throw SystemCallError("listen") }
-            }
-        } catch {
-            Glibc.close(fd)
-            throw error
-        }
-        return fd
-    }
-
-    /// Binds and closes a plain socket (no `SO_REUSEPORT`) on the listen address: fails with
-    /// EADDRINUSE if anything listens there, as the single socket nginx opens would.
-    private static func probe(_ listen: ListenSpec) throws(SystemCallError) {
-        Glibc.close(try open(listen.endpoint, listen: listen, reusePort: false, tcpNoDelay: false, probe: true))
+        return sockets.map { TCPListener(fd: $0.fd, box: box, endpoint: $0.endpoint) }
     }
 
     /// Accepts what is waiting, up to a batch (the socket is level-triggered: the rest comes
     /// with the next wake-up, after the other sockets' events had their turn).
-    func acceptBatch(on loop: EventLoop) {
+    func readable(on loop: EventLoop) {
         // One look at the runtime per batch: a reload's new rules apply from the next batch.
         let runtime = box.runtime
         for _ in 0..<Self.acceptBatch {

@@ -14,7 +14,7 @@ import PortcullisTelemetry
 /// and written straight to the other socket; only what the other side could not take waits in
 /// a pooled buffer, and then this side stops reading until it drains (backpressure: at most one
 /// read per direction is held in memory).
-final class TCPSession {
+final class TCPSession: LoopSession {
     /// One side's socket and what the engine knows about it.
     struct Peer {
         var fd: Int32 = -1
@@ -78,7 +78,7 @@ final class TCPSession {
     private init(fd: Int32, peer: SocketEndpoint, local: SocketEndpoint, runtime: ServerRuntime, loop: EventLoop) {
         self.loop = loop
         self.runtime = runtime
-        id = runtime.registry.openStream()
+        id = runtime.registry.openSession()
         client = Peer(fd: fd)
         idleTimeout = UInt64(max(runtime.policy.proxy.idleTimeoutMilliseconds, 0)) * 1_000_000
         machine = SessionMachine(listener: runtime.listener, connection: id, client: peer, server: local,
@@ -91,7 +91,7 @@ final class TCPSession {
         let session = TCPSession(fd: fd, peer: peer, local: local, runtime: runtime, loop: loop)
         guard let (slot, generation) = loop.slab.insert(session) else {
             Glibc.close(fd)
-            runtime.registry.closeStream()
+            runtime.registry.closeSession()
             return
         }
         session.slot = slot
@@ -488,7 +488,7 @@ final class TCPSession {
         }
         watchingIdle = false
         loop.slab.remove(slot: slot)
-        runtime.registry.closeStream()
+        runtime.registry.closeSession()
     }
 
     /// The engine stops with the session still open (after a drain that closed what it could):

@@ -524,6 +524,10 @@ public struct SessionMachine: Sendable {
         return verdict
     }
 
+    /// UDP: whether answers from the upstream are read at all (`proxy_responses 0`: none are
+    /// expected, and the session ends once its datagram is sent).
+    public var expectsReplies: Bool { proxy.udpResponses != 0 }
+
     /// Whether the session takes a datagram from its client (not after `proxy_requests`).
     public var takesDatagrams: Bool { stage != .ended && !udp.detached }
 
