@@ -48,6 +48,8 @@ public enum RuleLoader {
 /// blocks, duplicates.
 struct PolicyCompiler {
     var diagnostics = DiagnosticBag()
+    /// Upstream blocks that had errors of their own: a `proxy_pass` naming one says nothing more.
+    var brokenUpstreams: Set<String> = []
     let resolver: any HostResolver
     let geoip: (any GeoIPOpener)?
     /// Every variable `geo`, `map`, `geoip2` and `set` define, numbered.
@@ -271,7 +273,7 @@ struct PolicyCompiler {
                 error("duplicate upstream \"\(name)\"; it was first defined at \(existing.location.map(\.description) ?? "?")", at: block.arguments[0])
                 continue
             }
-            if let group = upstream(block) { upstreams[name] = group }
+            if let group = upstream(block) { upstreams[name] = group } else { brokenUpstreams.insert(name) }
         }
 
         let inheritedLogs = streamLogsOff ? [] : streamLogs.compactMap { accessLog($0, formats: formats) }
@@ -640,6 +642,7 @@ struct PolicyCompiler {
     mutating func proxyPass(_ argument: Argument, upstreams: [String: UpstreamGroup]) -> UpstreamGroup? {
         let text = argument.text
         if let group = upstreams[text.lowercased()] { return group }
+        if brokenUpstreams.contains(text.lowercased()) { return nil }  // its errors are said
         if text.hasPrefix("unix:") {
             error("\"proxy_pass unix:…\" is not supported: Portcullis connects to IP upstreams only", at: argument)
             return nil
@@ -662,9 +665,28 @@ struct PolicyCompiler {
     mutating func upstream(_ block: Directive) -> UpstreamGroup? {
         var servers: [UpstreamServer] = []
         var seen: [String: Directive] = [:]
+        var method = BalancingMethod.roundRobin
+        var methodDirective: Directive?
         for d in block.block ?? [] {
             guard admit(d, in: .upstream, seen: &seen) != nil else { continue }
-            guard d.name == "server" else { continue }
+            switch d.name {
+            case "hash", "least_conn", "random":
+                if let earlier = methodDirective {
+                    diagnostics.warning("load balancing method redefined; \"\(earlier.name)\" at \(earlier.nameLocation) no longer applies",
+                                        at: d.nameLocation, length: d.name.count)
+                }
+                guard let parsed = balancingMethod(d) else { continue }
+                method = parsed
+                methodDirective = d
+                continue
+            case "zone":
+                zone(d)
+                continue
+            case "server":
+                break
+            default:
+                continue
+            }
             guard let endpoints = endpoints(d.arguments[0], text: d.arguments[0].text, in: "server") else { continue }
             var template = UpstreamServer(endpoint: endpoints[0], name: d.arguments[0].text)
             var valid = true
@@ -676,6 +698,11 @@ struct PolicyCompiler {
                         error("invalid weight \"\(value)\"; expected a positive number", at: argument); valid = false; continue
                     }
                     template.weight = n
+                case "max_conns=":
+                    guard let n = Int(value), n >= 0 else {
+                        error("invalid max_conns \"\(value)\"; expected a number (0: no limit)", at: argument); valid = false; continue
+                    }
+                    template.maxConns = n
                 case "max_fails=":
                     guard let n = Int(value), n >= 0 else {
                         error("invalid max_fails \"\(value)\"; expected a number", at: argument); valid = false; continue
@@ -686,13 +713,19 @@ struct PolicyCompiler {
                         error("invalid fail_timeout \"\(value)\"; expected a time such as 10s", at: argument); valid = false; continue
                     }
                     template.failTimeoutMilliseconds = ms
-                case "backup": template.backup = true
+                case "backup":
+                    // nginx refuses it once a method that has no backups was chosen (and, as
+                    // nginx, not when the method comes after the server lines).
+                    if let methodDirective, methodDirective.name != "least_conn" {
+                        error("balancing method \"\(methodDirective.name)\" (\(methodDirective.nameLocation)) does not support parameter \"backup\"", at: argument)
+                        valid = false
+                        continue
+                    }
+                    template.backup = true
                 case "down": template.down = true
-                case "max_conns=":
-                    error("\"max_conns\" is not supported yet", at: argument); valid = false
                 default:
                     var message = "invalid parameter \"\(argument.text)\" in upstream \"server\""
-                    if let guess = closestMatch(to: key, in: ["weight=", "max_fails=", "fail_timeout=", "backup", "down"]) {
+                    if let guess = closestMatch(to: key, in: ["weight=", "max_conns=", "max_fails=", "fail_timeout=", "backup", "down"]) {
                         message += "; did you mean \"\(guess)\"?"
                     }
                     error(message, at: argument)
@@ -707,11 +740,55 @@ struct PolicyCompiler {
             }
         }
         let name = block.arguments[0].text
-        if servers.isEmpty {
+        if servers.isEmpty || servers.allSatisfy(\.backup) {
             if !diagnostics.hasErrors { error("no servers are inside upstream \"\(name)\"", at: block) }
             return nil
         }
-        return UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location)
+        return UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location, method: method)
+    }
+
+    /// `hash KEY [consistent]`, `least_conn`, `random [two [least_conn]]`.
+    mutating func balancingMethod(_ d: Directive) -> BalancingMethod? {
+        switch d.name {
+        case "least_conn":
+            return .leastConn
+        case "hash":
+            guard let key = template(d.arguments[0], in: d) else { return nil }
+            guard d.arguments.count == 1 else {
+                guard d.arguments[1].text == "consistent" else {
+                    error("invalid parameter \"\(d.arguments[1].text)\" in \"hash\"; expected \"consistent\" or nothing", at: d.arguments[1])
+                    return nil
+                }
+                return .consistentHash(key)
+            }
+            return .hash(key)
+        default:  // random
+            if d.arguments.count >= 1 && d.arguments[0].text != "two" {
+                error("invalid parameter \"\(d.arguments[0].text)\" in \"random\"; expected \"two\" or nothing", at: d.arguments[0])
+                return nil
+            }
+            if d.arguments.count == 2 && d.arguments[1].text != "least_conn" {
+                error("invalid parameter \"\(d.arguments[1].text)\" in \"random two\"; expected \"least_conn\" (the only method nginx's open-source build has)", at: d.arguments[1])
+                return nil
+            }
+            return .random(two: !d.arguments.isEmpty)
+        }
+    }
+
+    /// `zone NAME [SIZE]`: checked as nginx checks it. It changes nothing else: upstream state
+    /// is always shared by every event loop, as a zone makes it shared by nginx's workers.
+    mutating func zone(_ d: Directive) {
+        guard d.arguments.count == 2 else {
+            error("zero size shared memory zone \"\(d.arguments[0].text)\"; expected \"zone NAME SIZE\" (such as 64k)", at: d)
+            return
+        }
+        guard let bytes = Units.size(d.arguments[1].text) else {
+            error("invalid zone size \"\(d.arguments[1].text)\"; expected a size such as 64k", at: d.arguments[1])
+            return
+        }
+        if bytes < 32 * 1024 {
+            error("zone \"\(d.arguments[0].text)\" is too small; nginx needs at least 32k", at: d.arguments[1])
+        }
     }
 
     mutating func applyProxySetting(_ d: Directive, to proxy: inout ProxySettings) {

@@ -93,12 +93,12 @@ enum DirectiveTable {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
         }
         // upstream { }
-        t["zone"] = DirectiveSpec(
-            contexts: [.upstream], arguments: 1...2,
-            support: .ignored(note: "\"zone\" is not needed: upstream state is always shared by every event loop"))
-        for name in ["hash", "least_conn", "random"] {
-            t[name] = DirectiveSpec(contexts: [.upstream], arguments: 0...2, support: planned("only weighted round-robin balancing is built"))
-        }
+        // (Balancing methods are not `single`: nginx warns "load balancing method redefined"
+        // and the last one wins, so the compiler handles repeats itself.)
+        t["zone"] = DirectiveSpec(contexts: [.upstream], arguments: 1...2)
+        t["hash"] = DirectiveSpec(contexts: [.upstream], arguments: 1...2, single: false)
+        t["least_conn"] = DirectiveSpec(contexts: [.upstream], arguments: 0...0, single: false)
+        t["random"] = DirectiveSpec(contexts: [.upstream], arguments: 0...2, single: false)
 
         // Variables (issue #4). Block contents are entries, not directives: the compiler reads them.
         t["geo"] = DirectiveSpec(contexts: [.stream], arguments: 1...2, takesBlock: true, single: false)

@@ -212,6 +212,28 @@ private struct NoHostsResolver: HostResolver {
         #expect(logs[1].hasPrefix("upstream timed out (110: Connection timed out) while connecting to upstream"))
     }
 
+    @Test("max_conns: a session counts against its server from the pick; a failed dial and the session's end give the place back")
+    func serverPlaceHeldAndReleased() throws {
+        let listener = try Self.listener("listen 8080; proxy_pass one; proxy_next_upstream off;",
+                                         stream: "upstream one { server 127.0.0.1:9001 max_conns=1; }")
+        let group = try #require(listener.server.upstream)
+        var first = Self.machine(listener)
+        _ = try #require(Self.dialled(first.accepted(now: Self.t0)))
+        #expect(group.sessions(on: 0) == 1)
+        var second = Self.machine(listener, connection: 2)
+        guard case .closeClient = second.accepted(now: Self.t0) else { Issue.record("the full server took a second session"); return }
+        #expect(second.record.outcome == SessionOutcome(phase: .upstreamPick, cause: .noLiveUpstreams))
+        _ = first.dialFailed(.timedOut, now: Self.t0)
+        #expect(group.sessions(on: 0) == 0, "a failed dial gives the place back")
+        var third = Self.machine(listener, connection: 3)
+        _ = try #require(Self.dialled(third.accepted(now: Self.t0)))
+        _ = try #require(Self.started(third.dialSucceeded(now: Self.t0)))
+        #expect(group.sessions(on: 0) == 1)
+        _ = third.closed(.client, inOrder: false, now: Self.t0)
+        _ = try #require(Self.ended(third.closed(.upstream, inOrder: false, now: Self.t0)))
+        #expect(group.sessions(on: 0) == 0, "the end gives the place back")
+    }
+
     @Test("proxy_next_upstream off: one failed dial is the end")
     func noNextUpstream() throws {
         let listener = try Self.listener("listen 8080; proxy_pass pool; proxy_next_upstream off;", stream: Self.twoUpstreams)

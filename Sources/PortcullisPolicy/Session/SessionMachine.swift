@@ -101,6 +101,10 @@ public struct SessionMachine: Sendable {
     private var gate = SessionGate()
     private var group: UpstreamGroup?
     private var tried: [Int] = []
+    /// What the group's method carries from one attempt to the next (the hash key and state).
+    private var pick = UpstreamGroup.PickState()
+    /// The server this session counts against (`max_conns`, `least_conn`) until it ends.
+    private var heldServer: Int?
     private let acceptedAt: UInt64
     private var dialStartedAt: UInt64 = 0
     private var attemptStartedAt: UInt64 = 0
@@ -234,6 +238,7 @@ public struct SessionMachine: Sendable {
             return refuse(SessionOutcome(phase: .upstreamPick, cause: .noSuchUpstream(text)))
         }
         self.group = group
+        if let key = group.method.key { pick = UpstreamGroup.PickState(key: key.bytes(for: record)) }
         dialStartedAt = now
         if record.transport == .udp, proxy.sendProxyProtocol == .v2 {
             udp.header = ProxyHeaderEncoder.v2(source: record.client, destination: record.server, transport: .datagram,
@@ -254,11 +259,12 @@ public struct SessionMachine: Sendable {
             && now &- dialStartedAt >= UInt64(proxy.nextUpstreamTimeoutMilliseconds) * 1_000_000
         // UDP tries one upstream: a UDP "connect" only fails for want of a socket or a route.
         let mayRetry = tries == 0 || (record.transport == .tcp && proxy.nextUpstream && !outOfTries && !outOfTime)
-        guard mayRetry, let index = group.pick(excluding: tried, now: Self.milliseconds(now)) else {
+        guard mayRetry, let index = group.pick(&pick, excluding: tried, now: Self.milliseconds(now)) else {
             if tries == 0 { note(.error, "no live upstreams while connecting to upstream, \(place)") }
             return refuse(SessionOutcome(phase: .upstreamPick, cause: tries == 0 ? .noLiveUpstreams : .upstreamUnreachable))
         }
         tried.append(index)
+        heldServer = index
         attemptStartedAt = now
         if upstreamStartedAt == nil, record.transport == .udp { upstreamStartedAt = now }
         stage = .dialing
@@ -306,6 +312,7 @@ public struct SessionMachine: Sendable {
     public mutating func dialFailed(_ failure: DialFailure, now: UInt64) -> Action {
         guard stage == .dialing, let group, let index = tried.last else { return .none }
         group.report(index, succeeded: false, now: Self.milliseconds(now))
+        releaseServer()
         let endpoint = group.servers[index].endpoint
         record.upstreamAttempts.append(UpstreamAttempt(address: endpoint, connectTime: nil))
         note(.error, "\(failure) while connecting to upstream, \(place), upstream: \"\(endpoint)\"")
@@ -593,6 +600,7 @@ public struct SessionMachine: Sendable {
         }
         stage = .ended
         gate.release()
+        releaseServer()
         if udp.dropped > 0 {
             note(.info, "dropped \(udp.dropped) datagrams over the session's rate limit, \(place)")
         }
@@ -605,6 +613,12 @@ public struct SessionMachine: Sendable {
     }
 
     // MARK: Helpers
+
+    /// The session no longer counts against its server (a failed connect, or its end).
+    private mutating func releaseServer() {
+        if let heldServer { group?.release(heldServer) }
+        heldServer = nil
+    }
 
     /// "client: …, server: …", the end of nginx's error-log lines (with "udp " for UDP).
     public var place: String { SessionGate.place(record) }
