@@ -9,6 +9,8 @@ public enum Phase: String, Sendable, CaseIterable, Codable {
     case access
     case limitConn = "limit_conn"
     case limitRate = "limit_rate"
+    /// `return`: the server answers by itself instead of proxying (nginx's content phase).
+    case content
     case upstreamPick = "upstream_pick"
     case proxyHeaderWrite = "proxy_header_write"
     case relay
@@ -75,6 +77,8 @@ public struct SessionOutcome: Sendable, Equatable {
     public enum Cause: Sendable, Equatable {
         /// The relay ran until a side ended it (EOF, close, reset).
         case completed
+        /// `return`: the rendered value was sent and the session closed.
+        case returned
         /// `proxy_timeout` passed with no bytes either way (nginx logs 200).
         case idleTimeout
         case proxyHeaderTimedOut
@@ -96,7 +100,7 @@ public struct SessionOutcome: Sendable, Equatable {
 
         public var status: SessionStatus {
             switch self {
-            case .completed, .idleTimeout: .ok
+            case .completed, .idleTimeout, .returned: .ok
             case .proxyHeaderTimedOut, .proxyHeaderBroken, .proxyHeaderIncomplete: .badRequest
             case .accessDenied: .forbidden
             case .connectionLimit, .connectionZoneFull, .sessionRateLimit: .serviceUnavailable
@@ -108,7 +112,7 @@ public struct SessionOutcome: Sendable, Equatable {
         /// The audit log's `reason`; nil for a session that was not refused.
         public var reason: String? {
             switch self {
-            case .completed, .idleTimeout: nil
+            case .completed, .idleTimeout, .returned: nil
             case .proxyHeaderTimedOut: "PROXY protocol header timed out"
             case .proxyHeaderBroken(let why): "broken PROXY protocol header: \(why)"
             case .proxyHeaderIncomplete(let why): "incomplete PROXY protocol header: \(why)"

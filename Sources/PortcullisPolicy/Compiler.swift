@@ -331,6 +331,7 @@ struct PolicyCompiler {
         var proxy = inherited
         var upstream: UpstreamGroup?
         var upstreamTemplate: LogTemplate?
+        var returnValue: LogTemplate?
         var limits = inheritedLimits
         var connRules: [LimitConnRule]?
         var rateRules: [LimitRateRule]?
@@ -358,7 +359,14 @@ struct PolicyCompiler {
             case "proxy_protocol_tlv":
                 tlvDirectives.append(d)
                 if let tlv = proxyTLV(d, formats: formats) { tlvs.append(tlv) } else { failed = true }
+            case "return":
+                // nginx: return and proxy_pass both set the server's content handler, and the
+                // later one is what runs.
+                returnValue = template(d.arguments[0], in: d)
+                if returnValue == nil { failed = true }
+                (upstream, upstreamTemplate) = (nil, nil)
             case "proxy_pass":
+                returnValue = nil
                 if d.arguments[0].text.contains("$") {
                     // nginx: a value with variables names an upstream block or HOST:PORT per session.
                     upstreamTemplate = template(d.arguments[0], in: d)
@@ -383,8 +391,8 @@ struct PolicyCompiler {
         if listens.isEmpty && !failed {
             error("no \"listen\" is defined for this server", at: block)
         }
-        if upstream == nil && seen["proxy_pass"] == nil {
-            error("no \"proxy_pass\" is defined for this server: it would have nowhere to send connections", at: block)
+        if upstream == nil && seen["proxy_pass"] == nil && seen["return"] == nil {
+            error("no \"proxy_pass\" or \"return\" is defined for this server: it would have nowhere to send connections", at: block)
         }
         // nginx: list directives are inherited only by a level that has none of its own.
         if !tlvDirectives.isEmpty { proxy.proxyProtocolTLVs = tlvs }
@@ -399,7 +407,7 @@ struct PolicyCompiler {
             let site = (block.block ?? []).first { $0.name == what } ?? tlvDirectives.first ?? block
             error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: site)
         }
-        guard upstream != nil || upstreamTemplate != nil, !listens.isEmpty else { return nil }
+        guard upstream != nil || upstreamTemplate != nil || returnValue != nil, !listens.isEmpty else { return nil }
         if let connRules { limits.conn = connRules }
         if let rateRules { limits.rate = rateRules }
         // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
@@ -409,6 +417,7 @@ struct PolicyCompiler {
             realIPFrom: TrustedSources(realIP.isEmpty ? inheritedRealIP : realIP),
             upstream: upstream,
             upstreamTemplate: upstreamTemplate,
+            returnValue: returnValue,
             upstreams: upstreams,
             proxy: proxy,
             accessLogs: hasOwnLogs ? (logsOff ? [] : logs) : inheritedLogs,

@@ -119,8 +119,9 @@ enum DirectiveTable {
         t["proxy_protocol_crc32c"] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
         t["proxy_protocol_tlv"] = DirectiveSpec(contexts: streamServer, arguments: 2...2, single: false)
         t["set_real_ip_from"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
+        t["return"] = DirectiveSpec(contexts: [.server], arguments: 1...1)
         for name in ["access_dry_run", "ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
-                     "ssl_ciphers", "proxy_ssl", "return", "resolver", "server_name"] {
+                     "ssl_ciphers", "proxy_ssl", "resolver", "server_name"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("not built yet"))
         }
         return t

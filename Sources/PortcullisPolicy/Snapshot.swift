@@ -109,6 +109,9 @@ public struct ServerPolicy: Sendable {
     public var upstream: UpstreamGroup?
     /// `proxy_pass $var`: rendered per session into an upstream block's name or HOST:PORT.
     public var upstreamTemplate: LogTemplate?
+    /// `return VALUE`: sent to the client instead of proxying (nil: proxy). Of `return` and
+    /// `proxy_pass` in one server, the later one applies, as in nginx.
+    public var returnValue: LogTemplate?
     /// Every upstream block by lowercased name (nginx ignores case), for `proxy_pass $var`.
     public var upstreams: [String: UpstreamGroup]
     public var proxy: ProxySettings

@@ -99,7 +99,7 @@ struct CommandLineTests {
         try "stream { server { listen 127.0.0.1:1; } }".write(toFile: path, atomically: true, encoding: .utf8)
         let output = try PortcullisBinary.run(["run", "-c", path])
         #expect(output.status == 1)
-        #expect(output.stderr.contains("no \"proxy_pass\" is defined for this server"))
+        #expect(output.stderr.contains("no \"proxy_pass\" or \"return\" is defined for this server"))
         #expect(output.stderr.contains("has errors; not starting"))
     }
 

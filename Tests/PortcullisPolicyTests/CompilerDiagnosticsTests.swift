@@ -70,7 +70,7 @@ func load(_ text: String) -> CompileResult {
         ("unexpectedBrace", "stream {\n    server { listen 8080; proxy_pass 127.0.0.1:9000; }\n}\n}\n",
          ["rules.conf:4:1: error: unexpected \"}\" with no block open"]),
         ("noProxyPass", "stream {\n    server {\n        listen 8080;\n    }\n}\n",
-         ["rules.conf:2:5: error: no \"proxy_pass\" is defined for this server: it would have nowhere to send connections"]),
+         ["rules.conf:2:5: error: no \"proxy_pass\" or \"return\" is defined for this server: it would have nowhere to send connections"]),
         ("unknownHost", "stream {\n    server {\n        listen 8080;\n        proxy_pass example.invalid:80;\n    }\n}\n",
          ["rules.conf:4:20: error: host not found in \"example.invalid:80\" of \"proxy_pass\""]),
     ]

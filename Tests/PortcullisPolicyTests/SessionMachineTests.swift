@@ -234,6 +234,25 @@ private struct NoHostsResolver: HostResolver {
         #expect(group.sessions(on: 0) == 0, "the end gives the place back")
     }
 
+    @Test("return: after access, the rendered value instead of a dial; closing the client ends it with 200 in phase content; of return and proxy_pass the later one applies")
+    func returnValue() throws {
+        let listener = try Self.listener("listen 8080; proxy_pass 127.0.0.1:9001; return \"hi $remote_addr\\n\";")
+        var m = Self.machine(listener)
+        guard case .reply(let bytes) = m.accepted(now: Self.t0) else { Issue.record("no reply"); return }
+        #expect(bytes == Array("hi 10.0.0.1\n".utf8))
+        let (record, _) = try #require(Self.ended(m.closed(.client, inOrder: false, now: Self.t0)))
+        #expect(record.outcome == SessionOutcome(phase: .content, cause: .returned) && record.status == .ok)
+        #expect(record.bytesSent == 12 && record.bytesReceived == 0 && record.upstreamAttempts.isEmpty)
+        // Refused before the content phase: no reply.
+        let denied = try Self.listener("listen 8080; deny all; return ok;")
+        var d = Self.machine(denied)
+        guard case .closeClient = d.accepted(now: Self.t0) else { Issue.record("denied client got a reply"); return }
+        // proxy_pass after return: proxied.
+        let proxied = try Self.listener("listen 8080; return ok; proxy_pass 127.0.0.1:9001;")
+        var p = Self.machine(proxied)
+        #expect(Self.dialled(p.accepted(now: Self.t0)) != nil)
+    }
+
     @Test("proxy_next_upstream off: one failed dial is the end")
     func noNextUpstream() throws {
         let listener = try Self.listener("listen 8080; proxy_pass pool; proxy_next_upstream off;", stream: Self.twoUpstreams)

@@ -60,6 +60,8 @@ final class TCPSession: LoopSession {
     private var upstreamConnected = false
     private var dialAttempt: UInt8 = 0
     private var relaying = false
+    /// Sending a `return` value: only writing to the client is left.
+    private var replying = false
     private var readSize = EventLoop.scratchSize
     private var ended = false
     private var deferred = false
@@ -140,6 +142,10 @@ final class TCPSession: LoopSession {
             }
         }
         guard relaying else {
+            if replying {
+                if side == .client && client.writable && client.hasPending { flush(.client) }
+                return
+            }
             if side == .client { readBeforeRelay() }
             return
         }
@@ -401,6 +407,17 @@ final class TCPSession: LoopSession {
             startRelay(start)
         case .closeClient:
             closeSide(.client)
+        case .reply(let bytes):
+            // `return`: the client's own bytes are never read (as nginx, whose close then
+            // resets a client that sent some).
+            replying = true
+            bytes.withUnsafeBytes { send($0, to: .client) }
+            if ended || !client.isOpen { return }
+            if client.hasPending {
+                client.afterDrain = .closeBoth
+            } else {
+                closeSide(.client)
+            }
         case .close(let side):
             closeSide(side)
         case .closeBoth(let resetting):

@@ -72,7 +72,7 @@ final class UDPSession: LoopSession {
     /// (A refused session is kept, and watched, until its client is quiet for proxy_timeout.)
     func start(_ first: UnsafeRawBufferPointer) {
         armTimer()
-        perform(machine.datagramSessionStarted(now: loop.now))
+        perform(machine.datagramSessionStarted(size: first.count, now: loop.now))
         guard !ended else { return }
         clientDatagram(first, batched: true)
     }
@@ -87,6 +87,9 @@ final class UDPSession: LoopSession {
             listener.moveToRefused(self)
         case .watchIdle:
             armTimer()
+        case .reply(let bytes):
+            bytes.withUnsafeBytes { listener.send($0, to: key) }
+            perform(machine.end(now: loop.now))
         case .end(let record, let audit):
             close()
             runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, audit: audit)

@@ -7,7 +7,8 @@ public import PortcullisWire
 /// header timed out, a dial succeeded or failed, a side sent EOF, failed or closed, the idle
 /// timer fired, a datagram came — and does what each call returns. The order of the phases
 /// (`Phase`) lives here and nowhere else: accept → proxy_header_read → realip → access →
-/// limit_conn → limit_rate → upstream_pick → proxy_header_write → relay → log. So does every
+/// limit_conn → limit_rate → upstream_pick → proxy_header_write → relay → log (or, with
+/// `return`, limit_rate → content → log). So does every
 /// way a session can end: the machine writes the record's `outcome` once, and the record it
 /// hands back in `.end` is the only input of the access log, the audit log, and later metrics
 /// and `explain`.
@@ -61,6 +62,9 @@ public struct SessionMachine: Sendable {
         case startRelay(RelayStart)
         /// Close the client (a refusal, TCP; the outcome says why).
         case closeClient
+        /// `return`: send these bytes to the client instead of proxying. TCP: then close the
+        /// client once they are written (`closed(.client)` follows); UDP: one datagram, then `end`.
+        case reply([UInt8])
         /// Close this side now (with what it has queued dropped).
         case close(Side)
         /// Close both sides; `resetting`: make that side's close a TCP reset (a peer's reset
@@ -232,6 +236,14 @@ public struct SessionMachine: Sendable {
             }
         }
         guard admitted else { return refuse(nil) }
+        if let value = server.returnValue {
+            // content: the server answers itself; nothing is read from the client (nginx).
+            let bytes = value.bytes(for: record)
+            record.outcome = SessionOutcome(phase: .content, cause: .returned)
+            record.bytesSent += UInt64(bytes.count)
+            stage = .closing
+            return .reply(bytes)
+        }
         let (group, text) = server.upstream(for: record)
         guard let group else {
             note(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(place)")
@@ -471,9 +483,12 @@ public struct SessionMachine: Sendable {
 
     // MARK: UDP
 
-    /// UDP: the session's first datagram arrived (then pass it to `clientDatagram`).
-    public mutating func datagramSessionStarted(now: UInt64) -> Action {
-        admit(now: now)
+    /// UDP: the session's first datagram, of `size` bytes, arrived (then pass it to
+    /// `clientDatagram`, unless the answer was `.reply`, which has counted it).
+    public mutating func datagramSessionStarted(size: Int = 0, now: UInt64) -> Action {
+        let action = admit(now: now)
+        if case .reply = action { record.bytesReceived += UInt64(size) }
+        return action
     }
 
     /// The PROXY v2 header every datagram to the upstream starts with (`proxy_protocol on`).
