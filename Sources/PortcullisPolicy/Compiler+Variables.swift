@@ -23,7 +23,7 @@ extension PolicyCompiler {
         }
         for d in children {
             switch d.name {
-            case "geo", "map":
+            case "geo", "map", "split_clients":
                 if let last = d.arguments.last, (1...2).contains(d.arguments.count) { declare(last, by: d) }
             case "geoip2":
                 for child in d.block ?? [] where child.name.hasPrefix("$") {
@@ -273,6 +273,42 @@ extension PolicyCompiler {
             }
         }
         if ok { variables.define(index, as: .map(map)) }
+    }
+
+    // MARK: split_clients
+
+    /// `split_clients STRING $var { PERCENT% VALUE; … [* VALUE;] }`
+    mutating func compileSplitClients(_ d: Directive) {
+        guard d.arguments.count == 2, let name = variableName(d.arguments[1], in: d),
+              let index = variables.index(of: name), definedBy[index] == "split_clients",
+              let source = template(d.arguments[0], in: d) else { return }
+        var hundredths: [UInt32] = []
+        var values: [[UInt8]] = []
+        var ok = true
+        for entry in d.block ?? [] {
+            let keyArgument = Argument(text: entry.name, quoted: false, location: entry.nameLocation, length: entry.name.count)
+            guard entry.arguments.count == 1, entry.block == nil else {
+                error("invalid entry in \"split_clients\": expected \"PERCENT% VALUE;\" or \"* VALUE;\"", at: entry)
+                ok = false
+                continue
+            }
+            if entry.name == "*" {
+                hundredths.append(0)
+            } else if entry.name.hasSuffix("%"), let part = SplitClientsVariable.hundredths(entry.name.dropLast()) {
+                hundredths.append(part)
+            } else {
+                error("invalid percent value \"\(entry.name)\" in \"split_clients\"; expected a percentage such as 0.5% or 25%, with at most two decimals, or \"*\"", at: keyArgument)
+                ok = false
+                continue
+            }
+            values.append(Array(entry.arguments[0].text.utf8))
+        }
+        guard ok else { return }
+        guard let bounds = SplitClientsVariable.bounds(hundredths) else {
+            error("percent total is greater than 100% in \"split_clients\"", at: d)
+            return
+        }
+        variables.define(index, as: .splitClients(SplitClientsVariable(source: source, buckets: Array(zip(bounds, values)))))
     }
 
     // MARK: geoip2

@@ -234,6 +234,7 @@ struct PolicyCompiler {
             case "upstream": upstreamBlocks.append(d)
             case "geo": compileGeo(d)
             case "map": compileMap(d)
+            case "split_clients": compileSplitClients(d)
             case "geoip2": compileGeoIP2(d)
             case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
             case "limit_conn": if let rule = limitConn(d, zones: connZones) { streamLimits.conn.append(rule) }

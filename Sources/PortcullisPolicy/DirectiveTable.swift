@@ -103,6 +103,7 @@ enum DirectiveTable {
         // Variables (issue #4). Block contents are entries, not directives: the compiler reads them.
         t["geo"] = DirectiveSpec(contexts: [.stream], arguments: 1...2, takesBlock: true, single: false)
         t["map"] = DirectiveSpec(contexts: [.stream], arguments: 2...2, takesBlock: true, single: false)
+        t["split_clients"] = DirectiveSpec(contexts: [.stream], arguments: 2...2, takesBlock: true, single: false)
         t["geoip2"] = DirectiveSpec(contexts: [.stream], arguments: 1...1, takesBlock: true, single: false)
         t["set"] = DirectiveSpec(contexts: [.server], arguments: 2...2, single: false)
         // Limits (issue #5).

@@ -1,6 +1,6 @@
 public import PortcullisCore
 
-/// The variables a rule file defines with `geo`, `map`, `geoip2` and `set`, numbered: the
+/// The variables a rule file defines with `geo`, `map`, `split_clients`, `geoip2` and `set`, numbered: the
 /// compiler resolves every `$name` to an index here, so a session never looks a name up.
 /// See docs/decisions/0005-variables-and-deny-by-variable.md.
 public struct VariableTable: Sendable {
@@ -34,6 +34,7 @@ public struct VariableTable: Sendable {
 public enum VariableDefinition: Sendable {
     case geo(GeoVariable)
     case map(MapVariable)
+    case splitClients(SplitClientsVariable)
     case geoip2(GeoIP2Variable)
     case geoip2Metadata(any GeoIPDatabase, GeoIPMetadataField)
     /// `set $var VALUE;` — per server (by the server block's ordinal); a server that does not
@@ -45,6 +46,7 @@ public enum VariableDefinition: Sendable {
         switch self {
         case .geo(let geo): return geo.source.map { [$0] } ?? []
         case .map(let map): return [map.source] + map.values
+        case .splitClients(let split): return [split.source]
         case .geoip2(let variable): return variable.source.map { [$0] } ?? []
         case .geoip2Metadata: return []
         case .set(let values): return Array(values.values)
@@ -110,6 +112,8 @@ public final class SessionVariables: @unchecked Sendable {
             return geo.value(for: address)
         case .map(let map):
             return map.value(for: map.source.bytes(for: record, host: host), record: record, host: host)
+        case .splitClients(let split):
+            return split.value(for: split.source.bytes(for: record, host: host))
         case .geoip2(let variable):
             var address = record.client.address
             if let source = variable.source {
