@@ -66,6 +66,7 @@ public enum LogVariable: String, Sendable, CaseIterable {
     case pid
     case upstreamAddr = "upstream_addr"
     case upstreamConnectTime = "upstream_connect_time"
+    case upstreamFirstByteTime = "upstream_first_byte_time"
     case upstreamBytesSent = "upstream_bytes_sent"
     case upstreamBytesReceived = "upstream_bytes_received"
     case upstreamSessionTime = "upstream_session_time"
@@ -76,6 +77,17 @@ public enum LogVariable: String, Sendable, CaseIterable {
     case realipRemoteAddr = "realip_remote_addr"
     case realipRemotePort = "realip_remote_port"
     case limitConnStatus = "limit_conn_status"
+    /// The nginx version whose stream decisions Portcullis makes (and is tested against).
+    case nginxVersion = "nginx_version"
+    case portcullisVersion = "portcullis_version"
+}
+
+/// What `$nginx_version` and `$portcullis_version` say.
+public enum ProductVersion {
+    /// nginx 1.22.1 (Debian 12) is the nginx the differential tests run: rule files that test
+    /// `$nginx_version` see the version whose decisions they get.
+    public static let nginxCompatible = "1.22.1"
+    public static let portcullis = "0.6.0"
 }
 
 /// `log_format`'s `escape=` parameter.
@@ -251,6 +263,11 @@ public enum VariableRenderer {
         case .upstreamConnectTime:
             guard !r.upstreamAttempts.isEmpty else { return nil }
             return text(r.upstreamAttempts.map { $0.connectTime.map(TimeText.seconds) ?? "-" }.joined(separator: ", "))
+        case .upstreamFirstByteTime:
+            guard !r.upstreamAttempts.isEmpty else { return nil }
+            return text(r.upstreamAttempts.map { $0.firstByteTime.map(TimeText.seconds) ?? "-" }.joined(separator: ", "))
+        case .nginxVersion: return text(ProductVersion.nginxCompatible)
+        case .portcullisVersion: return text(ProductVersion.portcullis)
         case .upstreamBytesSent:
             guard !r.upstreamAttempts.isEmpty else { return nil }
             return text(String(r.upstreamBytesSent))

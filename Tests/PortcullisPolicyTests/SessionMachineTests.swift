@@ -79,7 +79,7 @@ private struct NoHostsResolver: HostResolver {
         #expect(record.outcome == .completed && record.status == .ok && record.phase == .relay)
         #expect(record.bytesReceived == 100 && record.upstreamBytesSent == 100)
         #expect(record.bytesSent == 2_000 && record.upstreamBytesReceived == 2_000)
-        #expect(record.upstreamAttempts == [UpstreamAttempt(address: Self.endpoint("127.0.0.1:9000"), connectTime: 0.002)])
+        #expect(record.upstreamAttempts == [UpstreamAttempt(address: Self.endpoint("127.0.0.1:9000"), connectTime: 0.002, firstByteTime: 0.004)])
         #expect(abs(record.sessionTime - 1.006) < 1e-6, "end time derived from the monotonic clock: \(record.sessionTime)")
         #expect(abs((record.upstreamSessionTime ?? 0) - 1.004) < 1e-6)
         #expect(Self.logs(&m).isEmpty)
@@ -251,6 +251,21 @@ private struct NoHostsResolver: HostResolver {
         let proxied = try Self.listener("listen 8080; return ok; proxy_pass 127.0.0.1:9001;")
         var p = Self.machine(proxied)
         #expect(Self.dialled(p.accepted(now: Self.t0)) != nil)
+    }
+
+    @Test("$upstream_first_byte_time: per attempt, from the start of its connect to the upstream's first byte (\"-\" for a failed attempt); $nginx_version and $portcullis_version")
+    func firstByteTime() throws {
+        let listener = try Self.listener("listen 8080; proxy_pass pool;", stream: Self.twoUpstreams)
+        var m = Self.machine(listener)
+        _ = try #require(Self.dialled(m.accepted(now: Self.t0)))
+        _ = try #require(Self.dialled(m.dialFailed(.timedOut, now: Self.t0 + 10 * Self.ms)))
+        _ = try #require(Self.started(m.dialSucceeded(now: Self.t0 + 12 * Self.ms)))
+        m.relayed(100, from: .client, now: Self.t0 + 13 * Self.ms)
+        m.relayed(50, from: .upstream, now: Self.t0 + 15 * Self.ms)
+        m.relayed(50, from: .upstream, now: Self.t0 + 30 * Self.ms)  // only the first byte counts
+        let template = try LogTemplate.parse("$upstream_first_byte_time|$upstream_connect_time|$nginx_version|$portcullis_version")
+        let text = String(decoding: template.bytes(for: m.record), as: UTF8.self)
+        #expect(text == "-, 0.005|-, 0.002|1.22.1|\(ProductVersion.portcullis)")
     }
 
     @Test("proxy_next_upstream off: one failed dial is the end")
@@ -429,7 +444,7 @@ private struct NoHostsResolver: HostResolver {
         let (record, audit) = try #require(Self.ended(m.end(now: Self.t0 + 5 * Self.ms)))
         #expect(audit && record.status == .ok && record.transport == .udp)
         #expect(record.bytesReceived == 80 && record.upstreamBytesSent == 80 && record.bytesSent == 200)
-        #expect(record.upstreamAttempts == [UpstreamAttempt(address: Self.endpoint("127.0.0.1:53"), connectTime: 0)])
+        #expect(record.upstreamAttempts == [UpstreamAttempt(address: Self.endpoint("127.0.0.1:53"), connectTime: 0, firstByteTime: 0)])
     }
 
     @Test("UDP: proxy_timeout while answers are owed is a 502; proxy_requests detaches; proxy_responses 0 fires and forgets, reading no answers")

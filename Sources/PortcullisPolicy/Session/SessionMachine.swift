@@ -372,9 +372,16 @@ public struct SessionMachine: Sendable {
             record.bytesReceived += UInt64(bytes)
             record.upstreamBytesSent += UInt64(bytes)
         } else {
+            noteFirstUpstreamByte(now: now)
             record.upstreamBytesReceived += UInt64(bytes)
             record.bytesSent += UInt64(bytes)
         }
+    }
+
+    /// `$upstream_first_byte_time`: from the start of the connect, as nginx counts it.
+    private mutating func noteFirstUpstreamByte(now: UInt64) {
+        guard let last = record.upstreamAttempts.indices.last, record.upstreamAttempts[last].firstByteTime == nil else { return }
+        record.upstreamAttempts[last].firstByteTime = Double(now &- attemptStartedAt) / 1e9
     }
 
     /// Bytes left for a slow reader: activity too (nginx counts write events).
@@ -581,6 +588,7 @@ public struct SessionMachine: Sendable {
     public mutating func upstreamDatagram(_ bytes: Int, now: UInt64) -> UpstreamDatagram {
         guard stage == .relaying else { return UpstreamDatagram(reply: false, ends: false) }
         lastActivity = now
+        noteFirstUpstreamByte(now: now)
         record.upstreamBytesReceived += UInt64(bytes)
         udp.responses += 1
         var reply = true

@@ -121,9 +121,13 @@ public struct UpstreamAttempt: Sendable, Equatable {
     public var address: SocketEndpoint
     /// Seconds the connect took, nil if it failed.
     public var connectTime: Double?
+    /// Seconds from the start of the connect to the first byte (UDP: datagram) from this
+    /// upstream; nil if none came.
+    public var firstByteTime: Double?
 
-    public init(address: SocketEndpoint, connectTime: Double?) {
+    public init(address: SocketEndpoint, connectTime: Double?, firstByteTime: Double? = nil) {
         self.address = address
         self.connectTime = connectTime
+        self.firstByteTime = firstByteTime
     }
 }
