@@ -239,7 +239,7 @@ struct PolicyCompiler {
             case "allow", "deny": if let rule = accessRule(d) { streamRules.append(rule) }
             case "limit_conn": if let rule = limitConn(d, zones: connZones) { streamLimits.conn.append(rule) }
             case "limit_rate": if let rule = limitRate(d, zones: rateZones) { streamLimits.rate.append(rule) }
-            case "set_real_ip_from": if let block = trustedBlock(d) { streamRealIP.append(block) }
+            case "set_real_ip_from": if let blocks = trustedBlocks(d) { streamRealIP += blocks }
             case "proxy_protocol_tlv": if let tlv = proxyTLV(d, formats: formats) { streamTLVs.append(tlv) }
             case "access_log":
                 if d.arguments[0].text == "off" {
@@ -356,7 +356,7 @@ struct PolicyCompiler {
                     failed = true
                 }
             case "set_real_ip_from":
-                if let block = trustedBlock(d) { realIP.append(block) } else { failed = true }
+                if let blocks = trustedBlocks(d) { realIP += blocks } else { failed = true }
             case "proxy_protocol_tlv":
                 tlvDirectives.append(d)
                 if let tlv = proxyTLV(d, formats: formats) { tlvs.append(tlv) } else { failed = true }
@@ -457,8 +457,21 @@ struct PolicyCompiler {
     }
 
     /// `set_real_ip_from ADDR|CIDR;`
-    mutating func trustedBlock(_ d: Directive) -> (CIDR, RuleReference)? {
-        addressBlock(d.arguments[0], in: d, alternatives: "").map { ($0, d.reference) }
+    /// `set_real_ip_from ADDRESS|CIDR|HOST`: a host name is resolved once, when the file is
+    /// loaded, and every address it has is trusted, as nginx does.
+    mutating func trustedBlocks(_ d: Directive) -> [(CIDR, RuleReference)]? {
+        let argument = d.arguments[0]
+        let text = argument.text
+        if !text.hasPrefix("unix:"), CIDR(text) == nil, let first = text.first, first.isLetter,
+           text.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") }) {
+            let addresses = resolver.addresses(of: text)
+            guard !addresses.isEmpty else {
+                error("host not found in set_real_ip_from \"\(text)\"", at: argument)
+                return nil
+            }
+            return addresses.map { (CIDR(address: $0, prefixLength: $0.isIPv4 ? 32 : 128), d.reference) }
+        }
+        return addressBlock(argument, in: d, alternatives: ", or a host name").map { [($0, d.reference)] }
     }
 
     /// An address or CIDR argument, with nginx's warning when host bits are set.

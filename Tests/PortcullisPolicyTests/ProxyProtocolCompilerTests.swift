@@ -73,7 +73,7 @@ import PortcullisRules
         ("        proxy_protocol_crc32c on;\n",
          "rules.conf:4:9: error: \"proxy_protocol_crc32c\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends no header"),
         ("        set_real_ip_from 10.0.0.300;\n",
-         "rules.conf:4:26: error: invalid address or CIDR \"10.0.0.300\" in \"set_real_ip_from\"; expected an IPv4 or IPv6 address, a block such as 10.0.0.0/8 or 2001:db8::/32"),
+         "rules.conf:4:26: error: invalid address or CIDR \"10.0.0.300\" in \"set_real_ip_from\"; expected an IPv4 or IPv6 address, a block such as 10.0.0.0/8 or 2001:db8::/32, or a host name"),
         ("        proxy_protocol v2;\n        proxy_protocol_tlv 0xE1 \"$proxy_protocol_tlv_autority\";\n",
          "rules.conf:5:34: error: unknown variable \"$proxy_protocol_tlv_autority\" in \"proxy_protocol_tlv\"; did you mean \"$proxy_protocol_tlv_authority\"?"),
     ])
