@@ -142,12 +142,15 @@ extension PolicyCompiler {
             }
             limits.connLogLevel = level
         case "proxy_upload_rate", "proxy_download_rate":
+            let upload = d.name == "proxy_upload_rate"
             if argument.text.contains("$") {
-                error("\"\(d.name)\" with variables is not supported; give a size such as 512k (0 = no limit)", at: argument)
+                // nginx 1.17.0: a size made of variables, worked out per session.
+                guard let value = template(argument, in: d) else { return true }
+                if upload { (limits.uploadRateTemplate, limits.uploadRate) = (value, 0) } else { (limits.downloadRateTemplate, limits.downloadRate) = (value, 0) }
                 return true
             }
             guard let bytes = size(argument, in: d) else { return true }
-            if d.name == "proxy_upload_rate" { limits.uploadRate = bytes } else { limits.downloadRate = bytes }
+            if upload { (limits.uploadRate, limits.uploadRateTemplate) = (bytes, nil) } else { (limits.downloadRate, limits.downloadRateTemplate) = (bytes, nil) }
         default:
             return false
         }

@@ -153,11 +153,15 @@ public struct LimitSettings: Sendable {
     /// `proxy_upload_rate` / `proxy_download_rate`: bytes per second per connection, 0 = off.
     public var uploadRate = 0
     public var downloadRate = 0
+    /// The same with variables (nginx 1.17.0): rendered once per session, when it is admitted.
+    public var uploadRateTemplate: LogTemplate?
+    public var downloadRateTemplate: LogTemplate?
 
     public init() {}
 
     public var throttles: Bool {
-        uploadRate > 0 || downloadRate > 0 || rate.contains { $0.zone.kind == .bandwidth }
+        uploadRate > 0 || downloadRate > 0 || uploadRateTemplate != nil || downloadRateTemplate != nil
+            || rate.contains { $0.zone.kind == .bandwidth }
     }
 }
 

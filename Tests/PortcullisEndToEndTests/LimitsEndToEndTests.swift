@@ -318,6 +318,44 @@ struct LimitsEndToEndTests {
         upstream.stop()
     }
 
+    @Test("proxy_download_rate with variables (nginx 1.17.0): a map gives 127.0.0.5 200k, others an empty value (no limit), 127.0.0.6 a value that is not a size (no limit, an error line)")
+    func downloadRateFromVariable() async throws {
+        let upstream = try Streams.server()
+        defer { upstream.stop() }
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log info;
+                map $remote_addr $rate {
+                    127.0.0.5   200k;
+                    127.0.0.6   fast;
+                    default     "";
+                }
+                server {
+                    listen 127.0.0.1:{PORT};
+                    proxy_download_rate $rate;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        var received: [String: Int] = [:]
+        for source in ["127.0.0.5", "127.0.0.6", "127.0.0.7"] {
+            let reader = PatternReader(try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source))
+            try await Task.sleep(for: .seconds(1))
+            received[source] = reader.received
+            await reader.stop()
+            #expect(reader.mismatchAt == nil, "\(source): bytes differ at \(reader.mismatchAt ?? -1)")
+        }
+        // 200k: the second's burst plus a second at 200 KiB/s, at most; unlimited: far more.
+        let limited = try #require(received["127.0.0.5"])
+        #expect(limited >= 200 * 1024 && limited <= 480 * 1024, "127.0.0.5 got \(limited) bytes in 1 s at 200k")
+        for source in ["127.0.0.6", "127.0.0.7"] {
+            #expect((received[source] ?? 0) > 4 * limited, "\(source) got \(received[source] ?? 0) bytes, the limited one \(limited)")
+        }
+        let errors = await gateway.waitForLines(of: "error.log", timeout: 3) { lines in lines.contains { $0.contains("invalid size") } }
+        #expect(errors.contains { $0.contains("invalid size \"fast\" in \"proxy_download_rate\", not limited, client: 127.0.0.6") }, "\(errors.suffix(5))")
+        await gateway.stop()
+    }
+
     @Test("proxy_upload_rate 256k: a client that writes 1 MiB and closes at once still has its last bytes throttled (EOF is seen only after them)")
     func closingSenderIsThrottledToTheEnd() async throws {
         let ended = Mutex<(bytes: Int, at: Date)?>(nil)

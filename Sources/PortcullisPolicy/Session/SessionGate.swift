@@ -1,4 +1,5 @@
 internal import PortcullisCore
+internal import PortcullisRules
 
 /// The access and limit phases, the same for TCP and UDP: access (address and variable rules),
 /// then `limit_conn`, then `limit_rate`. Pure: it sets the session's outcome when it refuses
@@ -127,12 +128,10 @@ public struct SessionGate: Sendable {
                 return false
             }
         }
-        if limits.uploadRate > 0 {
-            uploadBucket = TokenBucket(rate: Double(limits.uploadRate), burst: Double(limits.uploadRate), now: now)
-        }
-        if limits.downloadRate > 0 {
-            downloadBucket = TokenBucket(rate: Double(limits.downloadRate), burst: Double(limits.downloadRate), now: now)
-        }
+        let upload = Self.rate(limits.uploadRate, limits.uploadRateTemplate, "proxy_upload_rate", record: record, report: report)
+        if upload > 0 { uploadBucket = TokenBucket(rate: Double(upload), burst: Double(upload), now: now) }
+        let download = Self.rate(limits.downloadRate, limits.downloadRateTemplate, "proxy_download_rate", record: record, report: report)
+        if download > 0 { downloadBucket = TokenBucket(rate: Double(download), burst: Double(download), now: now) }
         return true
     }
 
@@ -144,6 +143,20 @@ public struct SessionGate: Sendable {
 
     /// A zone's key for this session; nil when it is not counted: empty (as nginx), or longer
     /// than 255 bytes (nginx refuses to count it and says so).
+    /// A per-connection rate: the fixed one, or its variables' value as a size (empty: no
+    /// limit; not a size: no limit and nginx's error line, `invalid size "…"`).
+    private static func rate(_ fixed: Int, _ template: LogTemplate?, _ directive: String, record: SessionRecord,
+                             report: (Event) -> Void) -> Int {
+        guard let template else { return fixed }
+        let text = String(decoding: template.bytes(for: record), as: UTF8.self)
+        guard !text.isEmpty else { return 0 }
+        guard let bytes = Units.size(text) else {
+            report(.log(.error, "invalid size \"\(text)\" in \"\(directive)\", not limited, \(Self.place(record))"))
+            return 0
+        }
+        return bytes
+    }
+
     private static func key(_ template: LogTemplate, zone: String, record: SessionRecord,
                             report: (Event) -> Void) -> [UInt8]? {
         let key = template.bytes(for: record)
