@@ -249,17 +249,7 @@ struct PolicyCompiler {
                     streamLogs.append(d)
                 }
             case "audit_log":
-                var spec = AuditLogSpec(path: d.arguments[0].text)
-                if d.arguments.count > 1 {
-                    let text = d.arguments[1].text
-                    guard text.hasPrefix("sample="), text.hasSuffix("/s"),
-                          let n = Int(text.dropFirst("sample=".count).dropLast(2)), n > 0 else {
-                        error("invalid parameter \"\(text)\" in \"audit_log\"; expected sample=N/s, the most lines a second (default 100)", at: d.arguments[1])
-                        continue
-                    }
-                    spec.linesPerSecond = n
-                }
-                auditLog = spec
+                if let spec = auditLogSpec(d) { auditLog = spec }
             case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
             default:
                 if !applyLimitSetting(d, to: &streamLimits) { applyProxySetting(d, to: &proxy) }
@@ -286,7 +276,7 @@ struct PolicyCompiler {
             if let server = compileServer(block, ordinal: ordinal, inheritedRules: streamRules,
                                           inheritedLimits: streamLimits, connZones: connZones, rateZones: rateZones,
                                           inheritedRealIP: streamRealIP,
-                                          inheritedLogs: inheritedLogs,
+                                          inheritedLogs: inheritedLogs, inheritedAudit: auditLog,
                                           proxy: inherited, formats: formats, upstreams: upstreams) {
                 for listen in server.listens {
                     // TCP and UDP on the same address and port are different sockets.
@@ -316,7 +306,7 @@ struct PolicyCompiler {
     mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
                                 inheritedLimits: LimitSettings, connZones: [String: LimitConnZone],
                                 rateZones: [String: LimitRateZone],
-                                inheritedRealIP: [(CIDR, RuleReference)], inheritedLogs: [AccessLogSpec],
+                                inheritedRealIP: [(CIDR, RuleReference)], inheritedLogs: [AccessLogSpec], inheritedAudit: AuditLogSpec?,
                                 proxy inherited: ProxySettings, formats: [String: LogFormat],
                                 upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
         var seen: [String: Directive] = [:]
@@ -329,6 +319,7 @@ struct PolicyCompiler {
         var logs: [AccessLogSpec] = []
         var hasOwnLogs = false
         var logsOff = false
+        var audit = inheritedAudit
         var proxy = inherited
         var upstream: UpstreamGroup?
         var upstreamTemplate: LogTemplate?
@@ -355,6 +346,9 @@ struct PolicyCompiler {
                 } else {
                     failed = true
                 }
+            case "audit_log":
+                // A server's own audit_log replaces the stream's (off: none for this server).
+                if let spec = auditLogSpec(d) { audit = spec } else { failed = true }
             case "set_real_ip_from":
                 if let blocks = trustedBlocks(d) { realIP += blocks } else { failed = true }
             case "proxy_protocol_tlv":
@@ -422,6 +416,7 @@ struct PolicyCompiler {
             upstreams: upstreams,
             proxy: proxy,
             accessLogs: hasOwnLogs ? (logsOff ? [] : logs) : inheritedLogs,
+            auditLog: audit,
             limits: limits,
             location: block.nameLocation,
             ordinal: ordinal,
@@ -429,6 +424,25 @@ struct PolicyCompiler {
     }
 
     // MARK: Directives
+
+    /// `audit_log PATH [sample=N/s]` or `audit_log off`: `.some(nil)` for off, nil on error.
+    mutating func auditLogSpec(_ d: Directive) -> AuditLogSpec?? {
+        if d.arguments[0].text == "off" {
+            if d.arguments.count > 1 { error("\"audit_log off\" takes no other parameters", at: d.arguments[1]); return nil }
+            return .some(nil)
+        }
+        var spec = AuditLogSpec(path: d.arguments[0].text)
+        if d.arguments.count > 1 {
+            let text = d.arguments[1].text
+            guard text.hasPrefix("sample="), text.hasSuffix("/s"),
+                  let n = Int(text.dropFirst("sample=".count).dropLast(2)), n > 0 else {
+                error("invalid parameter \"\(text)\" in \"audit_log\"; expected sample=N/s, the most lines a second (default 100)", at: d.arguments[1])
+                return nil
+            }
+            spec.linesPerSecond = n
+        }
+        return spec
+    }
 
     mutating func accessRule(_ d: Directive) -> AccessRule? {
         let argument = d.arguments[0]

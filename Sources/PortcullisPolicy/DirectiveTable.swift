@@ -84,7 +84,7 @@ enum DirectiveTable {
         t["deny"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
         t["log_format"] = DirectiveSpec(contexts: [.stream], arguments: 2...unlimited, single: false)
         t["access_log"] = DirectiveSpec(contexts: streamServer, arguments: 1...unlimited, single: false)
-        t["audit_log"] = DirectiveSpec(contexts: [.stream], arguments: 1...2)
+        t["audit_log"] = DirectiveSpec(contexts: [.stream, .server], arguments: 1...2)
         t["proxy_pass"] = DirectiveSpec(contexts: [.server], arguments: 1...1)
         for name in ["proxy_connect_timeout", "proxy_timeout", "proxy_half_close", "tcp_nodelay", "proxy_buffer_size",
                      "proxy_socket_keepalive", "proxy_next_upstream", "proxy_next_upstream_tries",

@@ -15,7 +15,7 @@ public struct PolicySnapshot: Sendable {
 
     /// Every file that must be opened for writing: access logs and the audit log.
     public var logPaths: [String] {
-        var paths = servers.flatMap { $0.accessLogs.map(\.path) }
+        var paths = servers.flatMap { $0.accessLogs.map(\.path) + ($0.auditLog.map { [$0.path] } ?? []) }
         if let auditLog { paths.append(auditLog.path) }
         var seen = Set<String>()
         return paths.filter { seen.insert($0).inserted }
@@ -116,6 +116,9 @@ public struct ServerPolicy: Sendable {
     public var upstreams: [String: UpstreamGroup]
     public var proxy: ProxySettings
     public var accessLogs: [AccessLogSpec]
+    /// Where this server's refusals go: its own `audit_log`, else the stream's (nil: none,
+    /// or `audit_log off`).
+    public var auditLog: AuditLogSpec?
     public var limits: LimitSettings
     public var location: SourceLocation
     /// The server block's position in `stream` (for `set`, which is per server).

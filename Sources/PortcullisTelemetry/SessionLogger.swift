@@ -8,9 +8,18 @@ import Synchronization
 /// written by each log file's own thread.
 public final class SessionLogger: Sendable {
     private let files: [String: LogFile]
-    private let audit: LogFile?
-    /// The audit flood cap (`audit_log … sample=N/s`).
-    private let sampler: Mutex<AuditSampler>
+    /// Each audit file with its flood cap (`audit_log … sample=N/s`): the stream's and those
+    /// of servers with an `audit_log` of their own.
+    private let audits: [String: AuditFile]
+
+    private final class AuditFile: Sendable {
+        let file: LogFile
+        let sampler: Mutex<AuditSampler>
+        init(file: LogFile, linesPerSecond: Int) {
+            self.file = file
+            sampler = Mutex(AuditSampler(linesPerSecond: linesPerSecond))
+        }
+    }
 
     /// Opens every log file the snapshot names. Throws on the first that cannot be opened.
     public init(snapshot: PolicySnapshot) throws {
@@ -19,13 +28,18 @@ public final class SessionLogger: Sendable {
             files[path] = try LogFile(path: path)
         }
         self.files = files
-        self.audit = snapshot.auditLog.flatMap { files[$0.path] }
-        sampler = Mutex(AuditSampler(linesPerSecond: snapshot.auditLog?.linesPerSecond ?? 100))
+        var audits: [String: AuditFile] = [:]
+        // (One cap per file: the first `audit_log` naming it sets its `sample=`.)
+        for spec in [snapshot.auditLog].compactMap({ $0 }) + snapshot.servers.compactMap(\.auditLog)
+            where audits[spec.path] == nil {
+            if let file = files[spec.path] { audits[spec.path] = AuditFile(file: file, linesPerSecond: spec.linesPerSecond) }
+        }
+        self.audits = audits
     }
 
-    /// Logs a finished session to the access logs of its server and, if refused, the audit log.
+    /// Logs a finished session to the access logs of its server and, if refused, its audit log.
     /// `audit`: false when the refusal's audit line was written already (`logRefusal`).
-    public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec], audit: Bool = true) {
+    public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec], auditLog: AuditLogSpec?, audit: Bool = true) {
         if let variables = record.variables {
             // Lines are formatted on the writers' threads: evaluate every rule-defined variable
             // they print here, on the session's thread, so the writers only read remembered values.
@@ -42,7 +56,7 @@ public final class SessionLogger: Sendable {
             }
             file.write(record, format: spec.format)
         }
-        if record.refused && audit { writeAudit(record) }
+        if record.refused && audit { writeAudit(record, to: auditLog) }
     }
 
     /// The audit line of a refusal, written when it is decided (a UDP session refused on its
@@ -50,30 +64,32 @@ public final class SessionLogger: Sendable {
     /// Also the line of a refusal a dry run did not carry out (`limit_conn_dry_run`,
     /// `limit_rate_dry_run`): its outcome has the status the refusal would have had and says
     /// `.dryRun`, which the line prints as `"dry_run": true`.
-    public func logRefusal(_ record: SessionRecord) {
-        writeAudit(record)
+    public func logRefusal(_ record: SessionRecord, to auditLog: AuditLogSpec?) {
+        writeAudit(record, to: auditLog)
     }
 
-    private func writeAudit(_ record: SessionRecord) {
-        guard let audit else { return }
-        let (write, summary) = sampler.withLock {
+    private func writeAudit(_ record: SessionRecord, to spec: AuditLogSpec?) {
+        guard let spec, let audit = audits[spec.path] else { return }
+        let (write, summary) = audit.sampler.withLock {
             $0.admit(phase: record.phase.rawValue, now: Date().timeIntervalSince1970)
         }
-        if let summary { audit.write(summary) }
-        if write { audit.writeAudit(record) }
+        if let summary { audit.file.write(summary) }
+        if write { audit.file.writeAudit(record) }
     }
 
-    private func writePendingSummary() {
-        if let summary = sampler.withLock({ $0.takeSummary() }) { audit?.write(summary) }
+    private func writePendingSummaries() {
+        for audit in audits.values {
+            if let summary = audit.sampler.withLock({ $0.takeSummary() }) { audit.file.write(summary) }
+        }
     }
 
     public func reopenAll() { files.values.forEach { $0.reopen() } }
     public func flushAll() {
-        writePendingSummary()
+        writePendingSummaries()
         files.values.forEach { $0.flush() }
     }
     public func closeAll() {
-        writePendingSummary()
+        writePendingSummaries()
         files.values.forEach { $0.close() }
     }
 }

@@ -7,6 +7,50 @@ import PortcullisTestSupport
 
 @Suite("Access control", .serialized)
 struct AccessControlTests {
+    @Test("audit_log in a server: its refusals go to its own file (with its own sample= cap), not the stream's; audit_log off in a UDP server writes none; the stream's file serves the rest")
+    func perServerAuditLog() async throws {
+        let upstream = try TestServer.echo()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                audit_log {DIR}/stream-audit.log;
+                server {
+                    listen 127.0.0.1:{PORT};
+                    audit_log {DIR}/billing-audit.log sample=2/s;
+                    deny 127.0.0.3;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+                server {
+                    listen 127.0.0.1:{PORT} udp;
+                    audit_log off;
+                    deny all;
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                }
+            }
+            """)
+        for _ in 0..<5 {
+            let denied = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.3")
+            #expect(denied.isClosedByPeer())
+        }
+        let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(udp) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = gateway.port.bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(udp, "x", 1, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        let billing = await gateway.waitForLines(of: "billing-audit.log", timeout: 3) { $0.count >= 2 }
+        try await Task.sleep(for: .milliseconds(300))
+        gateway.gateway.flushLogs()
+        // sample=2/s: two lines within the second, the other three counted in the summary that
+        // comes when the second is up (or at the latest when the logs are flushed).
+        let refusals = billing.filter { $0.contains("\"phase\":\"access\"") }
+        #expect(refusals.count == 2 && refusals.allSatisfy { $0.contains("\"client\":\"127.0.0.3\"") }, "\(billing)")
+        #expect(gateway.lines(of: "stream-audit.log").isEmpty, "the stream's audit log got \(gateway.lines(of: "stream-audit.log"))")
+        await gateway.stop()
+    }
+
     @Test("a denied client is closed, the upstream sees no connection, the audit log names the rule")
     func deniedClient() async throws {
         let upstream = try TestServer.echo()

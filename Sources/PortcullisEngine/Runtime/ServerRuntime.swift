@@ -81,7 +81,7 @@ extension ServerRuntime {
         for note in notes {
             switch note {
             case .log(let level, let message): errorLog.log(level, message, connection: connection)
-            case .audit(let record): sessionLogger.logRefusal(record)
+            case .audit(let record): sessionLogger.logRefusal(record, to: policy.auditLog)
             }
         }
     }

@@ -442,7 +442,7 @@ final class TCPSession: LoopSession {
             armTimer()
         case .end(let record, let audit):
             end()
-            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, audit: audit)
+            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit)
         }
     }
 

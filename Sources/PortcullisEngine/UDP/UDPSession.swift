@@ -83,7 +83,7 @@ final class UDPSession: LoopSession {
         case .dial(let dial):
             connect(to: dial.endpoint)
         case .refused(let record):
-            runtime.sessionLogger.logRefusal(record)
+            runtime.sessionLogger.logRefusal(record, to: runtime.policy.auditLog)
             listener.moveToRefused(self)
         case .watchIdle:
             armTimer()
@@ -92,7 +92,7 @@ final class UDPSession: LoopSession {
             perform(machine.end(now: loop.now))
         case .end(let record, let audit):
             close()
-            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, audit: audit)
+            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit)
         case .none, .readProxyHeader, .readMore, .startRelay, .closeClient, .close, .closeBoth, .closeWhenWritten,
              .shutdownOutput:
             break  // TCP only, or nothing to do
