@@ -145,13 +145,14 @@ final class UDPSession: LoopSession {
             outgoing.append(payload)
             if outgoing.count == DatagramBuffer.count { flushUpstream() }
         case .forward:
-            flushUpstream()
             sendUpstream(payload)
             if verdict.endAfterSending { end() }
         }
     }
 
-    /// Sends the datagrams forwarded during the batch read, as few `sendmmsg` calls as it takes.
+    /// Sends the datagrams forwarded during the batch read, as few `sendmmsg` calls as it takes:
+    /// each is the PROXY v2 header (`proxy_protocol on`) and the payload as two iovecs of one
+    /// datagram, as the spec's UDP rule says, neither copied.
     func flushUpstream() {
         guard !outgoing.isEmpty else { return }
         defer { outgoing.removeAll(keepingCapacity: true) }
@@ -182,22 +183,12 @@ final class UDPSession: LoopSession {
         }
     }
 
-    /// Sends one datagram to the upstream: the PROXY v2 header (`proxy_protocol on`) and the
-    /// payload in one datagram, as the spec's UDP rule says, without copying either.
+    /// Sends one datagram now (a held one, or one that ends its session): a batch of one, after
+    /// whatever this batch queued before it, so the order holds.
     private func sendUpstream(_ payload: UnsafeRawBufferPointer) {
-        guard upstream >= 0, !ended else { return }
-        let sent: Int
-        if let header = machine.datagramHeader {
-            sent = header.withUnsafeBytes { header in
-                var parts = [iovec(iov_base: UnsafeMutableRawPointer(mutating: header.baseAddress), iov_len: header.count),
-                             iovec(iov_base: UnsafeMutableRawPointer(mutating: payload.baseAddress), iov_len: payload.count)]
-                return writev(upstream, &parts, 2)
-            }
-        } else {
-            sent = Glibc.send(upstream, payload.baseAddress, payload.count, Int32(MSG_DONTWAIT))
-        }
-        guard sent >= 0 else { return sendFailed(errno) }
-        machine.sentUpstream(sent)
+        flushUpstream()
+        outgoing.append(payload)
+        flushUpstream()
     }
 
     /// A datagram the upstream socket did not take.
