@@ -31,15 +31,8 @@ struct AccessControlTests {
             let denied = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: "127.0.0.3")
             #expect(denied.isClosedByPeer())
         }
-        let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        defer { close(udp) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = gateway.port.bigEndian
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(udp, "x", 1, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
+        let udp = try UDPTestSocket(bind: "127.0.0.1")
+        try udp.send(Array("x".utf8), to: "127.0.0.1", gateway.port)
         let billing = await gateway.waitForLines(of: "billing-audit.log", timeout: 3) { $0.count >= 2 }
         try await Task.sleep(for: .milliseconds(300))
         gateway.gateway.flushLogs()

@@ -70,23 +70,11 @@ struct ReturnTests {
                 }
             }
             """)
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = gateway.port.bigEndian
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        try #require(connected == 0)
-        var timeout = timeval(tv_sec: 2, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let client = try UDPTestSocket(bind: "127.0.0.1")
+        try client.connect("127.0.0.1", gateway.port)
         for _ in 0..<3 {
-            _ = send(fd, "q", 1, 0)
-            var buffer = [UInt8](repeating: 0, count: 64)
-            let count = recv(fd, &buffer, 64, 0)
-            #expect(count > 0 && Array(buffer.prefix(max(count, 0))) == Array("u 127.0.0.1".utf8))
+            try client.send(Array("q".utf8))
+            #expect(client.receive(timeout: 2) == Array("u 127.0.0.1".utf8))
         }
         let lines = await gateway.waitForLines(of: "access.log", timeout: 3) { $0.count >= 3 }
         #expect(lines == Array(repeating: "UDP 200 11 1", count: 3), "\(lines)")

@@ -847,6 +847,11 @@ struct UDPTests {
                 }
             }
             """)
+        // One socket per event loop: the kernel's reuseport hash must keep each client on one
+        // of them (with a single socket this test would prove nothing).
+        let bound = try String(contentsOfFile: "/proc/net/udp", encoding: .utf8).split(separator: "\n")
+            .filter { $0.split(separator: " ").dropFirst().first == Substring(String(format: "0100007F:%04X", gateway.port)) }
+        #expect(bound.count == 2, "sockets bound to 127.0.0.1:\(gateway.port): \(bound.count)")
         var clients: [UDPTestSocket] = []
         for index in 0..<40 {
             let client = try UDPTestSocket(bind: "127.0.3.\(index + 1)")
@@ -942,7 +947,7 @@ fileprivate enum RawV2 {
 }
 
 /// A blocking UDP socket (no SwiftNIO), bound to a chosen loopback address.
-fileprivate final class UDPTestSocket: @unchecked Sendable {
+final class UDPTestSocket: @unchecked Sendable {
     let fd: Int32
     let localPort: UInt16
     private let closed = Atomic<Bool>(false)
