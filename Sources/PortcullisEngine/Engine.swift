@@ -34,7 +34,7 @@ public final class Engine: Sendable {
     /// socket, or one per loop with `reuseport`). Returns the bound address. Throws
     /// `ListenError`, with nothing bound.
     public func bind(_ box: RuntimeBox) async throws -> SocketEndpoint {
-        let listeners: [any LoopListener & Endpointed]
+        let listeners: [any LoopListener]
         var first = 0
         if box.runtime.listen.udp {
             listeners = try UDPListener.bind(box, loops: loops.count)
@@ -88,14 +88,6 @@ public final class Engine: Sendable {
         }
     }
 }
-
-/// A listening socket's bound address.
-protocol Endpointed {
-    var endpoint: SocketEndpoint { get }
-}
-
-extension TCPListener: Endpointed {}
-extension UDPListener: Endpointed {}
 
 /// Hands a loop-confined object to its loop's thread through a `@Sendable` task.
 private struct UncheckedBox<T>: @unchecked Sendable {

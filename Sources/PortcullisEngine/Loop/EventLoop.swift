@@ -1,5 +1,6 @@
 import CPortcullisLinux
 import Glibc
+import PortcullisCore
 import PortcullisPolicy
 import Synchronization
 
@@ -56,6 +57,8 @@ protocol LoopSession: AnyObject {
 /// What a loop's listener table holds: a TCP or a UDP listening socket (level-triggered).
 protocol LoopListener: AnyObject {
     var fd: Int32 { get }
+    /// The address it is bound to (the real port when the rule said 0).
+    var endpoint: SocketEndpoint { get }
     var slot: UInt32 { get set }
     /// The socket is readable: accept, or read datagrams, a batch.
     func readable(on loop: EventLoop)
