@@ -3,7 +3,7 @@ import PackageDescription
 
 // Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
 //   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
-//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers),
+//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers; zlib for gzip logs),
 //                PortcullisEngine (the epoll engine for TCP and UDP, session runtime;
 //                CPortcullisLinux for epoll and the datagram calls)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
@@ -49,9 +49,10 @@ let package = Package(
         .target(
             name: "PortcullisGeoIP", dependencies: ["CMaxMindDB", "PortcullisCore", "PortcullisPolicy"],
             swiftSettings: nioSettings),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"]), .brew(["zlib"])]),
         .target(
             name: "PortcullisTelemetry",
-            dependencies: ["PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CZlib", "PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
         .target(name: "CPortcullisLinux"),
@@ -109,7 +110,7 @@ let package = Package(
             dependencies: ["PortcullisPolicy", "PortcullisRules", "PortcullisCore", "PortcullisGeoIP", "PortcullisTestSupport"]
         ),
         .testTarget(name: "PortcullisEngineTests", dependencies: ["PortcullisEngine", "PortcullisCore", "PortcullisPolicy"]),
-        .testTarget(name: "PortcullisTelemetryTests", dependencies: ["PortcullisTelemetry", "PortcullisPolicy"]),
+        .testTarget(name: "PortcullisTelemetryTests", dependencies: ["PortcullisTelemetry", "PortcullisPolicy", "PortcullisTestSupport"]),
         .testTarget(
             name: "PortcullisEndToEndTests",
             dependencies: [

@@ -57,6 +57,8 @@ struct PolicyCompiler {
     /// Which directive defines each variable ("geo", "map", "geoip2", "set").
     var definedBy: [Int: String] = [:]
     var geoipDatabases: [any GeoIPDatabase] = []
+    /// The buffer of each buffered access log file, from the first directive that set one.
+    var logBuffers: [String: LogBuffer] = [:]
 
     init(resolver: any HostResolver, geoip: (any GeoIPOpener)?) {
         self.resolver = resolver
@@ -300,7 +302,7 @@ struct PolicyCompiler {
         // server the finished table.
         for i in servers.indices { servers[i].variables = variables }
         return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats,
-                              variables: variables, geoipDatabases: geoipDatabases)
+                              variables: variables, geoipDatabases: geoipDatabases, logBuffers: logBuffers)
     }
 
     mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
@@ -945,6 +947,9 @@ struct PolicyCompiler {
             format = named
             rest = rest.dropFirst()
         }
+        var bufferSize: Int?
+        var flushMilliseconds: Int?
+        var gzipLevel: Int?
         for argument in rest {
             let (key, value) = splitParameter(argument.text)
             switch key {
@@ -958,19 +963,46 @@ struct PolicyCompiler {
                 }
                 condition = LogTemplate(parts: parts)
             case "buffer=":
-                guard size(value, argument, in: d) != nil else { return nil }
-            case "flush=":
-                guard Units.milliseconds(value) != nil else {
-                    error("invalid time \"\(value)\" in \"flush=\"; expected a time such as 5s", at: argument)
+                guard let bytes = Units.size(value), bytes > 0 else {
+                    error("invalid buffer size \"\(value)\" in \"access_log\"; expected a size such as 64k", at: argument)
                     return nil
                 }
+                bufferSize = bytes
+            case "flush=":
+                guard let ms = Units.milliseconds(value), ms > 0 else {
+                    error("invalid flush time \"\(value)\" in \"access_log\"; expected a time such as 5s", at: argument)
+                    return nil
+                }
+                flushMilliseconds = ms
             case "gzip", "gzip=":
-                error("gzip-compressed access logs are not supported; compress when rotating", at: argument)
-                return nil
+                // As nginx: a bare "gzip" is level 1 (zlib's fastest), and gzip without
+                // buffer= buffers 64k.
+                if key == "gzip=" {
+                    guard let level = Int(value), (1...9).contains(level) else {
+                        error("invalid compression level \"\(value)\" in \"access_log\"; expected 1 to 9", at: argument)
+                        return nil
+                    }
+                    gzipLevel = level
+                } else {
+                    gzipLevel = 1
+                }
             default:
-                error("invalid parameter \"\(argument.text)\" in \"access_log\"; expected buffer=, flush= or if=", at: argument)
+                error("invalid parameter \"\(argument.text)\" in \"access_log\"; expected buffer=, flush=, gzip or if=", at: argument)
                 return nil
             }
+        }
+        if gzipLevel != nil && bufferSize == nil { bufferSize = 64 * 1024 }
+        if flushMilliseconds != nil && bufferSize == nil {
+            error("no buffer is defined for access_log \"\(path.text)\"; \"flush=\" needs \"buffer=\" or \"gzip\"", at: path)
+            return nil
+        }
+        if let bufferSize {
+            let buffer = LogBuffer(size: bufferSize, flushMilliseconds: flushMilliseconds, gzipLevel: gzipLevel)
+            if let existing = logBuffers[path.text], existing != buffer {
+                error("access_log \"\(path.text)\" already defined with conflicting parameters (buffer=, flush=, gzip must be the same for one file)", at: path)
+                return nil
+            }
+            logBuffers[path.text] = buffer
         }
         return AccessLogSpec(path: path.text, format: format, condition: condition)
     }

@@ -12,6 +12,9 @@ public struct PolicySnapshot: Sendable {
     public var variables: VariableTable
     /// The databases `geoip2` blocks opened (the gateway schedules their `auto_reload`).
     public var geoipDatabases: [any GeoIPDatabase]
+    /// Access log files written through a memory buffer (`buffer=`, `flush=`, `gzip`), by path.
+    /// Every line written to such a file goes through its buffer, whichever directive wrote it.
+    public var logBuffers: [String: LogBuffer] = [:]
 
     /// Every file that must be opened for writing: access logs and the audit log.
     public var logPaths: [String] {
@@ -52,6 +55,23 @@ public struct AuditLogSpec: Sendable, Equatable {
     public var path: String
     /// `sample=N/s`: at most this many lines a second; the rest are counted in a summary line.
     public var linesPerSecond = 100
+}
+
+/// `access_log … buffer=SIZE [flush=TIME] [gzip[=LEVEL]]`, as nginx: lines gather in memory and
+/// reach the file when the next line does not fit, `flush` after the first line went in, at
+/// reopen and at exit. With `gzip` each write is one complete gzip member (`zcat` reads the
+/// file as one text).
+public struct LogBuffer: Sendable, Equatable {
+    public var size: Int
+    public var flushMilliseconds: Int?
+    /// 1 (fastest, nginx's default for a bare `gzip`) to 9; nil = written as text.
+    public var gzipLevel: Int?
+
+    public init(size: Int, flushMilliseconds: Int? = nil, gzipLevel: Int? = nil) {
+        self.size = size
+        self.flushMilliseconds = flushMilliseconds
+        self.gzipLevel = gzipLevel
+    }
 }
 
 public struct AccessLogSpec: Sendable, Equatable {

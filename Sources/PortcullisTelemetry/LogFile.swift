@@ -25,9 +25,14 @@ enum LogEntry: Sendable {
 /// is dropped and counted, because a stalled disk must never stall the relay.
 ///
 /// `reopen()` (SIGUSR1) closes and reopens the path at the next batch, as logrotate expects.
+///
+/// With a `LogBuffer` (`access_log … buffer= flush= gzip`) the writer keeps lines in memory as
+/// nginx does and writes them when the next line would not fit, `flush` after the first one,
+/// before a reopen and at close; with gzip each such write is one gzip member.
 public final class LogFile: Sendable {
     public let path: String
     private let capacity: Int
+    private let buffer: LogBuffer?
 
     private struct State {
         var pending: [LogEntry] = []
@@ -35,6 +40,8 @@ public final class LogFile: Sendable {
         var reopenRequested = false
         var closing = false
         var written: UInt64 = 0
+        /// `flush()` asks for the memory buffer to be written too.
+        var bufferFlushRequested = false
     }
 
     private let state = Mutex(State())
@@ -50,9 +57,10 @@ public final class LogFile: Sendable {
     }
 
     /// Opens (creating, appending) `path` now, so that a bad path fails at start-up.
-    public init(path: String, capacity: Int = 65_536) throws(OpenError) {
+    public init(path: String, capacity: Int = 65_536, buffer: LogBuffer? = nil) throws(OpenError) {
         self.path = path
         self.capacity = capacity
+        self.buffer = buffer
         let descriptor = Self.open(path)
         guard descriptor >= 0 else { throw OpenError(path: path, reason: String(cString: strerror(errno))) }
         fd.store(descriptor, ordering: .relaxed)
@@ -113,8 +121,10 @@ public final class LogFile: Sendable {
     }
 
     /// Blocks until every line queued so far is on disk (tests, shutdown).
+    /// A buffered file's memory buffer is written as well.
     public func flush() {
-        while state.withLock({ !$0.pending.isEmpty }) {
+        if buffer != nil { state.withLock { $0.bufferFlushRequested = true } }
+        while state.withLock({ !$0.pending.isEmpty || $0.bufferFlushRequested }) {
             wakeup.signal()
             usleep(500)
         }
@@ -123,15 +133,18 @@ public final class LogFile: Sendable {
     }
 
     private func run() {
+        var held = HeldLines(buffer)
         while true {
-            wakeup.wait(timeoutMilliseconds: 200)
-            let (batch, reopen, closing) = state.withLock { s -> ([LogEntry], Bool, Bool) in
+            wakeup.wait(timeoutMilliseconds: held.millisecondsUntilFlush(max: 200))
+            let (batch, reopen, closing, flushBuffer) = state.withLock { s -> ([LogEntry], Bool, Bool, Bool) in
                 var taken: [LogEntry] = []
                 swap(&taken, &s.pending)
                 defer { s.reopenRequested = false }
-                return (taken, s.reopenRequested, s.closing)
+                return (taken, s.reopenRequested, s.closing, s.bufferFlushRequested)
             }
             if reopen {
+                // As nginx: what the buffer holds belongs to the file being rotated away.
+                writeOut(held.takeAll())
                 let fresh = Self.open(path)
                 if fresh >= 0 {
                     Glibc.close(fd.exchange(fresh, ordering: .relaxed))
@@ -142,27 +155,46 @@ public final class LogFile: Sendable {
                 }
             }
             if !batch.isEmpty {
-                var data = batch.map(\.text).joined(separator: "\n")
-                data += "\n"
-                writeAll(data)
+                if held.isBuffered {
+                    for entry in batch {
+                        for chunk in held.add(line: entry.text) { writeOut(chunk) }
+                    }
+                } else {
+                    var data = batch.map(\.text).joined(separator: "\n")
+                    data += "\n"
+                    writeOut(Array(data.utf8))
+                }
                 state.withLock { $0.written += UInt64(batch.count) }
                 // Let lines gather before the next batch: under load the event loops would
                 // otherwise wake this thread for nearly every line (52,700 context switches a
                 // second at 20,000 sessions a second). A line waits at most this much longer.
                 if !closing { usleep(2_000) }
             }
+            if held.flushIsDue() || flushBuffer { writeOut(held.takeAll()) }
+            if flushBuffer { state.withLock { $0.bufferFlushRequested = false } }
             if closing {
                 let remaining = state.withLock { !$0.pending.isEmpty }
                 if remaining { continue }
+                writeOut(held.takeAll())
                 Glibc.close(fd.exchange(-1, ordering: .relaxed))
                 return
             }
         }
     }
 
-    private func writeAll(_ text: String) {
-        var text = text
-        text.withUTF8 { buffer in
+    /// Writes bytes as they are, or as one gzip member when the buffer says gzip.
+    private func writeOut(_ bytes: [UInt8]) {
+        guard !bytes.isEmpty else { return }
+        if let level = buffer?.gzipLevel {
+            // zlib fails only without memory: the lines are lost, the relay keeps going.
+            if let member = Gzip.member(of: bytes, level: level) { writeAll(member) }
+        } else {
+            writeAll(bytes)
+        }
+    }
+
+    private func writeAll(_ bytes: [UInt8]) {
+        bytes.withUnsafeBufferPointer { buffer in
             var offset = 0
             while offset < buffer.count {
                 let n = Glibc.write(fd.load(ordering: .relaxed), buffer.baseAddress! + offset, buffer.count - offset)
@@ -173,6 +205,62 @@ public final class LogFile: Sendable {
                 offset += n
             }
         }
+    }
+}
+
+/// The memory buffer of a buffered log, with nginx's rules: a line that does not fit in what is
+/// left sends the buffer out first; a line longer than the whole buffer goes out on its own;
+/// the flush clock starts when the first line goes into an empty buffer. Writer thread only.
+struct HeldLines {
+    private let settings: LogBuffer?
+    private var bytes: [UInt8] = []
+    private var firstLineAt: ContinuousClock.Instant?
+
+    init(_ settings: LogBuffer?) {
+        self.settings = settings
+        if let settings { bytes.reserveCapacity(settings.size) }
+    }
+
+    var isBuffered: Bool { settings != nil }
+
+    /// Adds one line (a newline is appended); returns what must be written now, in order.
+    mutating func add(line: String) -> [[UInt8]] {
+        guard let settings else { return [Array((line + "\n").utf8)] }
+        var out: [[UInt8]] = []
+        let length = line.utf8.count + 1
+        if length > settings.size - bytes.count, !bytes.isEmpty { out.append(takeAll()) }
+        if length > settings.size {
+            out.append(Array((line + "\n").utf8))
+            return out
+        }
+        if bytes.isEmpty { firstLineAt = .now }
+        bytes.append(contentsOf: line.utf8)
+        bytes.append(UInt8(ascii: "\n"))
+        return out
+    }
+
+    mutating func takeAll() -> [UInt8] {
+        firstLineAt = nil
+        defer { bytes.removeAll(keepingCapacity: true) }
+        return bytes
+    }
+
+    func flushIsDue(now: ContinuousClock.Instant = .now) -> Bool {
+        guard let due = flushDeadline else { return false }
+        return now >= due
+    }
+
+    /// How long the writer may sleep before the buffer's `flush=` time is up.
+    func millisecondsUntilFlush(max: Int) -> Int {
+        guard let due = flushDeadline else { return max }
+        let left = ContinuousClock.now.duration(to: due)
+        let ms = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+        return Swift.max(1, Swift.min(max, ms + 1))
+    }
+
+    private var flushDeadline: ContinuousClock.Instant? {
+        guard let first = firstLineAt, let ms = settings?.flushMilliseconds else { return nil }
+        return first + .milliseconds(ms)
     }
 }
 

@@ -25,7 +25,7 @@ public final class SessionLogger: Sendable {
     public init(snapshot: PolicySnapshot) throws {
         var files: [String: LogFile] = [:]
         for path in snapshot.logPaths {
-            files[path] = try LogFile(path: path)
+            files[path] = try LogFile(path: path, buffer: snapshot.logBuffers[path])
         }
         self.files = files
         var audits: [String: AuditFile] = [:]

@@ -227,6 +227,41 @@ func load(_ text: String) -> CompileResult {
         #expect(off.servers[0].accessLogs.isEmpty)
     }
 
+    /// Issue #13 point 7: `access_log … buffer= flush= gzip[=level]`, with nginx's rules and errors.
+    @Test func accessLogBufferAndGzip() throws {
+        let snapshot = try compile("""
+            stream {
+                log_format short "$remote_addr $status";
+                access_log /tmp/pc-plain.log short;
+                access_log /tmp/pc-gz.log.gz short gzip flush=5s;
+                server { listen 1001; access_log /tmp/pc-buf.log short buffer=32k; proxy_pass 127.0.0.1:9000; }
+                server { listen 1002; access_log /tmp/pc-gz9.log.gz short buffer=8k gzip=9; proxy_pass 127.0.0.1:9000; }
+            }
+            """)
+        #expect(snapshot.logBuffers["/tmp/pc-plain.log"] == nil)
+        // gzip without buffer= buffers 64k, and a bare gzip is level 1, as nginx.
+        #expect(snapshot.logBuffers["/tmp/pc-gz.log.gz"] == LogBuffer(size: 65_536, flushMilliseconds: 5_000, gzipLevel: 1))
+        #expect(snapshot.logBuffers["/tmp/pc-buf.log"] == LogBuffer(size: 32_768))
+        #expect(snapshot.logBuffers["/tmp/pc-gz9.log.gz"] == LogBuffer(size: 8_192, gzipLevel: 9))
+
+        func errors(_ directives: String) -> [String] {
+            let result = RuleLoader.load(text: "stream {\n    log_format short \"$status\";\n    server {\n        listen 1;\n        \(directives)\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n",
+                                         file: "rules.conf", resolver: StubResolver())
+            return result.diagnostics.map { "\($0.location.map { "\($0.line):\($0.column)" } ?? "?") \($0.message)" }
+        }
+        #expect(errors("access_log /tmp/a short gzip=0;") == ["5:33 invalid compression level \"0\" in \"access_log\"; expected 1 to 9"])
+        #expect(errors("access_log /tmp/a short gzip=10;") == ["5:33 invalid compression level \"10\" in \"access_log\"; expected 1 to 9"])
+        #expect(errors("access_log /tmp/a short buffer=0;") == ["5:33 invalid buffer size \"0\" in \"access_log\"; expected a size such as 64k"])
+        #expect(errors("access_log /tmp/a short flush=0s buffer=1k;") == ["5:33 invalid flush time \"0s\" in \"access_log\"; expected a time such as 5s"])
+        #expect(errors("access_log /tmp/a short flush=1s;") == ["5:20 no buffer is defined for access_log \"/tmp/a\"; \"flush=\" needs \"buffer=\" or \"gzip\""])
+        #expect(errors("access_log /tmp/a short gzip; access_log /tmp/a short gzip=2;") == [
+            "5:50 access_log \"/tmp/a\" already defined with conflicting parameters (buffer=, flush=, gzip must be the same for one file)",
+        ])
+        // The same parameters twice, or one buffered and one plain line for the same file, are fine (nginx).
+        #expect(errors("access_log /tmp/a short gzip; access_log /tmp/a short buffer=64k gzip=1;").isEmpty)
+        #expect(errors("access_log /tmp/a short gzip; access_log /tmp/a short;").isEmpty)
+    }
+
     @Test func proxySettingsInheritedAndOverridden() throws {
         let snapshot = try compile("""
             stream {

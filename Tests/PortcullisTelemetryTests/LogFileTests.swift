@@ -1,6 +1,8 @@
 import Foundation
 import Testing
 import PortcullisTelemetry
+import PortcullisPolicy
+import PortcullisTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -126,6 +128,92 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         let text = String(decoding: data, as: UTF8.self)
         #expect(text == big + "\nline 0\nline 1\nline 2\nline 3\n")
         #expect(log.writtenLines == 5)
+    }
+}
+
+/// `access_log … buffer= flush= gzip` (issue #13 point 7): nginx's buffered writing rules, and
+/// gzip members that real gzip tools read.
+@Suite(.serialized) struct BufferedLogFileTests {
+    static func size(_ path: String) -> Int {
+        ((try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int) ?? -1
+    }
+
+    @Test("buffer= without flush=: nothing reaches the file until the buffer is full; the line that does not fit sends out what was held first")
+    func heldUntilFull() throws {
+        let dir = try LogFolder()
+        defer { dir.cleanup() }
+        let path = dir.path + "/access.log"
+        // Each line is 10 bytes with its newline: three fit in 32 bytes, the fourth does not.
+        let log = try LogFile(path: path, buffer: LogBuffer(size: 32))
+        for i in 1...3 { log.write("line \(i)   ") }
+        usleep(300_000)
+        #expect(contents(path) == "", "three lines fit in the buffer and must still be held")
+        log.write("line 4   ")
+        #expect(eventually { contents(path) == "line 1   \nline 2   \nline 3   \n" }, "\(contents(path))")
+        // A line longer than the whole buffer goes out by itself, after what was held.
+        let long = String(repeating: "y", count: 40)
+        log.write(long)
+        #expect(eventually { contents(path).hasSuffix("line 4   \n" + long + "\n") }, "\(contents(path))")
+        log.close()
+        #expect(contents(path) == "line 1   \nline 2   \nline 3   \nline 4   \n" + long + "\n")
+    }
+
+    @Test("flush= writes held lines that long after the first one went in; reopen writes them to the old file first")
+    func flushTimeAndReopen() throws {
+        let dir = try LogFolder()
+        defer { dir.cleanup() }
+        let path = dir.path + "/access.log"
+        let log = try LogFile(path: path, buffer: LogBuffer(size: 65_536, flushMilliseconds: 600))
+        let start = Date()
+        log.write("a")
+        #expect(eventually(5) { contents(path) == "a\n" })
+        let waited = Date().timeIntervalSince(start)
+        #expect(waited >= 0.55 && waited < 2.5, "the line was held \(waited) s; flush=600ms")
+        log.write("b")
+        usleep(100_000)
+        try FileManager.default.moveItem(atPath: path, toPath: path + ".1")
+        log.reopen()
+        log.write("c")
+        log.close()
+        #expect(contents(path + ".1") == "a\nb\n", "the held line belongs to the rotated file")
+        #expect(contents(path) == "c\n")
+    }
+
+    @Test("gzip: each write of the buffer is one complete gzip member; the file's members read back in order as the lines written")
+    func gzipMembersInOrder() throws {
+        let dir = try LogFolder()
+        defer { dir.cleanup() }
+        let path = dir.path + "/access.log.gz"
+        let log = try LogFile(path: path, buffer: LogBuffer(size: 100, gzipLevel: 1))
+        var expected: [String] = []
+        for i in 0..<30 {
+            let line = "session \(i) 127.0.0.\(i % 7) 200 \(i * 13)"
+            expected.append(line)
+            log.write(line)
+        }
+        log.close()
+        guard let members = gzipMembers(path) else {
+            Issue.record("not a valid gzip file: \(Self.size(path)) bytes")
+            return
+        }
+        #expect(members.count > 5, "a 100-byte buffer holds only a few lines: \(members.count) members")
+        #expect(members.allSatisfy { $0.utf8.count <= 100 && $0.hasSuffix("\n") })
+        #expect(members.joined() == expected.map { $0 + "\n" }.joined())
+    }
+
+    @Test("gzip=9 compresses repetitive lines far below their size and flush() writes the buffer")
+    func gzipLevelAndFlush() throws {
+        let dir = try LogFolder()
+        defer { dir.cleanup() }
+        let path = dir.path + "/access.log.gz"
+        let log = try LogFile(path: path, buffer: LogBuffer(size: 1 << 20, gzipLevel: 9))
+        let line = "127.0.0.1 [07/Dec/2026:10:00:00 +0000] TCP 200 1024 512 0.010"
+        for _ in 0..<2000 { log.write(line) }
+        log.flush()
+        let members = gzipMembers(path)
+        #expect(members == [String(repeating: line + "\n", count: 2000)])
+        #expect(Self.size(path) < 2000 * (line.utf8.count + 1) / 50, "\(Self.size(path)) bytes")
+        log.close()
     }
 }
 
