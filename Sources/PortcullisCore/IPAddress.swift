@@ -214,6 +214,15 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
         self.init(address: address, port: number)
     }
 
+    /// A local address to bind to, as nginx's `proxy_bind` reads it: `1.2.3.4`, `::1`,
+    /// `1.2.3.4:5555` or `[::1]:5555` (port 1-65535; brackets only with a port); port 0 = any.
+    public static func local(_ text: String) -> SocketEndpoint? {
+        if let address = IPAddress(text) { return SocketEndpoint(address: address, port: 0) }
+        guard let (host, port) = split(text), let address = IPAddress(host),
+              let number = UInt16(port), number > 0 else { return nil }
+        return SocketEndpoint(address: address, port: number)
+    }
+
     /// Splits `host:port` or `[v6]:port` into its two texts; nil if there is no port.
     public static func split(_ text: String) -> (host: String, port: String)? {
         if text.hasPrefix("[") {

@@ -97,6 +97,8 @@ public struct SessionOutcome: Sendable, Equatable {
         case upstreamRefusedDatagrams
         /// UDP: `proxy_timeout` passed while `proxy_responses` answers were still owed.
         case upstreamTimedOut
+        /// `proxy_bind`: the upstream socket could not be bound to the address (nginx's 500).
+        case localAddressUnusable
 
         public var status: SessionStatus {
             switch self {
@@ -106,6 +108,7 @@ public struct SessionOutcome: Sendable, Equatable {
             case .connectionLimit, .connectionZoneFull, .sessionRateLimit: .serviceUnavailable
             case .noSuchUpstream, .noLiveUpstreams, .upstreamUnreachable, .upstreamRefusedDatagrams, .upstreamTimedOut:
                 .badGateway
+            case .localAddressUnusable: .internalError
             }
         }
 
@@ -125,6 +128,7 @@ public struct SessionOutcome: Sendable, Equatable {
             case .upstreamUnreachable: "upstream unreachable"
             case .upstreamRefusedDatagrams: "upstream refused the datagrams"
             case .upstreamTimedOut: "upstream timed out"
+            case .localAddressUnusable: "proxy_bind address could not be bound"
             }
         }
     }

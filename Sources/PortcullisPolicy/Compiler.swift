@@ -866,8 +866,36 @@ struct PolicyCompiler {
                 error("invalid value \"\(argument.text)\" in \"proxy_protocol\"; it must be \"on\", \"off\", \"v1\" or \"v2\"", at: argument)
             }
         case "preread_buffer_size": _ = size(argument, in: d)
+        case "proxy_bind": proxyBind(d, to: &proxy)
         default: break
         }
+    }
+
+    /// `proxy_bind ADDRESS [transparent] | off`, with nginx's errors.
+    mutating func proxyBind(_ d: Directive, to proxy: inout ProxySettings) {
+        let argument = d.arguments[0]
+        if d.arguments.count == 1 && argument.text == "off" {
+            proxy.bind = nil
+            return
+        }
+        var transparent = false
+        if d.arguments.count == 2 {
+            guard d.arguments[1].text == "transparent" else {
+                error("invalid parameter \"\(d.arguments[1].text)\" in \"proxy_bind\"; expected \"transparent\"", at: d.arguments[1])
+                return
+            }
+            transparent = true
+        }
+        if argument.text.contains("$") {
+            guard let value = template(argument, in: d) else { return }
+            proxy.bind = ProxyBind(address: .variable(value), transparent: transparent)
+            return
+        }
+        guard let local = SocketEndpoint.local(argument.text) else {
+            error("invalid address \"\(argument.text)\" in \"proxy_bind\"; expected an IP address such as 192.0.2.1 or [2001:db8::1]:5000, a variable, or \"off\"", at: argument)
+            return
+        }
+        proxy.bind = ProxyBind(address: .fixed(local), transparent: transparent)
     }
 
     mutating func logFormat(_ d: Directive) -> LogFormat? {

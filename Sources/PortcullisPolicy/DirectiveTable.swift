@@ -86,6 +86,7 @@ enum DirectiveTable {
         t["access_log"] = DirectiveSpec(contexts: streamServer, arguments: 1...unlimited, single: false)
         t["audit_log"] = DirectiveSpec(contexts: [.stream, .server], arguments: 1...2)
         t["proxy_pass"] = DirectiveSpec(contexts: [.server], arguments: 1...1)
+        t["proxy_bind"] = DirectiveSpec(contexts: streamServer, arguments: 1...2)
         for name in ["proxy_connect_timeout", "proxy_timeout", "proxy_half_close", "tcp_nodelay", "proxy_buffer_size",
                      "proxy_socket_keepalive", "proxy_next_upstream", "proxy_next_upstream_tries",
                      "proxy_next_upstream_timeout", "proxy_responses", "proxy_requests",

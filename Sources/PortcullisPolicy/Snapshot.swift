@@ -212,8 +212,25 @@ public struct ProxySettings: Sendable, Equatable {
     public var udpResponses: Int?
     /// UDP: `proxy_requests N` — client datagrams after which the session takes no more; 0 = no limit.
     public var udpRequests = 0
+    /// `proxy_bind`: the local address upstream connections are made from; nil = the kernel's choice.
+    public var bind: ProxyBind?
 
     public init() {}
+}
+
+/// `proxy_bind ADDRESS [transparent]`.
+public struct ProxyBind: Sendable, Equatable {
+    public enum Address: Sendable, Equatable {
+        case fixed(SocketEndpoint)
+        /// Rendered per session (`$remote_addr`): empty = no bind; not an address = no bind
+        /// and an error line (nginx's `invalid local address`).
+        case variable(LogTemplate)
+    }
+
+    public var address: Address
+    /// IP_TRANSPARENT: the address need not be this host's (IP masquerading; needs
+    /// CAP_NET_ADMIN or CAP_NET_RAW and routing that brings the replies back).
+    public var transparent: Bool
 }
 
 public enum ProxyProtocolVersion: String, Sendable, Equatable {

@@ -262,6 +262,41 @@ func load(_ text: String) -> CompileResult {
         #expect(errors("access_log /tmp/a short gzip; access_log /tmp/a short;").isEmpty)
     }
 
+    /// Issue #13 point 6: `proxy_bind`, its forms and nginx's errors (nginx 1.22's `nginx -t`).
+    @Test func proxyBindForms() throws {
+        let snapshot = try compile("""
+            stream {
+                proxy_bind 127.0.0.2;
+                server { listen 1001; proxy_pass 127.0.0.1:9000; }
+                server { listen 1002; proxy_bind [2001:db8::1]:5555 transparent; proxy_pass 127.0.0.1:9000; }
+                server { listen 1003; proxy_bind off; proxy_pass 127.0.0.1:9000; }
+                server { listen 1004; proxy_bind $remote_addr transparent; proxy_pass 127.0.0.1:9000; }
+                server { listen 1005; proxy_bind ::1:5555; proxy_pass 127.0.0.1:9000; }
+            }
+            """)
+        #expect(try server(snapshot, port: 1001).proxy.bind == ProxyBind(address: .fixed(SocketEndpoint.local("127.0.0.2")!), transparent: false))
+        let b = try server(snapshot, port: 1002).proxy.bind
+        #expect(b?.transparent == true)
+        #expect(b?.address == .fixed(SocketEndpoint(address: IPAddress("2001:db8::1")!, port: 5555)))
+        #expect(try server(snapshot, port: 1003).proxy.bind == nil, "off cancels the inherited one")
+        if case .variable? = try server(snapshot, port: 1004).proxy.bind?.address {} else { Issue.record("a variable") }
+        // As nginx: "::1:5555" is the IPv6 address ::1:5555, not ::1 port 5555.
+        #expect(try server(snapshot, port: 1005).proxy.bind?.address == .fixed(SocketEndpoint(address: IPAddress("::1:5555")!, port: 0)))
+
+        func errors(_ directive: String) -> [String] {
+            let result = RuleLoader.load(text: "stream {\n    server {\n        listen 1;\n        \(directive)\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n",
+                                         file: "rules.conf", resolver: StubResolver())
+            return result.diagnostics.map { "\($0.location.map { "\($0.line):\($0.column)" } ?? "?") \($0.message)" }
+        }
+        let expected = "; expected an IP address such as 192.0.2.1 or [2001:db8::1]:5000, a variable, or \"off\""
+        for bad in ["foo", "localhost", "300.1.1.1", "unix:/x", "[::1]", "127.0.0.2:0", "127.0.0.2:99999", "127.0.0.1/8"] {
+            #expect(errors("proxy_bind \(bad);") == ["4:20 invalid address \"\(bad)\" in \"proxy_bind\"" + expected])
+        }
+        #expect(errors("proxy_bind off transparent;") == ["4:20 invalid address \"off\" in \"proxy_bind\"" + expected])
+        #expect(errors("proxy_bind 127.0.0.2 bogus;") == ["4:30 invalid parameter \"bogus\" in \"proxy_bind\"; expected \"transparent\""])
+        #expect(errors("proxy_bind 127.0.0.2; proxy_bind 127.0.0.3;").first?.contains("\"proxy_bind\" directive is duplicate") == true)
+    }
+
     @Test func proxySettingsInheritedAndOverridden() throws {
         let snapshot = try compile("""
             stream {

@@ -321,11 +321,18 @@ public final class ExternalPeer: @unchecked Sendable {
 
 extension TestConnection {
     /// This socket's own address and port (getsockname): the client endpoint a peer sees.
-    public func localEndpoint() throws -> (address: String, port: UInt16) {
+    public func localEndpoint() throws -> (address: String, port: UInt16) { try endpoint(remote: false) }
+
+    /// The other end's address and port (getpeername): the source an upstream sees.
+    public func remoteEndpoint() throws -> (address: String, port: UInt16) { try endpoint(remote: true) }
+
+    private func endpoint(remote: Bool) throws -> (address: String, port: UInt16) {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         try withUnsafeMutablePointer(to: &storage) {
-            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { try check(getsockname(fd, $0, &length), "getsockname") }
+            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                remote ? try check(getpeername(fd, $0, &length), "getpeername") : try check(getsockname(fd, $0, &length), "getsockname")
+            }
         }
         var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN) + 1)
         if Int32(storage.ss_family) == AF_INET6 {

@@ -116,6 +116,37 @@ enum Socket {
         }
     }
 
+    /// `proxy_bind`: binds an upstream socket before its connect. With `transparent`,
+    /// IP_TRANSPARENT (IPV6_TRANSPARENT) first, so the address need not be this host's; for
+    /// port 0 on TCP, IP_BIND_ADDRESS_NO_PORT, so the port is chosen at connect and many upstream
+    /// connections can share one local address; for a fixed UDP port, SO_REUSEADDR (as nginx).
+    /// Returns nil, or nginx's wording of what failed and whether nginx logs it as crit
+    /// (bind) rather than alert (setsockopt).
+    static func bindLocal(_ fd: Int32, _ local: SessionMachine.LocalBind, datagram: Bool) -> (message: String, critical: Bool)? {
+        let v4 = local.endpoint.address.isIPv4
+        if local.transparent {
+            let (level, name, option) = v4 ? (Int32(IPPROTO_IP), Int32(IP_TRANSPARENT), "IP_TRANSPARENT")
+                                           : (Int32(IPPROTO_IPV6), Int32(IPV6_TRANSPARENT), "IPV6_TRANSPARENT")
+            do throws(SystemCallError) {
+                try setOption(fd, level, name, 1)
+            } catch {
+                return ("setsockopt(\(option)) failed (\(error.errno): \(SystemCallError.text(error.errno)))", false)
+            }
+        }
+        if local.endpoint.port == 0 {
+            // (TCP only: a UDP socket gets its port at bind all the same.)
+            if !datagram { try? setOption(fd, Int32(IPPROTO_IP), IP_BIND_ADDRESS_NO_PORT, 1) }
+        } else if datagram {
+            try? setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+        }
+        guard local.endpoint.withSockAddr({ Glibc.bind(fd, $0, $1) }) == 0 else {
+            let error = errno
+            let shown = local.endpoint.port == 0 ? local.endpoint.address.description : local.endpoint.description
+            return ("bind(\(shown)) failed (\(error): \(SystemCallError.text(error)))", true)
+        }
+        return nil
+    }
+
     /// `SO_LINGER {1, 0}`: the coming close sends a reset (a peer's reset passed on).
     static func resetOnClose(_ fd: Int32) {
         var option = linger(l_onoff: 1, l_linger: 0)

@@ -349,6 +349,11 @@ final class TCPSession: LoopSession {
         let proxy = runtime.policy.proxy
         if proxy.tcpNoDelay { try? Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1) }
         if proxy.socketKeepalive { try? Socket.setOption(fd, SOL_SOCKET, SO_KEEPALIVE, 1) }
+        if let local = dial.local, let failure = Socket.bindLocal(fd, local, datagram: false) {
+            Glibc.close(fd)
+            perform(machine.localBindFailed(failure.message, critical: failure.critical, now: loop.now))
+            return
+        }
         let result = endpoint.withSockAddr { connect(fd, $0, $1) }
         if result != 0 && errno != EINPROGRESS {
             let error = errno

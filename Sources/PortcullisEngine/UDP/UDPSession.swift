@@ -81,7 +81,7 @@ final class UDPSession: LoopSession {
         if !machine.notes.isEmpty { runtime.write(machine.takeNotes(), connection: id) }
         switch action {
         case .dial(let dial):
-            connect(to: dial.endpoint)
+            connect(to: dial)
         case .refused(let record):
             runtime.sessionLogger.logRefusal(record, to: runtime.policy.auditLog)
             listener.moveToRefused(self)
@@ -101,10 +101,15 @@ final class UDPSession: LoopSession {
 
     /// A connected, registered upstream socket, or the machine hears why not (and may pick the
     /// next server).
-    private func connect(to endpoint: SocketEndpoint) {
+    private func connect(to dial: SessionMachine.Dial) {
+        let endpoint = dial.endpoint
         dialAttempt &+= 1
         let fd = socket(endpoint.family, Int32(SOCK_DGRAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return perform(machine.dialFailed(DialFailure(errno: errno), now: loop.now)) }
+        if let local = dial.local, let failure = Socket.bindLocal(fd, local, datagram: true) {
+            Glibc.close(fd)
+            return perform(machine.localBindFailed(failure.message, critical: failure.critical, now: loop.now))
+        }
         let token = EventToken(tag: .upstream, slot: slot, generation: generation, attempt: dialAttempt)
         // With `proxy_responses 0` nothing is read from it, so it is not watched either.
         guard endpoint.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0,

@@ -35,6 +35,15 @@ public struct SessionMachine: Sendable {
         public var endpoint: SocketEndpoint
         /// `proxy_connect_timeout` (TCP).
         public var timeoutMilliseconds: Int
+        /// `proxy_bind`: bind the socket to this before connecting; nil = the kernel's choice.
+        public var local: LocalBind?
+    }
+
+    /// A `proxy_bind` address as one session uses it (a variable already rendered).
+    public struct LocalBind: Sendable, Equatable {
+        /// Port 0: any port (the engine lets connect choose it).
+        public var endpoint: SocketEndpoint
+        public var transparent: Bool
     }
 
     /// What the engine does when the upstream is connected, in this order.
@@ -109,6 +118,8 @@ public struct SessionMachine: Sendable {
     private var pick = UpstreamGroup.PickState()
     /// The server this session counts against (`max_conns`, `least_conn`) until it ends.
     private var heldServer: Int?
+    /// `proxy_bind` rendered at the first dial and kept for the retries (nginx: once per session).
+    private var localBind: LocalBind??
     private let acceptedAt: UInt64
     private var dialStartedAt: UInt64 = 0
     private var attemptStartedAt: UInt64 = 0
@@ -280,7 +291,44 @@ public struct SessionMachine: Sendable {
         attemptStartedAt = now
         if upstreamStartedAt == nil, record.transport == .udp { upstreamStartedAt = now }
         stage = .dialing
-        return .dial(Dial(endpoint: group.servers[index].endpoint, timeoutMilliseconds: proxy.connectTimeoutMilliseconds))
+        if localBind == nil { localBind = .some(renderLocalBind()) }
+        return .dial(Dial(endpoint: group.servers[index].endpoint, timeoutMilliseconds: proxy.connectTimeoutMilliseconds,
+                          local: localBind ?? nil))
+    }
+
+    /// `proxy_bind` for this session. A variable's empty value means no bind; a value that is
+    /// not an address is an error line and no bind, and the session goes on (nginx).
+    private mutating func renderLocalBind() -> LocalBind? {
+        guard let bind = proxy.bind else { return nil }
+        switch bind.address {
+        case .fixed(let endpoint):
+            return LocalBind(endpoint: endpoint, transparent: bind.transparent)
+        case .variable(let template):
+            let text = String(decoding: template.bytes(for: record), as: UTF8.self)
+            if text.isEmpty { return nil }
+            guard let endpoint = SocketEndpoint.local(text) else {
+                note(.error, "invalid local address \"\(text)\", \(place)")
+                return nil
+            }
+            return LocalBind(endpoint: endpoint, transparent: bind.transparent)
+        }
+    }
+
+    /// The dial's socket could not take its `proxy_bind` address (bind or IP_TRANSPARENT
+    /// failed): nginx's 500, and no other upstream is tried, since each would fail alike.
+    /// `failure` is the system call's wording, e.g. `bind(10.9.9.9) failed (99: …)`.
+    public mutating func localBindFailed(_ failure: String, critical: Bool, now: UInt64) -> Action {
+        guard stage == .dialing, let group, let index = tried.last else { return .none }
+        releaseServer()
+        note(critical ? .crit : .alert,
+             "\(failure) while connecting to upstream, \(place), upstream: \"\(group.servers[index].endpoint)\"")
+        let outcome = SessionOutcome(phase: .upstreamPick, cause: .localAddressUnusable)
+        guard record.transport == .tcp else {
+            record.outcome = outcome
+            stage = .closing
+            return finish(now: now)
+        }
+        return refuse(outcome)
     }
 
     /// A refusal: TCP closes the client and ends when it has closed; UDP keeps the session in
