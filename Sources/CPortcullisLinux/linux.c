@@ -8,10 +8,6 @@ int portcullis_accept4(int fd, struct sockaddr *addr, socklen_t *len) {
     return accept4(fd, addr, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
 }
 
-static socklen_t address_length(const struct sockaddr_storage *address) {
-    return address->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
-}
-
 /// Room for either packet-info message.
 union portcullis_control {
     char bytes[CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(struct in_pktinfo))];
@@ -40,6 +36,7 @@ int portcullis_receive_datagrams(int fd, struct portcullis_datagram *datagrams, 
         struct portcullis_datagram *datagram = &datagrams[i];
         struct msghdr *header = &messages[i].msg_hdr;
         datagram->length = messages[i].msg_len;
+        datagram->sender_length = header->msg_namelen;
         datagram->truncated = (header->msg_flags & MSG_TRUNC) != 0;
         datagram->destination.ss_family = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(header); c != NULL; c = CMSG_NXTHDR(header, c)) {
@@ -64,13 +61,13 @@ int portcullis_receive_datagrams(int fd, struct portcullis_datagram *datagrams, 
 }
 
 long portcullis_send_datagram(int fd, const void *bytes, size_t length, const struct sockaddr_storage *to,
-                              const struct sockaddr_storage *source) {
+                              socklen_t to_length, const struct sockaddr_storage *source) {
     struct iovec vector = { .iov_base = (void *)bytes, .iov_len = length };
     struct msghdr header;
     union portcullis_control control;
     memset(&header, 0, sizeof(header));
     header.msg_name = (void *)to;
-    header.msg_namelen = address_length(to);
+    header.msg_namelen = to_length;
     header.msg_iov = &vector;
     header.msg_iovlen = 1;
     if (source != NULL && source->ss_family != 0) {

@@ -197,18 +197,62 @@ public enum IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible {
     }
 }
 
-/// An address and port, as the two ends of a session are described in logs and PROXY headers.
+/// An address and port, as the two ends of a session are described in logs and PROXY headers;
+/// or a unix-domain socket.
+///
+/// A unix endpoint's `address` is 255.255.255.255 and its port 0: what nginx looks a unix
+/// client up as in `geo` (INADDR_NONE), so code that only knows IP addresses does what nginx
+/// does with it. Access lists, variables and PROXY headers ask `isUnix` first.
 public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
     public var address: IPAddress
     public var port: UInt16
+    /// A unix-domain socket's path; "" for an unnamed socket; a leading NUL for an abstract
+    /// name. nil for an IP endpoint.
+    public var unixPath: String?
 
     public init(address: IPAddress, port: UInt16) {
         self.address = address
         self.port = port
     }
 
-    /// Parses `1.2.3.4:80` or `[::1]:80` (a port from 1 to 65535; no host names).
+    /// A unix-domain socket (`unix:/run/app.sock`).
+    public init(unixPath: String) {
+        self.address = .v4(0xFFFF_FFFF)
+        self.port = 0
+        self.unixPath = unixPath
+    }
+
+    /// The longest path a `sockaddr_un` holds (108 bytes less the terminating NUL).
+    public static let maximumUnixPathLength = 107
+
+    public var isUnix: Bool { unixPath != nil }
+
+    /// A unix socket with no name to reply to or key on: unnamed, or abstract (nginx keys
+    /// neither: each datagram of such a client is a session of its own).
+    public var isUnnamedUnix: Bool {
+        guard let unixPath else { return false }
+        return unixPath.isEmpty || unixPath.utf8.first == 0
+    }
+
+    /// The host part as nginx's variables print it: `192.0.2.1`, `2001:db8::1`, or for a unix
+    /// socket `unix:/path` (`unix:` when it has no path name).
+    public var hostText: String {
+        guard let unixPath else { return address.description }
+        return isUnnamedUnix ? "unix:" : "unix:" + unixPath
+    }
+
+    /// The port as nginx's variables print it; "" for a unix socket.
+    public var portText: String { isUnix ? "" : String(port) }
+
+    /// Parses `1.2.3.4:80`, `[::1]:80` (a port from 1 to 65535; no host names) or
+    /// `unix:/path` (everything after `unix:` is the path, as nginx reads it).
     public init?(_ text: some StringProtocol) {
+        if text.hasPrefix("unix:") {
+            let path = String(text.dropFirst(5))
+            guard !path.isEmpty, path.utf8.count <= Self.maximumUnixPathLength else { return nil }
+            self.init(unixPath: path)
+            return
+        }
         guard let (host, port) = Self.split(String(text)), let address = IPAddress(host),
               let number = UInt16(port), number > 0 else { return nil }
         self.init(address: address, port: number)
@@ -235,8 +279,9 @@ public struct SocketEndpoint: Hashable, Sendable, CustomStringConvertible {
         return (String(text[..<colon]), String(text[text.index(after: colon)...]))
     }
 
-    /// `1.2.3.4:80` or `[::1]:80`, as nginx prints `$upstream_addr`.
+    /// `1.2.3.4:80`, `[::1]:80` or `unix:/path`, as nginx prints `$upstream_addr`.
     public var description: String {
+        if isUnix { return hostText }
         switch address {
         case .v4: return "\(address):\(port)"
         case .v6: return "[\(address)]:\(port)"

@@ -11,8 +11,8 @@ public final class Engine: Sendable {
     private let loops: [EventLoop]
     private let exited: [DispatchSemaphore]
     private let stopped = Atomic<Bool>(false)
-    /// The loop the next single-socket UDP listen goes to (they are spread over the loops).
-    private let nextUDPLoop = Atomic<Int>(0)
+    /// The loop the next single-socket listen goes to (they are spread over the loops).
+    private let nextSingleSocketLoop = Atomic<Int>(0)
 
     /// Starts `loopCount` loop threads (at least one).
     public init(loopCount: Int) throws {
@@ -35,13 +35,14 @@ public final class Engine: Sendable {
     /// `ListenError`, with nothing bound.
     public func bind(_ box: RuntimeBox) async throws -> SocketEndpoint {
         let listeners: [any LoopListener]
-        var first = 0
         if box.runtime.listen.udp {
             listeners = try UDPListener.bind(box, loops: loops.count)
-            if listeners.count == 1 { first = nextUDPLoop.wrappingAdd(1, ordering: .relaxed).oldValue % loops.count }
         } else {
             listeners = try TCPListener.bind(box, loops: loops.count)
         }
+        // A single socket (UDP without reuseport, any unix path) goes to the next loop in turn.
+        var first = 0
+        if listeners.count == 1 { first = nextSingleSocketLoop.wrappingAdd(1, ordering: .relaxed).oldValue % loops.count }
         for (index, listener) in listeners.enumerated() {
             let send = UncheckedBox(listener)
             await loops[(first + index) % loops.count].submit { loop in loop.addListener(send.value) }

@@ -189,6 +189,7 @@ public final class Gateway: Service, Sendable {
 extension SocketEndpoint {
     /// As SwiftNIO's address type, which the gateway's callers (the tests' clients) use.
     var socketAddress: SocketAddress {
+        if let unixPath, let address = try? SocketAddress(unixDomainSocketPath: unixPath) { return address }
         if let sin = sockaddrIPv4 { return SocketAddress(sin, host: "") }
         return SocketAddress(sockaddrIPv6!, host: "")
     }

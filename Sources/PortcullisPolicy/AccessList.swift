@@ -8,6 +8,9 @@ public final class AccessRule: Sendable, Equatable {
     public enum Match: Sendable, Equatable {
         case all
         case block(CIDR)
+        /// `allow unix:;` / `deny unix:;`: clients on unix-domain sockets (which no address
+        /// rule matches, as in nginx; `all` does).
+        case unix
         /// `allow $var;` / `deny $var;` (an extension): matches when the value is non-empty and
         /// not "0".
         case variable(Variable)
@@ -53,6 +56,9 @@ public struct AccessVerdict: Sendable, Equatable {
 /// An IPv4-mapped client (`::ffff:a.b.c.d`) is checked against the IPv4 list whenever the IPv4
 /// list has any rule, and against the IPv6 list otherwise.
 ///
+/// A unix-domain client is checked against `unix:` rules and `all` only: `allow 0.0.0.0/0`
+/// does not let it in, as in nginx.
+///
 /// One deliberate difference, for safety: an IPv6 rule inside `::ffff:0:0/96` is also entered,
 /// at its place in the order, into the IPv4 list (the compiler warns), so
 /// `deny ::ffff:10.0.0.0/104` denies 10.0.0.0/8 however the client arrives. nginx would ignore
@@ -67,6 +73,8 @@ public struct AccessList: Sendable {
     private let hasGenuineIPv4Rules: Bool
     /// `allow $var` / `deny $var` rules with their positions, in order. Few, so walked.
     private let variableRules: [(position: Int32, variable: Variable)]
+    /// The first `unix:` or `all` rule: what decides for a unix-domain client.
+    private let unixMatch: Int32?
 
     public static let empty = AccessList(rules: [])
 
@@ -76,12 +84,16 @@ public struct AccessList: Sendable {
         var v6: [(range: ClosedRange<UInt128>, rule: Int32)] = []
         var genuineIPv4 = false
         var variableRules: [(position: Int32, variable: Variable)] = []
+        var unixMatch: Int32?
         for (index, rule) in rules.enumerated() {
             let index = Int32(index)
             switch rule.match {
             case .variable(let variable):
                 variableRules.append((index, variable))
+            case .unix:
+                if unixMatch == nil { unixMatch = index }
             case .all:
+                if unixMatch == nil { unixMatch = index }
                 genuineIPv4 = true
                 v4.append((0...UInt32.max, index))
                 v6.append((0...UInt128.max, index))
@@ -96,6 +108,7 @@ public struct AccessList: Sendable {
         }
         hasGenuineIPv4Rules = genuineIPv4
         self.variableRules = variableRules
+        self.unixMatch = unixMatch
         ipv4 = FirstMatchTable(ranges: v4)
         ipv6 = FirstMatchTable(ranges: v6)
     }
@@ -114,7 +127,21 @@ public struct AccessList: Sendable {
     /// `value` reads a variable; it is called only for variable rules that precede the address
     /// match, in order, so `deny $country` costs a lookup only when no earlier rule decided.
     public func evaluate(_ address: IPAddress, value: (Variable) -> [UInt8]?) -> AccessVerdict {
-        let position = addressMatch(address)
+        firstMatch(addressMatch(address), value: value)
+    }
+
+    /// A session's client: an IP address, or a unix-domain socket (`unix:` and `all` rules).
+    public func evaluate(_ client: SocketEndpoint, value: (Variable) -> [UInt8]?) -> AccessVerdict {
+        client.isUnix ? firstMatch(unixMatch, value: value) : evaluate(client.address, value: value)
+    }
+
+    public func evaluate(_ client: SocketEndpoint) -> AccessVerdict {
+        client.isUnix ? verdict(unixMatch) : evaluate(client.address)
+    }
+
+    /// `position`, the first address rule that matched, unless a variable rule before it
+    /// matches first.
+    private func firstMatch(_ position: Int32?, value: (Variable) -> [UInt8]?) -> AccessVerdict {
         let limit = position ?? Int32.max
         for (position, variable) in variableRules where position < limit {
             let current = value(variable)
@@ -165,6 +192,8 @@ public struct AccessList: Sendable {
                 }
             case .all:
                 return AccessVerdict(allowed: rule.action == .allow, rule: rule)
+            case .unix:
+                continue  // an IP address is never a unix socket
             case .block(let block):
                 if block.contains(probe) || (useIPv4List && block.mappedIPv4Block?.contains(probe) == true) {
                     return AccessVerdict(allowed: rule.action == .allow, rule: rule)

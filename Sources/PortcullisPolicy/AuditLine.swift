@@ -9,8 +9,8 @@ public enum AuditLine {
             ("connection", String(r.connection)),
             ("listener", LogEscaping.jsonString(r.listener)),
             ("protocol", LogEscaping.jsonString(r.transport.rawValue)),
-            ("client", LogEscaping.jsonString(r.client.address.description)),
-            ("client_port", String(r.client.port)),
+            ("client", LogEscaping.jsonString(r.client.hostText)),
+            ("client_port", r.client.isUnix ? "null" : String(r.client.port)),
             // The TCP peer: differs from the client when a trusted PROXY header named another.
             ("peer", LogEscaping.jsonString(r.peer.description)),
             ("server", LogEscaping.jsonString(r.server.description)),

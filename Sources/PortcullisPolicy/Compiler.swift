@@ -189,7 +189,7 @@ struct PolicyCompiler {
         var upstreamBlocks: [Directive] = []
         var serverBlocks: [Directive] = []
         var streamRules: [AccessRule] = []
-        var streamRealIP: [(CIDR, RuleReference)] = []
+        var streamRealIP: [(CIDR?, RuleReference)] = []
         var streamTLVs: [ProxyTLVTemplate] = []
         var streamLogs: [Directive] = []
         var streamLogsOff = false
@@ -282,8 +282,9 @@ struct PolicyCompiler {
                                           proxy: inherited, formats: formats, upstreams: upstreams) {
                 for listen in server.listens {
                     // TCP and UDP on the same address and port are different sockets.
-                    let site = SocketEndpoint(address: listen.address, port: listen.port)
-                    let key = listen.udp ? "udp " + site.description : site.description
+                    // (A unix path is one socket file, whether stream or datagram.)
+                    let site = listen.endpoint
+                    let key = listen.udp && !site.isUnix ? "udp " + site.description : site.description
                     if let first = listenSites[key] {
                         diagnostics.error("duplicate listen \(listen.endpoint); it is already used at \(first)",
                                           at: listen.location, length: listen.writtenLength)
@@ -308,14 +309,14 @@ struct PolicyCompiler {
     mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
                                 inheritedLimits: LimitSettings, connZones: [String: LimitConnZone],
                                 rateZones: [String: LimitRateZone],
-                                inheritedRealIP: [(CIDR, RuleReference)], inheritedLogs: [AccessLogSpec], inheritedAudit: AuditLogSpec?,
+                                inheritedRealIP: [(CIDR?, RuleReference)], inheritedLogs: [AccessLogSpec], inheritedAudit: AuditLogSpec?,
                                 proxy inherited: ProxySettings, formats: [String: LogFormat],
                                 upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
         var seen: [String: Directive] = [:]
         var listens: [ListenSpec] = []
         var rules: [AccessRule] = []
         var hasOwnRules = false
-        var realIP: [(CIDR, RuleReference)] = []
+        var realIP: [(CIDR?, RuleReference)] = []
         var tlvs: [ProxyTLVTemplate] = []
         var tlvDirectives: [Directive] = []
         var logs: [AccessLogSpec] = []
@@ -452,6 +453,9 @@ struct PolicyCompiler {
         if argument.text == "all" {
             return AccessRule(action: action, match: .all, reference: d.reference)
         }
+        if argument.text == "unix:" {
+            return AccessRule(action: action, match: .unix, reference: d.reference)
+        }
         if argument.text.hasPrefix("$") {
             // The extension: `deny $var;` matches when the value is non-empty and not "0".
             let name = String(argument.text.dropFirst())
@@ -475,9 +479,11 @@ struct PolicyCompiler {
     /// `set_real_ip_from ADDR|CIDR;`
     /// `set_real_ip_from ADDRESS|CIDR|HOST`: a host name is resolved once, when the file is
     /// loaded, and every address it has is trusted, as nginx does.
-    mutating func trustedBlocks(_ d: Directive) -> [(CIDR, RuleReference)]? {
+    /// `set_real_ip_from unix:` trusts clients on unix-domain sockets (a nil block).
+    mutating func trustedBlocks(_ d: Directive) -> [(CIDR?, RuleReference)]? {
         let argument = d.arguments[0]
         let text = argument.text
+        if text == "unix:" { return [(nil, d.reference)] }
         if !text.hasPrefix("unix:"), CIDR(text) == nil, let first = text.first, first.isLetter,
            text.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") }) {
             let addresses = resolver.addresses(of: text)
@@ -493,7 +499,8 @@ struct PolicyCompiler {
     /// An address or CIDR argument, with nginx's warning when host bits are set.
     mutating func addressBlock(_ argument: Argument, in d: Directive, alternatives: String) -> CIDR? {
         if argument.text.hasPrefix("unix:") {
-            error("\"\(d.name) unix:\" is not supported: Portcullis listens on IP sockets only", at: argument)
+            // nginx takes only the bare "unix:", meaning every unix-domain client.
+            error("invalid parameter \"\(argument.text)\" in \"\(d.name)\"; \"unix:\" alone means clients on unix-domain sockets (no path)", at: argument)
             return nil
         }
         guard let block = CIDR(argument.text) else {
@@ -541,8 +548,14 @@ struct PolicyCompiler {
 
     mutating func listen(_ d: Directive) -> ListenSpec? {
         let first = d.arguments[0]
-        guard let (address, port) = parseListenAddress(first) else { return nil }
-        var spec = ListenSpec(address: address, port: port, location: first.location)
+        var spec: ListenSpec
+        if first.text.hasPrefix("unix:") {
+            guard let path = unixPath(first, in: "of the \"listen\" directive") else { return nil }
+            spec = ListenSpec(unixPath: path, location: first.location)
+        } else {
+            guard let (address, port) = parseListenAddress(first) else { return nil }
+            spec = ListenSpec(address: address, port: port, location: first.location)
+        }
         spec.writtenLength = first.length
         let parameters = ["reuseport", "backlog=", "so_keepalive=", "ipv6only=", "udp", "proxy_protocol", "ssl",
                           "default_server", "bind", "deferred", "fastopen=", "rcvbuf=", "sndbuf=", "setfib=",
@@ -630,13 +643,24 @@ struct PolicyCompiler {
         return .tuned(idle: idle, interval: interval, count: count)
     }
 
+    /// The path of `unix:PATH`, with nginx's errors (`where`: `of the "listen" directive`,
+    /// `in upstream`). A relative path is relative to the working directory, as in nginx.
+    mutating func unixPath(_ argument: Argument, in place: String) -> String? {
+        let path = String(argument.text.dropFirst("unix:".count))
+        guard !path.isEmpty else {
+            error("no path in the unix domain socket in \"\(argument.text)\" \(place)", at: argument)
+            return nil
+        }
+        guard path.utf8.count <= SocketEndpoint.maximumUnixPathLength else {
+            error("too long path in the unix domain socket in \"\(argument.text)\" \(place); at most \(SocketEndpoint.maximumUnixPathLength) bytes", at: argument)
+            return nil
+        }
+        return path
+    }
+
     /// `ADDR:PORT`, `[V6]:PORT`, `*:PORT` or `PORT`.
     mutating func parseListenAddress(_ argument: Argument) -> (IPAddress, UInt16)? {
         let text = argument.text
-        if text.hasPrefix("unix:") {
-            error("\"listen unix:…\" is not supported: Portcullis listens on IP sockets only", at: argument)
-            return nil
-        }
         if let port = UInt16(text) {
             guard port > 0 else { error("invalid port \"0\" in \"listen\"; expected 1-65535", at: argument); return nil }
             return (.v4(0), port)
@@ -661,6 +685,10 @@ struct PolicyCompiler {
 
     /// The endpoints a `host:port` names: an address, or every address the host resolves to.
     mutating func endpoints(_ argument: Argument, text: String, in directive: String) -> [SocketEndpoint]? {
+        if text.hasPrefix("unix:") {
+            guard let path = unixPath(argument, in: "of \"\(directive)\"") else { return nil }
+            return [SocketEndpoint(unixPath: path)]
+        }
         guard let (host, portText) = SocketEndpoint.split(text) else {
             error("no port in \"\(text)\" of \"\(directive)\"; expected HOST:PORT", at: argument)
             return nil
@@ -682,10 +710,6 @@ struct PolicyCompiler {
         let text = argument.text
         if let group = upstreams[text.lowercased()] { return group }
         if brokenUpstreams.contains(text.lowercased()) { return nil }  // its errors are said
-        if text.hasPrefix("unix:") {
-            error("\"proxy_pass unix:…\" is not supported: Portcullis connects to IP upstreams only", at: argument)
-            return nil
-        }
         guard text.contains(":") else {
             var message = "unknown upstream \"\(text)\" in \"proxy_pass\""
             if let guess = closestMatch(to: text, in: upstreams.keys) {

@@ -241,11 +241,12 @@ public enum VariableRenderer {
     public static func value(of variable: LogVariable, in r: SessionRecord, host: HostFacts) -> [UInt8]? {
         func text(_ s: String) -> [UInt8] { Array(s.utf8) }
         switch variable {
-        case .remoteAddr: return text(r.client.address.description)
-        case .remotePort: return text(String(r.client.port))
-        case .binaryRemoteAddr: return r.client.address.bytes
-        case .serverAddr: return text(r.server.address.description)
-        case .serverPort: return text(String(r.server.port))
+        case .remoteAddr: return text(r.client.hostText)
+        case .remotePort: return text(r.client.portText)
+        // A unix client's is its text, as nginx's (`unix:`: all unnamed clients share one key).
+        case .binaryRemoteAddr: return r.client.isUnix ? text(r.client.hostText) : r.client.address.bytes
+        case .serverAddr: return text(r.server.hostText)
+        case .serverPort: return text(r.server.portText)
         case .protocol: return text(r.transport.rawValue)
         case .connection: return text(String(r.connection))
         case .status: return text(String(r.status.rawValue))
@@ -281,8 +282,8 @@ public enum VariableRenderer {
         case .proxyProtocolPort: return r.proxyHeader?.source.map { text(String($0.port)) }
         case .proxyProtocolServerAddr: return r.proxyHeader?.destination.map { text($0.address.description) }
         case .proxyProtocolServerPort: return r.proxyHeader?.destination.map { text(String($0.port)) }
-        case .realipRemoteAddr: return text(r.peer.address.description)
-        case .realipRemotePort: return text(String(r.peer.port))
+        case .realipRemoteAddr: return text(r.peer.hostText)
+        case .realipRemotePort: return text(r.peer.portText)
         case .limitConnStatus: return r.limitConnStatus.map(text)
         }
     }

@@ -114,9 +114,20 @@ public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {
     public var location: SourceLocation
     /// Length of the address as written, for the caret under it in diagnostics.
     public var writtenLength = 1
+    /// `listen unix:PATH`: a unix-domain socket (stream, or datagram with `udp`).
+    public var unixPath: String?
 
-    public var endpoint: SocketEndpoint { SocketEndpoint(address: address, port: port) }
+    public var endpoint: SocketEndpoint {
+        unixPath.map { SocketEndpoint(unixPath: $0) } ?? SocketEndpoint(address: address, port: port)
+    }
     public var description: String { endpoint.description + (udp ? " udp" : "") }
+}
+
+extension ListenSpec {
+    init(unixPath: String, location: SourceLocation) {
+        self.init(address: .v4(0xFFFF_FFFF), port: 0, location: location)
+        self.unixPath = unixPath
+    }
 }
 
 /// One `server { }` block, with stream-level settings already inherited.
@@ -248,11 +259,17 @@ public struct TrustedSources: Sendable {
     private let list: AccessList
     public var isEmpty: Bool { list.isEmpty }
 
-    public init(_ blocks: [(CIDR, RuleReference)]) {
-        list = AccessList(rules: blocks.map { AccessRule(action: .allow, match: .block($0.0), reference: $0.1) })
+    /// Each block trusted; a nil block is `set_real_ip_from unix:`.
+    public init(_ blocks: [(CIDR?, RuleReference)]) {
+        list = AccessList(rules: blocks.map { AccessRule(action: .allow, match: $0.0.map { .block($0) } ?? .unix, reference: $0.1) })
     }
 
-    public func trusts(_ peer: IPAddress) -> Bool {
-        !list.isEmpty && list.evaluate(peer.folded).rule != nil
+    /// Whether a PROXY header from `peer` is believed: its address is in a listed block, or it
+    /// is a unix-domain socket and `set_real_ip_from unix:` is listed.
+    public func trusts(_ address: IPAddress) -> Bool { trusts(SocketEndpoint(address: address, port: 0)) }
+
+    public func trusts(_ peer: SocketEndpoint) -> Bool {
+        guard !list.isEmpty else { return false }
+        return peer.isUnix ? list.evaluate(peer).rule != nil : list.evaluate(peer.address.folded).rule != nil
     }
 }

@@ -61,9 +61,10 @@ public enum ProxyHeaderEncoder {
         return out
     }
 
-    /// Both endpoints in one family, or nil when either is unknown.
+    /// Both endpoints in one family, or nil when either is unknown or a unix socket.
     static func sameFamily(_ source: SocketEndpoint?, _ destination: SocketEndpoint?) -> (SocketEndpoint, SocketEndpoint)? {
-        guard var src = source, var dst = destination else { return nil }
+        // A unix-domain socket has no address a header can carry (HAProxy sends UNKNOWN too).
+        guard var src = source, var dst = destination, !src.isUnix, !dst.isUnix else { return nil }
         src.address = src.address.folded
         dst.address = dst.address.folded
         switch (src.address, dst.address) {

@@ -177,3 +177,20 @@ import PortcullisTestSupport
         #expect(IPAddress.v6(1) < IPAddress.v6(2))
     }
 }
+
+@Suite struct UnixEndpointTests {
+    @Test("unix:PATH parses as nginx reads it; variables print unix:/path, unix: without a name, and no port")
+    func parsingAndText() {
+        let named = SocketEndpoint("unix:/run/app.sock")
+        #expect(named == SocketEndpoint(unixPath: "/run/app.sock"))
+        #expect(named?.description == "unix:/run/app.sock" && named?.portText == "")
+        #expect(SocketEndpoint("unix:/p:80")?.unixPath == "/p:80", "everything after unix: is the path")
+        #expect(SocketEndpoint("unix:") == nil)
+        #expect(SocketEndpoint("unix:/" + String(repeating: "a", count: 107)) == nil, "longer than sun_path holds")
+        #expect(SocketEndpoint(unixPath: "").hostText == "unix:")
+        #expect(SocketEndpoint(unixPath: "\0abstract").hostText == "unix:", "an abstract name prints as nginx prints it")
+        #expect(SocketEndpoint(unixPath: "\0abstract").isUnnamedUnix && !named!.isUnnamedUnix)
+        #expect(named?.address == .v4(0xFFFF_FFFF), "geo looks a unix client up as 255.255.255.255")
+        #expect(SocketEndpoint(unixPath: "/a") != SocketEndpoint(address: .v4(0xFFFF_FFFF), port: 0))
+    }
+}

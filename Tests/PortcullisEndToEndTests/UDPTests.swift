@@ -951,9 +951,10 @@ final class UDPTestSocket: @unchecked Sendable {
     let fd: Int32
     let localPort: UInt16
     private let closed = Atomic<Bool>(false)
+    private let lastSender = Mutex<(sockaddr_storage, socklen_t)?>(nil)
 
     init(bind host: String, port: UInt16 = 0) throws {
-        let family = host.contains(":") ? AF_INET6 : AF_INET
+        let family = addressFamily(host)
         let fd = socket(family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw HarnessError("socket: \(String(cString: strerror(errno)))") }
         self.fd = fd
@@ -1021,30 +1022,31 @@ final class UDPTestSocket: @unchecked Sendable {
             }
         }
         guard n >= 0 else { return nil }
+        lastSender.withLock { $0 = (storage, length) }
         let (host, port) = Self.endpoint(storage)
         return (Array(buffer.prefix(n)), host, port)
     }
 
+    /// Answers whoever sent the last datagram received, by its exact address (an abstract unix
+    /// name, which `receiveFrom`'s text cannot carry, included).
+    func replyToLastSender(_ bytes: [UInt8]) throws {
+        guard var (storage, length) = lastSender.withLock({ $0 }) else { throw HarnessError("nothing received yet") }
+        let n = withUnsafePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, bytes, bytes.count, 0, $0, length) }
+        }
+        guard n == bytes.count else { throw HarnessError("sendto: \(String(cString: strerror(errno)))") }
+    }
+
     static func withAddress<T>(_ host: String, _ port: UInt16, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
-        if host.contains(":") {
-            var sin6 = sockaddr_in6()
-            sin6.sin6_family = sa_family_t(AF_INET6)
-            sin6.sin6_port = port.bigEndian
-            inet_pton(AF_INET6, host, &sin6.sin6_addr)
-            return withUnsafePointer(to: &sin6) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
-            }
-        }
-        var sin = sockaddr_in()
-        sin.sin_family = sa_family_t(AF_INET)
-        sin.sin_port = port.bigEndian
-        inet_pton(AF_INET, host, &sin.sin_addr)
-        return withUnsafePointer(to: &sin) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
+        var (address, length) = makeAddress(host, port)
+        return withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) } }
     }
 
     static func endpoint(_ storage: sockaddr_storage) -> (String, UInt16) {
+        if Int32(storage.ss_family) == AF_UNIX {
+            let path = withUnsafeBytes(of: storage) { Array($0[2...].prefix { $0 != 0 }) }
+            return ("unix:" + String(decoding: path, as: UTF8.self), 0)
+        }
         var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         if Int32(storage.ss_family) == AF_INET6 {
             var sin6 = withUnsafeBytes(of: storage) { $0.load(as: sockaddr_in6.self) }

@@ -9,7 +9,7 @@ func rules(_ lines: [String]) -> [AccessRule] {
     lines.enumerated().map { index, line in
         let words = line.split(separator: " ")
         let action: AccessRule.Action = words[0] == "allow" ? .allow : .deny
-        let match: AccessRule.Match = words[1] == "all" ? .all : .block(CIDR(words[1])!)
+        let match: AccessRule.Match = words[1] == "all" ? .all : words[1] == "unix:" ? .unix : .block(CIDR(words[1])!)
         return AccessRule(action: action, match: match,
                           reference: RuleReference(file: "t.conf", line: index + 1, text: line + ";"))
     }
@@ -24,6 +24,29 @@ func ip(_ text: String) -> IPAddress { IPAddress(text)! }
         let scan = list.evaluateByScan(ip(address))
         #expect(fast == scan, "evaluate and evaluateByScan disagree for \(address)")
         return (fast.allowed, fast.rule?.reference.line)
+    }
+
+    /// As nginx 1.22 decides (checked with real nginx for issue #13): a unix-domain client is
+    /// matched by `unix:` and `all` only, never by an address rule, and an IP client never by `unix:`.
+    @Test func unixClients() {
+        let unix = SocketEndpoint(unixPath: "")
+        func decide(_ lines: [String], _ client: SocketEndpoint) -> (Bool, Int?) {
+            let verdict = AccessList(rules: rules(lines)).evaluate(client)
+            return (verdict.allowed, verdict.rule?.reference.line)
+        }
+        #expect(decide(["allow 0.0.0.0/0", "allow ::/0", "deny all"], unix) == (false, 3))
+        #expect(decide(["allow 255.255.255.255", "deny all"], unix) == (false, 2), "the address a unix client is looked up as in geo")
+        #expect(decide(["deny 0.0.0.0/0", "deny ::/0"], unix) == (true, nil))
+        #expect(decide(["allow unix:", "deny all"], unix) == (true, 1))
+        #expect(decide(["allow unix:", "deny all"], SocketEndpoint(unixPath: "/run/c.sock")) == (true, 1))
+        #expect(decide(["deny unix:", "allow all"], unix) == (false, 1))
+        #expect(decide(["allow unix:", "deny all"], SocketEndpoint(address: ip("127.0.0.1"), port: 1)) == (false, 2))
+        // The variable-rule path decides the same way.
+        let list = AccessList(rules: rules(["allow 0.0.0.0/0", "deny unix:"]))
+        #expect(list.evaluate(unix, value: { _ in nil }).allowed == false)
+        let trusted = TrustedSources([(CIDR("0.0.0.0/0")!, RuleReference(file: "t", line: 1, text: ""))])
+        #expect(!trusted.trusts(unix), "set_real_ip_from 0.0.0.0/0 does not trust unix clients")
+        #expect(TrustedSources([(nil, RuleReference(file: "t", line: 1, text: ""))]).trusts(unix))
     }
 
     @Test func emptyListAllowsEveryone() {
@@ -183,6 +206,7 @@ func ip(_ text: String) -> IPAddress { IPAddress(text)! }
         for (index, rule) in rules.enumerated() {
             switch rule.match {
             case .all: return index
+            case .unix: continue  // never an IP client
             case .block(let block):
                 switch block.network {
                 case .v4(let net):

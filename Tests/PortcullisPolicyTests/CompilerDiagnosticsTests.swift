@@ -297,6 +297,41 @@ func load(_ text: String) -> CompileResult {
         #expect(errors("proxy_bind 127.0.0.2; proxy_bind 127.0.0.3;").first?.contains("\"proxy_bind\" directive is duplicate") == true)
     }
 
+    /// Issue #13 point 5: `unix:` in listen, proxy_pass, upstream servers, allow/deny and
+    /// set_real_ip_from, with nginx's errors.
+    @Test func unixSockets() throws {
+        let snapshot = try compile("""
+            stream {
+                upstream u { server unix:/run/a.sock weight=2; server 127.0.0.1:9000; }
+                server { listen unix:/run/gw.sock; allow unix:; deny all; set_real_ip_from unix:; proxy_pass u; }
+                server { listen unix:/run/gw-dgram.sock udp; proxy_pass unix:/run/dns.sock; }
+            }
+            """)
+        let a = snapshot.servers[0]
+        #expect(a.listens.map(\.endpoint) == [SocketEndpoint(unixPath: "/run/gw.sock")])
+        #expect(a.access.rules.first?.match == .unix)
+        #expect(a.realIPFrom.trusts(SocketEndpoint(unixPath: "")))
+        #expect(snapshot.upstreams["u"]?.servers.first?.endpoint == SocketEndpoint(unixPath: "/run/a.sock"))
+        #expect(snapshot.servers[1].upstream?.servers.first?.endpoint == SocketEndpoint(unixPath: "/run/dns.sock"))
+
+        func errors(_ text: String) -> [String] {
+            RuleLoader.load(text: text, file: "rules.conf", resolver: StubResolver()).diagnostics
+                .map { "\($0.location.map { "\($0.line):\($0.column)" } ?? "?") \($0.message)" }
+        }
+        let long = "unix:/" + String(repeating: "a", count: 107)
+        #expect(errors("stream { server { listen unix:; return x; } }") == [
+            "1:26 no path in the unix domain socket in \"unix:\" of the \"listen\" directive"])
+        #expect(errors("stream { server { listen \(long); return x; } }") == [
+            "1:26 too long path in the unix domain socket in \"\(long)\" of the \"listen\" directive; at most 107 bytes"])
+        #expect(errors("stream { server { listen 1; proxy_pass unix:; } }") == [
+            "1:40 no path in the unix domain socket in \"unix:\" of \"proxy_pass\""])
+        #expect(errors("stream { server { listen 1; allow unix:/x; return x; } }") == [
+            "1:35 invalid parameter \"unix:/x\" in \"allow\"; \"unix:\" alone means clients on unix-domain sockets (no path)"])
+        // One socket file cannot be a stream and a datagram listener at once.
+        #expect(errors("stream { server { listen unix:/run/x.sock; return x; } server { listen unix:/run/x.sock udp; return y; } }")
+            .first?.contains("duplicate listen unix:/run/x.sock") == true)
+    }
+
     @Test func proxySettingsInheritedAndOverridden() throws {
         let snapshot = try compile("""
             stream {

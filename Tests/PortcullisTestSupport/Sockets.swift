@@ -19,8 +19,21 @@ func check(_ result: Int32, _ call: String) throws {
     if result < 0 { throw TestSocketError.system(call, errno) }
 }
 
-func makeAddress(_ host: String, _ port: UInt16) -> (sockaddr_storage, socklen_t) {
+/// `unix:/path` is a unix-domain socket; an address with a colon IPv6; else IPv4.
+public func addressFamily(_ host: String) -> Int32 {
+    host.hasPrefix("unix:") ? AF_UNIX : host.contains(":") ? AF_INET6 : AF_INET
+}
+
+public func makeAddress(_ host: String, _ port: UInt16) -> (sockaddr_storage, socklen_t) {
     var storage = sockaddr_storage()
+    if host.hasPrefix("unix:") {
+        let path = Array(host.dropFirst(5).utf8)
+        withUnsafeMutableBytes(of: &storage) { raw in
+            raw.storeBytes(of: sa_family_t(AF_UNIX), as: sa_family_t.self)
+            for (i, byte) in path.enumerated() { raw[2 + i] = byte }
+        }
+        return (storage, socklen_t(path.isEmpty ? 2 : 2 + path.count + 1))  // "unix:": the family alone
+    }
     if host.contains(":") {
         var sin6 = sockaddr_in6()
         sin6.sin6_family = sa_family_t(AF_INET6)
@@ -45,9 +58,11 @@ public final class TestConnection: @unchecked Sendable {
     init(fd: Int32) { self.fd = fd }
 
     /// Connects to `host:port`, optionally from a chosen source address (any 127.x.y.z works).
+    /// `unix:/path` hosts are unix-domain sockets (the port is ignored; a `unix:` source binds
+    /// the client to that path).
     public static func connect(to host: String, port: UInt16, from source: String? = nil,
                                timeout: Double = 10) throws -> TestConnection {
-        let family = host.contains(":") ? AF_INET6 : AF_INET
+        let family = addressFamily(host)
         let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         try check(fd, "socket")
         let connection = TestConnection(fd: fd)
@@ -163,7 +178,7 @@ public final class TestServer: @unchecked Sendable {
     public init(host: String = "127.0.0.1", port: UInt16 = 0, handler: @escaping @Sendable (TestConnection) -> Void) throws {
         self.host = host
         self.handler = handler
-        let family = host.contains(":") ? AF_INET6 : AF_INET
+        let family = addressFamily(host)
         let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         try check(fd, "socket")
         var one: Int32 = 1

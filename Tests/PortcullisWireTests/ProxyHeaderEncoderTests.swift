@@ -13,6 +13,16 @@ import Testing
             == vector("v1-tcp4-longest"))
     }
 
+    /// A unix-domain end has no address a header can carry: UNKNOWN (v1) and AF_UNSPEC (v2),
+    /// as nginx sends for a unix client and HAProxy for mixed families.
+    @Test func unixEndsAreUnknown() {
+        let unix = SocketEndpoint(unixPath: "/run/gw.sock")
+        #expect(ProxyHeaderEncoder.v1(source: SocketEndpoint(unixPath: ""), destination: unix) == Array("PROXY UNKNOWN\r\n".utf8))
+        #expect(ProxyHeaderEncoder.v1(source: endpoint("192.0.2.1", 1111), destination: unix) == Array("PROXY UNKNOWN\r\n".utf8))
+        let v2 = ProxyHeaderEncoder.v2(source: endpoint("192.0.2.1", 1111), destination: unix)
+        #expect(v2.count == 16 && v2[12] == 0x21 && v2[13] == 0x00, "\(v2)")
+    }
+
     @Test func v1TCP6() {
         #expect(ProxyHeaderEncoder.v1(source: endpoint("2001:db8::1", 51234), destination: endpoint("2001:db8::2", 443))
             == vector("v1-tcp6"))

@@ -19,11 +19,13 @@ int portcullis_accept4(int fd, struct sockaddr *addr, socklen_t *len);
 /// Most datagrams one `portcullis_receive_datagrams` call reads.
 #define PORTCULLIS_DATAGRAM_BATCH 32
 
-/// One datagram a batch read: who sent it, where it was sent (from IP_PKTINFO/IPV6_PKTINFO,
-/// `destination.ss_family` 0 when the socket does not ask), and its length (its bytes are at
-/// its slot of the caller's buffer).
+/// One datagram a batch read: who sent it (`sender_length`: how much of `sender` the kernel
+/// filled, which tells an unnamed unix-domain sender, 0 or 2, and an abstract name's length),
+/// where it was sent (from IP_PKTINFO/IPV6_PKTINFO, `destination.ss_family` 0 when the socket
+/// does not ask), and its length (its bytes are at its slot of the caller's buffer).
 struct portcullis_datagram {
     struct sockaddr_storage sender;
+    socklen_t sender_length;
     struct sockaddr_storage destination;
     unsigned int length;
     int truncated;
@@ -36,8 +38,9 @@ int portcullis_receive_datagrams(int fd, struct portcullis_datagram *datagrams, 
 
 /// sendmsg(fd, bytes, to, MSG_DONTWAIT), leaving from `source` (IP_PKTINFO/IPV6_PKTINFO) when
 /// it is not NULL: how a wildcard socket answers from the address the client dialled.
+/// `to_length`: the length of `to` (a unix-domain address's depends on its path).
 long portcullis_send_datagram(int fd, const void *bytes, size_t length, const struct sockaddr_storage *to,
-                              const struct sockaddr_storage *source);
+                              socklen_t to_length, const struct sockaddr_storage *source);
 
 /// sendmmsg(fd, …, MSG_DONTWAIT) on a connected socket: `count` datagrams (at most
 /// PORTCULLIS_DATAGRAM_BATCH), the i-th made of `parts` vectors from `vectors + i * parts`.

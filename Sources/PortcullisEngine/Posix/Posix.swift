@@ -36,20 +36,33 @@ extension SessionMachine.Failure {
 }
 
 extension SocketEndpoint {
-    /// The address a `sockaddr_in`/`sockaddr_in6` holds; nil for other families.
-    init?(_ storage: sockaddr_storage) {
+    /// The address a `sockaddr_in`/`sockaddr_in6`/`sockaddr_un` holds; nil for other families.
+    /// `length`: what the kernel said the address takes (accept, recvmsg), which is how an
+    /// unnamed unix socket (no path) and an abstract name (NUL first, not NUL-terminated) are
+    /// told apart; nil when only a terminated path can be there.
+    init?(_ storage: sockaddr_storage, length: socklen_t? = nil) {
         var storage = storage
         switch Int32(storage.ss_family) {
         case AF_INET:
             self.init(withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in.self) })
         case AF_INET6:
             self.init(withUnsafeBytes(of: &storage) { $0.load(as: sockaddr_in6.self) })
+        case AF_UNIX:
+            let pathOffset = MemoryLayout<sa_family_t>.size
+            let capacity = MemoryLayout<sockaddr_un>.size - pathOffset
+            let available = length.map { max(0, min(Int($0) - pathOffset, capacity)) } ?? capacity
+            let path = withUnsafeBytes(of: &storage) { raw -> [UInt8] in
+                let bytes = Array(raw[pathOffset..<(pathOffset + available)])
+                // A path name ends at its NUL; an abstract name is all the bytes the length says.
+                return bytes.first == 0 ? bytes : Array(bytes.prefix { $0 != 0 })
+            }
+            self.init(unixPath: String(decoding: path, as: UTF8.self))
         default:
             return nil
         }
     }
 
-    var family: Int32 { address.isIPv4 ? AF_INET : AF_INET6 }
+    var family: Int32 { isUnix ? AF_UNIX : address.isIPv4 ? AF_INET : AF_INET6 }
 
     /// This endpoint as a `sockaddr_in`; nil for IPv6. (Also SwiftNIO's `SocketAddress` is
     /// made from these, in PortcullisNIO.)
@@ -78,6 +91,20 @@ extension SocketEndpoint {
     /// Writes this endpoint into `storage` as a `sockaddr_in` or `sockaddr_in6`; its length.
     @discardableResult
     func store(into storage: inout sockaddr_storage) -> socklen_t {
+        if let unixPath {
+            // An unnamed socket is the family alone; a path name is NUL-terminated; an
+            // abstract name (NUL first) is exactly its bytes.
+            let bytes = Array(unixPath.utf8)
+            let pathOffset = MemoryLayout<sa_family_t>.size
+            let count = min(bytes.count, MemoryLayout<sockaddr_un>.size - pathOffset - 1)
+            storage = sockaddr_storage()
+            withUnsafeMutableBytes(of: &storage) { raw in
+                raw.storeBytes(of: sa_family_t(AF_UNIX), as: sa_family_t.self)
+                for i in 0..<count { raw[pathOffset + i] = bytes[i] }
+            }
+            let terminator = bytes.isEmpty || bytes.first == 0 ? 0 : 1
+            return socklen_t(pathOffset + count + terminator)
+        }
         if let sin = sockaddrIPv4 {
             withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: sin, as: sockaddr_in.self) }
             return socklen_t(MemoryLayout<sockaddr_in>.size)
@@ -167,7 +194,7 @@ enum Socket {
         let result = withUnsafeMutablePointer(to: &storage) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
         }
-        return result == 0 ? SocketEndpoint(storage) : nil
+        return result == 0 ? SocketEndpoint(storage, length: length) : nil
     }
 
     /// `SO_KEEPALIVE` and its TCP tuning, as `listen … so_keepalive=` says.

@@ -32,7 +32,10 @@ final class TCPListener: LoopListener {
         inheritedNoDelay = box.runtime.policy.proxy.tcpNoDelay
     }
 
-    func close() { Glibc.close(fd) }
+    func close() {
+        Glibc.close(fd)
+        ListeningSocket.removeSocketFile(of: endpoint)
+    }
 
     /// The sockets of `box`'s listen, one per loop when there are several loops (or
     /// `reuseport`). Throws `ListenError`, with nothing left open.
@@ -41,6 +44,7 @@ final class TCPListener: LoopListener {
         let tcpNoDelay = box.runtime.policy.proxy.tcpNoDelay
         let sockets = try ListeningSocket.open(listen, count: listen.reusePort || loops > 1 ? loops : 1,
                                                type: SOCK_STREAM) { fd throws(SystemCallError) in
+            guard !listen.endpoint.isUnix else { return }  // no TCP options on a unix socket
             // Set here because accepted sockets inherit them.
             try Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, tcpNoDelay ? 1 : 0)
             Socket.applyKeepalive(fd, listen.keepalive)
@@ -73,7 +77,9 @@ final class TCPListener: LoopListener {
                     return
                 }
             }
-            let peer = SocketEndpoint(storage) ?? SocketEndpoint(address: .v4(0), port: 0)
+            // (An unnamed unix client's address is the family alone, or nothing at all.)
+            let peer = SocketEndpoint(storage, length: length)
+                ?? (endpoint.isUnix ? SocketEndpoint(unixPath: "") : SocketEndpoint(address: .v4(0), port: 0))
             let local = wildcard ? (Socket.localEndpoint(client) ?? endpoint) : endpoint
             configure(client, runtime)
             TCPSession.start(fd: client, peer: peer, local: local, runtime: runtime, loop: loop)

@@ -35,6 +35,10 @@ final class UDPListener: LoopListener {
         var client: SocketEndpoint
         /// The address and port the datagram was sent to (where replies leave from).
         var server: SocketEndpoint
+        /// Non-zero for a unix sender without a path name: no one to key on, so each of its
+        /// datagrams gets a key of its own, and a session, as in nginx (an unnamed sender
+        /// cannot even be answered). Such sessions still count against the table's bound.
+        var unnamedSerial: UInt64 = 0
     }
 
     let fd: Int32
@@ -59,6 +63,8 @@ final class UDPListener: LoopListener {
     private var closed = false
     /// Sessions with datagrams forwarded in the current batch read, not sent yet.
     private var unflushed: [UDPSession] = []
+    /// Datagrams from unix senders without a path name so far (`SessionKey.unnamedSerial`).
+    private var unnamedSenders: UInt64 = 0
 
     private init(fd: Int32, box: RuntimeBox, endpoint: SocketEndpoint) {
         self.fd = fd
@@ -96,6 +102,7 @@ final class UDPListener: LoopListener {
         sessions = [:]
         refused = [:]
         Glibc.close(fd)
+        ListeningSocket.removeSocketFile(of: endpoint)
     }
 
     // MARK: Datagrams from clients
@@ -110,7 +117,10 @@ final class UDPListener: LoopListener {
             guard count > 0 else { return }  // EAGAIN; other errors (ICMP on a listener) are not ours
             for index in 0..<Int(count) {
                 let datagram = buffer.datagrams[index]
-                guard let peer = SocketEndpoint(datagram.sender) else { continue }
+                // An unnamed unix-domain sender comes with no address at all (length 0).
+                guard let peer = datagram.sender_length == 0 && endpoint.isUnix
+                        ? SocketEndpoint(unixPath: "") : SocketEndpoint(datagram.sender, length: datagram.sender_length)
+                else { continue }
                 var server = endpoint
                 if wildcard, let dialled = SocketEndpoint(datagram.destination) { server.address = dialled.address }
                 process(buffer.payload(index), from: peer, to: server, loop: loop)
@@ -138,11 +148,15 @@ final class UDPListener: LoopListener {
             payload = UnsafeRawBufferPointer(rebasing: payload[length...])
             header = parsed
             // Believed only from set_real_ip_from senders, as for TCP.
-            if runtime.policy.realIPFrom.trusts(peer.address), parsed.transport == .datagram, let source = parsed.source {
+            if runtime.policy.realIPFrom.trusts(peer), parsed.transport == .datagram, let source = parsed.source {
                 client = source
             }
         }
-        let key = SessionKey(peer: peer, client: client, server: server)
+        var key = SessionKey(peer: peer, client: client, server: server)
+        if peer.isUnnamedUnix {
+            unnamedSenders &+= 1
+            key.unnamedSerial = unnamedSenders
+        }
         if let session = sessions[key] ?? refused[key], session.takesDatagrams {
             session.clientDatagram(payload, batched: true)
             return
@@ -198,18 +212,18 @@ final class UDPListener: LoopListener {
     func send(_ bytes: UnsafeRawBufferPointer, to key: SessionKey) {
         guard !closed else { return }
         var to = sockaddr_storage()
-        key.peer.store(into: &to)
+        let length = key.peer.store(into: &to)
         guard wildcard else {
-            _ = portcullis_send_datagram(fd, bytes.baseAddress, bytes.count, &to, nil)
+            _ = portcullis_send_datagram(fd, bytes.baseAddress, bytes.count, &to, length, nil)
             return
         }
         var from = sockaddr_storage()
         // (On a dual-stack socket an IPv4 client's dialled address is in its mapped form, which
         // is what Linux wants there.)
         key.server.store(into: &from)
-        if portcullis_send_datagram(fd, bytes.baseAddress, bytes.count, &to, &from) < 0 && errno == EINVAL {
+        if portcullis_send_datagram(fd, bytes.baseAddress, bytes.count, &to, length, &from) < 0 && errno == EINVAL {
             // Not an address this host can send from (a broadcast): let routing pick one.
-            _ = portcullis_send_datagram(fd, bytes.baseAddress, bytes.count, &to, nil)
+            _ = portcullis_send_datagram(fd, bytes.baseAddress, bytes.count, &to, length, nil)
         }
     }
 

@@ -110,6 +110,15 @@ final class UDPSession: LoopSession {
             Glibc.close(fd)
             return perform(machine.localBindFailed(failure.message, critical: failure.critical, now: loop.now))
         }
+        if endpoint.isUnix && dial.local == nil {
+            // An unbound unix datagram socket cannot be answered (nginx's cannot): the kernel
+            // gives it an abstract name of its own (autobind), so the upstream's replies come back.
+            var family = sockaddr_storage()
+            family.ss_family = sa_family_t(AF_UNIX)
+            _ = withUnsafePointer(to: &family) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sa_family_t>.size)) }
+            }
+        }
         let token = EventToken(tag: .upstream, slot: slot, generation: generation, attempt: dialAttempt)
         // With `proxy_responses 0` nothing is read from it, so it is not watched either.
         guard endpoint.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0,

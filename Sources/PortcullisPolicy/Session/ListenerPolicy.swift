@@ -22,7 +22,7 @@ extension ServerPolicy {
     /// the list does not set them.
     public func upstreamTLVs(for record: SessionRecord) -> [ProxyTLV] {
         var tlvs = proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
-        if let received = record.proxyHeader, realIPFrom.trusts(record.peer.address) {
+        if let received = record.proxyHeader, realIPFrom.trusts(record.peer) {
             for type in [ProxyTLVType.authority, .uniqueID] where !tlvs.contains(where: { $0.type == type.rawValue }) {
                 if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
             }

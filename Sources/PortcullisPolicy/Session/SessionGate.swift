@@ -39,7 +39,7 @@ public struct SessionGate: Sendable {
 
     /// "client: …, server: …", the end of nginx's error-log lines (with "udp " for UDP).
     public static func place(_ record: SessionRecord) -> String {
-        "\(record.transport == .udp ? "udp " : "")client: \(record.client.address), server: \(record.server)"
+        "\(record.transport == .udp ? "udp " : "")client: \(record.client.hostText), server: \(record.server)"
     }
 
     // MARK: Access
@@ -52,9 +52,9 @@ public struct SessionGate: Sendable {
         if access.hasVariableRules {
             // Variables are read lazily, only for variable rules that precede the address match.
             let current = record
-            verdict = access.evaluate(current.client.address) { VariableRenderer.value(of: $0, in: current, host: .current) }
+            verdict = access.evaluate(current.client) { VariableRenderer.value(of: $0, in: current, host: .current) }
         } else {
-            verdict = access.evaluate(record.client.address)
+            verdict = access.evaluate(record.client)
         }
         guard !verdict.allowed else { return true }
         record.outcome = SessionOutcome(phase: .access, cause: .accessDenied, rule: verdict.rule?.reference)

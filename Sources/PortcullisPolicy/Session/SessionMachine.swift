@@ -205,7 +205,7 @@ public struct SessionMachine: Sendable {
             }
             record.proxyHeader = header
             // realip: only a trusted sender's header becomes $remote_addr, as nginx.
-            if let source = header.source, server.realIPFrom.trusts(record.peer.address) {
+            if let source = header.source, server.realIPFrom.trusts(record.peer) {
                 record.client = source
             }
             return admit(now: now)
