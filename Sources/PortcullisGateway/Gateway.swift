@@ -30,6 +30,8 @@ public final class Gateway: Service, Sendable {
     /// `geoip2 … { auto_reload T; }` timers, on their own queue so that opening and checking a
     /// new database never stalls an event loop.
     private let reloadTimers = Mutex<[ReloadTimer]>([])
+    /// `health_check`s, on a thread of their own; nil when the rules have none.
+    private let healthChecker: HealthChecker?
 
     /// The last reload failure logged for one database; touched only on the reload queue.
     private final class LastFailure: @unchecked Sendable {
@@ -59,6 +61,7 @@ public final class Gateway: Service, Sendable {
                                          errorLog: errorLog, registry: registry))
             }
         }
+        healthChecker = snapshot.healthChecks.isEmpty ? nil : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog)
         if let timeout = snapshot.main.workerShutdownTimeoutMilliseconds {
             drainTimeout.withLock { $0 = .milliseconds(Int64(timeout)) }
         }
@@ -75,6 +78,7 @@ public final class Gateway: Service, Sendable {
         }
         addresses.withLock { $0 = bound }
         startGeoIPReloads()
+        healthChecker?.start()
         errorLog.notice("portcullis started, listening on \(boxes.map(\.runtime.listen.description).joined(separator: ", "))")
     }
 
@@ -136,6 +140,7 @@ public final class Gateway: Service, Sendable {
     public func stop() async {
         // (A UDP listener's sessions end with it: no more datagrams can reach them.)
         await engine.closeListeners()
+        healthChecker?.stop()
         reloadTimers.withLock { timers in
             timers.forEach { $0.source.cancel() }
             timers = []

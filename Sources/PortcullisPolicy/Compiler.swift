@@ -59,6 +59,9 @@ struct PolicyCompiler {
     var geoipDatabases: [any GeoIPDatabase] = []
     /// The buffer of each buffered access log file, from the first directive that set one.
     var logBuffers: [String: LogBuffer] = [:]
+    /// `match` blocks by name, and every server's `health_check`s.
+    var healthMatches: [String: HealthMatch] = [:]
+    var healthChecks: [HealthCheck] = []
 
     init(resolver: any HostResolver, geoip: (any GeoIPOpener)?) {
         self.resolver = resolver
@@ -234,6 +237,7 @@ struct PolicyCompiler {
             switch d.name {
             case "server": serverBlocks.append(d)
             case "upstream": upstreamBlocks.append(d)
+            case "match": compileMatch(d)
             case "geo": compileGeo(d)
             case "map": compileMap(d)
             case "split_clients": compileSplitClients(d)
@@ -303,7 +307,8 @@ struct PolicyCompiler {
         // server the finished table.
         for i in servers.indices { servers[i].variables = variables }
         return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats,
-                              variables: variables, geoipDatabases: geoipDatabases, logBuffers: logBuffers)
+                              variables: variables, geoipDatabases: geoipDatabases, logBuffers: logBuffers,
+                              healthChecks: healthChecks)
     }
 
     mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
@@ -330,10 +335,13 @@ struct PolicyCompiler {
         var limits = inheritedLimits
         var connRules: [LimitConnRule]?
         var rateRules: [LimitRateRule]?
+        var healthCheckDirectives: [Directive] = []
         var failed = false
         for d in block.block ?? [] {
             guard admit(d, in: .server, seen: &seen) != nil else { failed = true; continue }
             switch d.name {
+            case "health_check":
+                healthCheckDirectives.append(d)
             case "listen":
                 if let listen = listen(d) { listens.append(listen) } else { failed = true }
             case "allow", "deny":
@@ -405,6 +413,14 @@ struct PolicyCompiler {
             let site = (block.block ?? []).first { $0.name == what } ?? tlvDirectives.first ?? block
             error("\"\(what)\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends \(proxy.sendProxyProtocol == .off ? "no header" : "v1")", at: site)
         }
+        for d in healthCheckDirectives {
+            // After the loop: proxy_pass may come after health_check.
+            guard let upstream else {
+                error("\"health_check\" needs \"proxy_pass\" to name an upstream block or ADDRESS:PORT in this server (not a variable, not \"return\")", at: d)
+                continue
+            }
+            if let check = healthCheck(d, group: upstream, timeout: proxy.healthCheckTimeoutMilliseconds) { healthChecks.append(check) }
+        }
         guard upstream != nil || upstreamTemplate != nil || returnValue != nil, !listens.isEmpty else { return nil }
         if let connRules { limits.conn = connRules }
         if let rateRules { limits.rate = rateRules }
@@ -424,6 +440,132 @@ struct PolicyCompiler {
             location: block.nameLocation,
             ordinal: ordinal,
             variables: variables)
+    }
+
+    // MARK: Health checks
+
+    /// `match NAME { send STRING; expect STRING | ~ REGEX | ~* REGEX; }`. Both strings take
+    /// nginx's `\xHH` escapes.
+    mutating func compileMatch(_ d: Directive) {
+        let name = d.arguments[0].text
+        if healthMatches[name] != nil {
+            error("duplicate match \"\(name)\"", at: d.arguments[0])
+            return
+        }
+        var match = HealthMatch(name: name)
+        var seen: [String: Directive] = [:]
+        var failed = false
+        for entry in d.block ?? [] {
+            guard admit(entry, in: .match, seen: &seen) != nil else { failed = true; continue }
+            let argument = entry.arguments[0]
+            switch entry.name {
+            case "send":
+                match.send = Self.hexUnescaped(argument.text)
+            case "expect":
+                let caseInsensitive = argument.text.hasPrefix("~*")
+                if argument.text.hasPrefix("~") && !argument.quoted {
+                    // `expect ~ "re"` (two words) or `expect ~re` (one).
+                    let inline = String(argument.text.dropFirst(caseInsensitive ? 2 : 1))
+                    let patternArgument = entry.arguments.count == 2 ? entry.arguments[1] : argument
+                    let pattern = entry.arguments.count == 2 ? entry.arguments[1].text : inline
+                    guard !pattern.isEmpty, entry.arguments.count == 2 ? inline.isEmpty : true else {
+                        error("invalid \"expect\" in match \"\(name)\"; expected \"expect STRING;\", \"expect ~ REGEX;\" or \"expect ~* REGEX;\"", at: argument)
+                        failed = true
+                        continue
+                    }
+                    if let group = MapRegex.exponentialRisk(in: pattern) {
+                        error("the regex in match \"\(name)\" can take exponential time on a hostile answer (\(group)); rewrite it without a repeated group that itself repeats", at: patternArgument)
+                        failed = true
+                        continue
+                    }
+                    do {
+                        match.expect = .regex(try HealthRegex(pattern: pattern, caseInsensitive: caseInsensitive))
+                    } catch {
+                        self.error("invalid regex \"\(pattern)\" in match \"\(name)\": \(error)", at: patternArgument)
+                        failed = true
+                    }
+                } else {
+                    guard entry.arguments.count == 1 else {
+                        error("invalid \"expect\" in match \"\(name)\"; expected \"expect STRING;\", \"expect ~ REGEX;\" or \"expect ~* REGEX;\"", at: entry.arguments[1])
+                        failed = true
+                        continue
+                    }
+                    match.expect = .contains(Self.hexUnescaped(argument.text))
+                }
+            default:
+                break
+            }
+        }
+        if !failed { healthMatches[name] = match }
+    }
+
+    /// nginx's `\xHH` escapes in `send` and `expect`; other text as it is.
+    static func hexUnescaped(_ text: String) -> [UInt8] {
+        let bytes = Array(text.utf8)
+        var out: [UInt8] = []
+        var i = 0
+        while i < bytes.count {
+            if bytes[i] == UInt8(ascii: "\\"), i + 3 < bytes.count, bytes[i + 1] == UInt8(ascii: "x"),
+               let value = UInt8(String(decoding: bytes[(i + 2)...(i + 3)], as: UTF8.self), radix: 16) {
+                out.append(value)
+                i += 4
+            } else {
+                out.append(bytes[i])
+                i += 1
+            }
+        }
+        return out
+    }
+
+    /// `health_check [interval=T] [jitter=T] [fails=N] [passes=N] [mandatory [persistent]]
+    /// [match=NAME] [port=N] [udp]`, nginx Plus's parameters and defaults.
+    mutating func healthCheck(_ d: Directive, group: UpstreamGroup, timeout: Int) -> HealthCheck? {
+        var check = HealthCheck(group: group)
+        check.timeoutMilliseconds = timeout
+        check.location = d.nameLocation
+        for argument in d.arguments {
+            let (key, value) = splitParameter(argument.text)
+            switch key {
+            case "interval=", "jitter=":
+                guard let ms = Units.milliseconds(value), key == "jitter=" || ms > 0 else {
+                    error("invalid value \"\(value)\" in \"\(key)\" of \"health_check\"; expected a time such as 5s", at: argument)
+                    return nil
+                }
+                if key == "interval=" { check.intervalMilliseconds = ms } else { check.jitterMilliseconds = ms }
+            case "fails=", "passes=":
+                guard let n = Int(value), n > 0 else {
+                    error("invalid value \"\(value)\" in \"\(key)\" of \"health_check\"; expected a positive number", at: argument)
+                    return nil
+                }
+                if key == "fails=" { check.fails = n } else { check.passes = n }
+            case "port=":
+                guard let port = UInt16(value), port > 0 else {
+                    error("invalid port \"\(value)\" in \"health_check\"; expected 1-65535", at: argument)
+                    return nil
+                }
+                check.port = port
+            case "match=":
+                guard let match = healthMatches[value] else {
+                    var message = "unknown match \"\(value)\" in \"health_check\""
+                    if let guess = closestMatch(to: value, in: healthMatches.keys) { message += "; did you mean \"\(guess)\"?" }
+                    error(message, at: argument)
+                    return nil
+                }
+                check.match = match
+            case "mandatory": check.mandatory = true
+            case "persistent":
+                guard check.mandatory else {
+                    error("\"persistent\" in \"health_check\" needs \"mandatory\" before it", at: argument)
+                    return nil
+                }
+                check.persistent = true
+            case "udp": check.udp = true
+            default:
+                error("invalid parameter \"\(argument.text)\" in \"health_check\"; expected interval=, jitter=, fails=, passes=, mandatory, persistent, match=, port= or udp", at: argument)
+                return nil
+            }
+        }
+        return check
     }
 
     // MARK: Directives
@@ -879,6 +1021,7 @@ struct PolicyCompiler {
             }
             if d.name == "proxy_responses" { proxy.udpResponses = n } else { proxy.udpRequests = n }
         case "proxy_protocol_timeout": if let t = time(argument, in: d) { proxy.proxyProtocolTimeoutMilliseconds = t }
+        case "health_check_timeout": if let t = time(argument, in: d) { proxy.healthCheckTimeoutMilliseconds = max(t, 1) }
         case "preread_timeout": _ = time(argument, in: d)
         case "proxy_protocol_crc32c": if let v = flag(argument, in: d) { proxy.proxyProtocolCRC32C = v }
         case "proxy_protocol":

@@ -3,6 +3,8 @@ import PortcullisRules
 /// Where a directive may appear.
 enum BlockContext: String, Sendable {
     case main, events, stream, server, upstream
+    /// `match NAME { send …; expect …; }` (health checks).
+    case match
 }
 
 /// What the compiler knows about a directive name in one context.
@@ -90,9 +92,14 @@ enum DirectiveTable {
         for name in ["proxy_connect_timeout", "proxy_timeout", "proxy_half_close", "tcp_nodelay", "proxy_buffer_size",
                      "proxy_socket_keepalive", "proxy_next_upstream", "proxy_next_upstream_tries",
                      "proxy_next_upstream_timeout", "proxy_responses", "proxy_requests",
-                     "proxy_protocol_timeout", "preread_timeout", "preread_buffer_size"] {
+                     "proxy_protocol_timeout", "preread_timeout", "preread_buffer_size", "health_check_timeout"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
         }
+        // Active health checks (nginx Plus's health_check and match, issue #13).
+        t["health_check"] = DirectiveSpec(contexts: [.server], arguments: 0...10, single: false)
+        t["match"] = DirectiveSpec(contexts: [.stream], arguments: 1...1, takesBlock: true, single: false)
+        t["send"] = DirectiveSpec(contexts: [.match], arguments: 1...1)
+        t["expect"] = DirectiveSpec(contexts: [.match], arguments: 1...2)
         // upstream { }
         // (Balancing methods are not `single`: nginx warns "load balancing method redefined"
         // and the last one wins, so the compiler handles repeats itself.)

@@ -15,6 +15,8 @@ public struct PolicySnapshot: Sendable {
     /// Access log files written through a memory buffer (`buffer=`, `flush=`, `gzip`), by path.
     /// Every line written to such a file goes through its buffer, whichever directive wrote it.
     public var logBuffers: [String: LogBuffer] = [:]
+    /// Every `health_check` of every server, with the group it checks.
+    public var healthChecks: [HealthCheck] = []
 
     /// Every file that must be opened for writing: access logs and the audit log.
     public var logPaths: [String] {
@@ -223,6 +225,8 @@ public struct ProxySettings: Sendable, Equatable {
     public var udpResponses: Int?
     /// UDP: `proxy_requests N` — client datagrams after which the session takes no more; 0 = no limit.
     public var udpRequests = 0
+    /// `health_check_timeout`: how long one health check may take (connect, send, expect).
+    public var healthCheckTimeoutMilliseconds = 5_000
     /// `proxy_bind`: the local address upstream connections are made from; nil = the kernel's choice.
     public var bind: ProxyBind?
 

@@ -69,6 +69,9 @@ public final class UpstreamGroup: Sendable {
         var checkedAt: Int64 = 0  // ms, when the last failure was counted
         /// Sessions that picked this server and have not ended (or failed to connect) yet.
         var conns = 0
+        /// Active health checks that hold this server out of rotation now (`health_check`:
+        /// one failing check is enough, as nginx Plus).
+        var unhealthyVotes = 0
     }
 
     private let state: Mutex<[PeerState]>
@@ -155,13 +158,23 @@ public final class UpstreamGroup: Sendable {
         }
     }
 
+    /// A `health_check` found server `index` unhealthy (`false`) or healthy again (`true`).
+    /// Each check reports only its own transitions, so the votes stay balanced.
+    public func setHealth(_ index: Int, healthy: Bool) {
+        state.withLock { peers in peers[index].unhealthyVotes = max(peers[index].unhealthyVotes + (healthy ? -1 : 1), 0) }
+    }
+
+    /// Whether no health check holds server `index` out (tests, `explain`, metrics).
+    public func isHealthy(_ index: Int) -> Bool { state.withLock { $0[index].unhealthyVotes == 0 } }
+
     // MARK: Methods
 
     /// Whether `index` may take a session now: not tried by it, not down, not failed (a
-    /// group's only server is never failed, as in nginx), not at `max_conns`.
+    /// group's only server is never failed, as in nginx), not unhealthy (`health_check`: a
+    /// group's only server too), not at `max_conns`.
     private func available(_ index: Int, _ peers: [PeerState], excluding tried: [Int], now: Int64) -> Bool {
         let server = servers[index]
-        if server.down || tried.contains(index) { return false }
+        if server.down || tried.contains(index) || peers[index].unhealthyVotes > 0 { return false }
         if server.maxConns > 0 && peers[index].conns >= server.maxConns { return false }
         if servers.count > 1, server.maxFails > 0, peers[index].fails >= server.maxFails,
            now - peers[index].checkedAt <= Int64(server.failTimeoutMilliseconds) {
