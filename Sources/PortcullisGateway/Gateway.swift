@@ -32,6 +32,8 @@ public final class Gateway: Service, Sendable {
     private let reloadTimers = Mutex<[ReloadTimer]>([])
     /// `health_check`s, on a thread of their own; nil when the rules have none.
     private let healthChecker: HealthChecker?
+    /// `server NAME resolve` lines, re-resolved on a thread of their own; nil when there are none.
+    private let nameResolver: NameResolver?
 
     /// The last reload failure logged for one database; touched only on the reload queue.
     private final class LastFailure: @unchecked Sendable {
@@ -62,6 +64,7 @@ public final class Gateway: Service, Sendable {
             }
         }
         healthChecker = snapshot.healthChecks.isEmpty ? nil : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog)
+        nameResolver = snapshot.resolutions.isEmpty ? nil : NameResolver(resolutions: snapshot.resolutions, errorLog: errorLog)
         if let timeout = snapshot.main.workerShutdownTimeoutMilliseconds {
             drainTimeout.withLock { $0 = .milliseconds(Int64(timeout)) }
         }
@@ -79,6 +82,7 @@ public final class Gateway: Service, Sendable {
         addresses.withLock { $0 = bound }
         startGeoIPReloads()
         healthChecker?.start()
+        nameResolver?.start()
         errorLog.notice("portcullis started, listening on \(boxes.map(\.runtime.listen.description).joined(separator: ", "))")
     }
 
@@ -141,6 +145,7 @@ public final class Gateway: Service, Sendable {
         // (A UDP listener's sessions end with it: no more datagrams can reach them.)
         await engine.closeListeners()
         healthChecker?.stop()
+        nameResolver?.stop()
         reloadTimers.withLock { timers in
             timers.forEach { $0.source.cancel() }
             timers = []

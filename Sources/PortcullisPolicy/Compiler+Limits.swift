@@ -135,6 +135,7 @@ extension PolicyCompiler {
         switch d.name {
         case "limit_conn_dry_run": if let v = flag(argument, in: d) { limits.connDryRun = v }
         case "limit_rate_dry_run": if let v = flag(argument, in: d) { limits.rateDryRun = v }
+        case "access_dry_run": if let v = flag(argument, in: d) { limits.accessDryRun = v }
         case "limit_conn_log_level":
             guard let level = ErrorLogSpec.Level(rawValue: argument.text), [.info, .notice, .warn, .error].contains(level) else {
                 error("invalid value \"\(argument.text)\" in \"limit_conn_log_level\"; it must be info, notice, warn or error", at: argument)

@@ -62,6 +62,11 @@ struct PolicyCompiler {
     /// `match` blocks by name, and every server's `health_check`s.
     var healthMatches: [String: HealthMatch] = [:]
     var healthChecks: [HealthCheck] = []
+    /// `resolver` and `resolver_timeout` written in `stream` (what upstream blocks use unless
+    /// they have their own), and every `server … resolve`.
+    var streamResolver: ResolverSpec?
+    var streamResolverTimeout: Int?
+    var resolutions: [Resolution] = []
 
     init(resolver: any HostResolver, geoip: (any GeoIPOpener)?) {
         self.resolver = resolver
@@ -257,6 +262,8 @@ struct PolicyCompiler {
             case "audit_log":
                 if let spec = auditLogSpec(d) { auditLog = spec }
             case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
+            case "resolver": streamResolver = resolver(d)
+            case "resolver_timeout": streamResolverTimeout = time(d.arguments[0], in: d)
             default:
                 if !applyLimitSetting(d, to: &streamLimits) { applyProxySetting(d, to: &proxy) }
             }
@@ -308,7 +315,7 @@ struct PolicyCompiler {
         for i in servers.indices { servers[i].variables = variables }
         return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats,
                               variables: variables, geoipDatabases: geoipDatabases, logBuffers: logBuffers,
-                              healthChecks: healthChecks)
+                              healthChecks: healthChecks, resolutions: resolutions)
     }
 
     mutating func compileServer(_ block: Directive, ordinal: Int, inheritedRules: [AccessRule],
@@ -390,6 +397,12 @@ struct PolicyCompiler {
                 if let rule = limitRate(d, zones: rateZones) { rateRules = (rateRules ?? []) + [rule] } else { failed = true }
             case "error_log":
                 _ = errorLog(d)  // accepted; one error log per process for now
+            case "resolver":
+                // Checked; nothing in a server resolves at run time yet (proxy_pass $var with a
+                // host name would), so it has no effect there.
+                if resolver(d) == nil { failed = true }
+            case "resolver_timeout":
+                if time(d.arguments[0], in: d) == nil { failed = true }
             default:
                 if !applyLimitSetting(d, to: &limits) { applyProxySetting(d, to: &proxy) }
             }
@@ -872,9 +885,20 @@ struct PolicyCompiler {
         var seen: [String: Directive] = [:]
         var method = BalancingMethod.roundRobin
         var methodDirective: Directive?
+        var ownResolver: ResolverSpec?
+        var ownTimeout: Int?
+        var hasZone = false
+        /// `server NAME resolve` lines: the template, the name, the port, where it was written.
+        var resolvable: [(server: UpstreamServer, host: String, port: UInt16, at: Directive)] = []
         for d in block.block ?? [] {
             guard admit(d, in: .upstream, seen: &seen) != nil else { continue }
             switch d.name {
+            case "resolver":
+                ownResolver = resolver(d)
+                continue
+            case "resolver_timeout":
+                ownTimeout = time(d.arguments[0], in: d)
+                continue
             case "hash", "least_conn", "random":
                 if let earlier = methodDirective {
                     diagnostics.warning("load balancing method redefined; \"\(earlier.name)\" at \(earlier.nameLocation) no longer applies",
@@ -886,14 +910,37 @@ struct PolicyCompiler {
                 continue
             case "zone":
                 zone(d)
+                hasZone = true
                 continue
             case "server":
                 break
             default:
                 continue
             }
-            guard let endpoints = endpoints(d.arguments[0], text: d.arguments[0].text, in: "server") else { continue }
-            var template = UpstreamServer(endpoint: endpoints[0], name: d.arguments[0].text)
+            // `resolve` on a name: looked up at run time, not now (nginx 1.27.3); on an address
+            // it changes nothing.
+            let text = d.arguments[0].text
+            var runtimeName: (host: String, port: UInt16)?
+            if d.arguments.dropFirst().contains(where: { $0.text == "resolve" }), !text.hasPrefix("unix:"),
+               let (host, portText) = SocketEndpoint.split(text), IPAddress(host) == nil {
+                guard let port = UInt16(portText), port > 0 else {
+                    error("invalid port \"\(portText)\" in \"\(text)\"; expected 1-65535", at: d.arguments[0])
+                    continue
+                }
+                runtimeName = (host, port)
+            } else if d.arguments.dropFirst().contains(where: { $0.text == "resolve" }), !text.hasPrefix("unix:"),
+                      SocketEndpoint.split(text) == nil, IPAddress(text) == nil {
+                error("no port in upstream \"\(text)\"", at: d.arguments[0])
+                continue
+            }
+            let endpoints: [SocketEndpoint]
+            if let runtimeName {
+                endpoints = [SocketEndpoint(address: .v4(0), port: runtimeName.port)]  // a template, never dialled
+            } else {
+                guard let found = self.endpoints(d.arguments[0], text: text, in: "server") else { continue }
+                endpoints = found
+            }
+            var template = UpstreamServer(endpoint: endpoints[0], name: text)
             var valid = true
             for argument in d.arguments.dropFirst() {
                 let (key, value) = splitParameter(argument.text)
@@ -928,9 +975,13 @@ struct PolicyCompiler {
                     }
                     template.backup = true
                 case "down": template.down = true
+                case "resolve": break
+                case "service=":
+                    error("\"service=\" (DNS SRV records) is not supported yet; name the port: \"server NAME:PORT resolve\"", at: argument)
+                    valid = false
                 default:
                     var message = "invalid parameter \"\(argument.text)\" in upstream \"server\""
-                    if let guess = closestMatch(to: key, in: ["weight=", "max_conns=", "max_fails=", "fail_timeout=", "backup", "down"]) {
+                    if let guess = closestMatch(to: key, in: ["weight=", "max_conns=", "max_fails=", "fail_timeout=", "backup", "down", "resolve"]) {
                         message += "; did you mean \"\(guess)\"?"
                     }
                     error(message, at: argument)
@@ -938,6 +989,10 @@ struct PolicyCompiler {
                 }
             }
             guard valid else { continue }
+            if let runtimeName {
+                resolvable.append((template, runtimeName.host, runtimeName.port, d))
+                continue
+            }
             for endpoint in endpoints {
                 var server = template
                 server.endpoint = endpoint
@@ -945,11 +1000,84 @@ struct PolicyCompiler {
             }
         }
         let name = block.arguments[0].text
-        if servers.isEmpty || servers.allSatisfy(\.backup) {
+        // nginx's checks and wording; a group of only `resolve` servers is fine (it starts empty).
+        var resolver = ownResolver ?? streamResolver
+        if let first = resolvable.first {
+            let site = "upstream \"\(name)\" in \(block.nameLocation.file):\(block.nameLocation.line)"
+            if !hasZone {
+                error("resolving names at run time requires \(site) to be in shared memory (add \"zone \(name) 64k;\"; Portcullis shares its state anyway, nginx needs it)", at: first.at)
+                return nil
+            }
+            if resolver == nil {
+                error("no resolver defined to resolve names at run time in \(site)", at: first.at)
+                return nil
+            }
+            if let timeout = ownTimeout ?? streamResolverTimeout { resolver?.timeoutMilliseconds = timeout }
+        }
+        let primaries = servers.filter { !$0.backup }.count + resolvable.filter { !$0.server.backup }.count
+        if primaries == 0 {
             if !diagnostics.hasErrors { error("no servers are inside upstream \"\(name)\"", at: block) }
             return nil
         }
-        return UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location, method: method)
+        let group = UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location, method: method,
+                                  resolvable: resolvable.map(\.server))
+        if let resolver {
+            for (index, entry) in resolvable.enumerated() {
+                resolutions.append(Resolution(group: group, template: index, host: entry.host, port: entry.port, resolver: resolver))
+            }
+        }
+        return group
+    }
+
+    /// `resolver ADDRESS[:PORT] … [valid=TIME] [ipv4=on|off] [ipv6=on|off] [status_zone=NAME]`.
+    /// A host name among the addresses is resolved now, as nginx does.
+    mutating func resolver(_ d: Directive) -> ResolverSpec? {
+        var spec = ResolverSpec(servers: [])
+        for argument in d.arguments {
+            let (key, value) = splitParameter(argument.text)
+            switch key {
+            case "valid=":
+                guard let ms = Units.milliseconds(value) else {
+                    error("invalid time \"\(value)\" in \"valid=\" of \"resolver\"; expected a time such as 30s", at: argument)
+                    return nil
+                }
+                spec.validMilliseconds = ms
+            case "ipv4=", "ipv6=":
+                guard value == "on" || value == "off" else {
+                    error("invalid parameter \"\(argument.text)\" in \"resolver\"; \"\(key)\" must be \"on\" or \"off\"", at: argument)
+                    return nil
+                }
+                if key == "ipv4=" { spec.ipv4 = value == "on" } else { spec.ipv6 = value == "on" }
+            case "status_zone=":
+                break  // nginx Plus's statistics; metrics are issue #15's
+            default:
+                let text = argument.text
+                if let address = IPAddress(text) {
+                    spec.servers.append(SocketEndpoint(address: address, port: 53))
+                } else if let endpoint = SocketEndpoint(text), !endpoint.isUnix {
+                    spec.servers.append(endpoint)
+                } else if text.hasPrefix("["), text.hasSuffix("]"), let address = IPAddress(String(text.dropFirst().dropLast())) {
+                    spec.servers.append(SocketEndpoint(address: address, port: 53))
+                } else {
+                    let (host, port) = SocketEndpoint.split(text) ?? (text, "53")
+                    let addresses = UInt16(port).map { _ in self.resolver.addresses(of: host) } ?? []
+                    guard let number = UInt16(port), number > 0, !addresses.isEmpty else {
+                        error("host not found in resolver \"\(text)\"", at: argument)
+                        return nil
+                    }
+                    spec.servers += addresses.map { SocketEndpoint(address: $0, port: number) }
+                }
+            }
+        }
+        guard !spec.servers.isEmpty else {
+            error("no name servers defined in \"resolver\"", at: d)
+            return nil
+        }
+        guard spec.ipv4 || spec.ipv6 else {
+            error("\"ipv4\" and \"ipv6\" cannot both be \"off\" in \"resolver\"", at: d)
+            return nil
+        }
+        return spec
     }
 
     /// `hash KEY [consistent]`, `least_conn`, `random [two [least_conn]]`.

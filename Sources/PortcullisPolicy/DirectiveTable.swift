@@ -119,7 +119,7 @@ enum DirectiveTable {
         t["limit_conn"] = DirectiveSpec(contexts: streamServer, arguments: 2...2, single: false)
         t["limit_rate_zone"] = DirectiveSpec(contexts: [.stream], arguments: 3...4, single: false)
         t["limit_rate"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
-        for name in ["limit_conn_dry_run", "limit_conn_log_level", "limit_rate_dry_run", "proxy_upload_rate",
+        for name in ["limit_conn_dry_run", "limit_conn_log_level", "limit_rate_dry_run", "access_dry_run", "proxy_upload_rate",
                      "proxy_download_rate"] {
             t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
         }
@@ -129,9 +129,12 @@ enum DirectiveTable {
         t["proxy_protocol_tlv"] = DirectiveSpec(contexts: streamServer, arguments: 2...2, single: false)
         t["set_real_ip_from"] = DirectiveSpec(contexts: streamServer, arguments: 1...1, single: false)
         t["return"] = DirectiveSpec(contexts: [.server], arguments: 1...1)
-        for name in ["access_dry_run", "ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
-                     "ssl_ciphers", "proxy_ssl", "resolver", "server_name"] {
-            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("not built yet"))
+        // Service discovery (nginx 1.27.3): `server NAME resolve` re-resolved by `resolver`.
+        t["resolver"] = DirectiveSpec(contexts: [.stream, .server, .upstream], arguments: 1...unlimited)
+        t["resolver_timeout"] = DirectiveSpec(contexts: [.stream, .server, .upstream], arguments: 1...1)
+        for name in ["ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
+                     "ssl_ciphers", "proxy_ssl", "server_name"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("TLS is not built yet, issue #14"))
         }
         return t
     }()

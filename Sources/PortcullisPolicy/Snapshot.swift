@@ -17,6 +17,8 @@ public struct PolicySnapshot: Sendable {
     public var logBuffers: [String: LogBuffer] = [:]
     /// Every `health_check` of every server, with the group it checks.
     public var healthChecks: [HealthCheck] = []
+    /// Every `server NAME resolve` line, with its group and resolver.
+    public var resolutions: [Resolution] = []
 
     /// Every file that must be opened for writing: access logs and the audit log.
     public var logPaths: [String] {
@@ -186,6 +188,9 @@ public struct LimitSettings: Sendable {
     public var connLogLevel = ErrorLogSpec.Level.error
     public var rate: [LimitRateRule] = []
     public var rateDryRun = false
+    /// `access_dry_run on` (extension): a `deny` is logged and audited as a dry run, and the
+    /// session goes on. Kept with the limits' dry runs, inherited the same way.
+    public var accessDryRun = false
     /// `proxy_upload_rate` / `proxy_download_rate`: bytes per second per connection, 0 = off.
     public var uploadRate = 0
     public var downloadRate = 0
@@ -231,6 +236,29 @@ public struct ProxySettings: Sendable, Equatable {
     public var bind: ProxyBind?
 
     public init() {}
+}
+
+/// `resolver ADDRESS … [valid=TIME] [ipv4=on|off] [ipv6=on|off]` with `resolver_timeout`.
+public struct ResolverSpec: Sendable, Equatable {
+    /// The name servers, asked in turn (port 53 unless written).
+    public var servers: [SocketEndpoint]
+    /// `valid=`: how long an answer is used, instead of its TTL.
+    public var validMilliseconds: Int?
+    public var ipv4 = true
+    public var ipv6 = true
+    /// `resolver_timeout` (nginx's default 30s).
+    public var timeoutMilliseconds = 30_000
+}
+
+/// One `server NAME[:PORT] resolve` line of an upstream block: the name is looked up in the
+/// background and the group's servers follow its addresses (nginx 1.27.3).
+public struct Resolution: Sendable {
+    public var group: UpstreamGroup
+    /// The line's index among `group.resolvable`.
+    public var template: Int
+    public var host: String
+    public var port: UInt16
+    public var resolver: ResolverSpec
 }
 
 /// `proxy_bind ADDRESS [transparent]`.

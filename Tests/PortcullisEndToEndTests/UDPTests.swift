@@ -1195,7 +1195,7 @@ fileprivate enum DNSFlood {
 
 /// dnsmasq in the foreground on a free loopback port, answering example.test with
 /// 192.0.2.55 from its own configuration (no resolv.conf, no hosts file, no root-owned files).
-fileprivate final class DNSMasq: @unchecked Sendable {
+final class DNSMasq: @unchecked Sendable {
     let port: UInt16
     let pid: pid_t
     let directory: URL
@@ -1210,7 +1210,8 @@ fileprivate final class DNSMasq: @unchecked Sendable {
 
     deinit { stop() }
 
-    static func start(logQueries: Bool = true) throws -> DNSMasq {
+    /// `arguments`: more of dnsmasq's options (`--addn-hosts=FILE` for answers a test changes).
+    static func start(logQueries: Bool = true, arguments extra: [String] = []) throws -> DNSMasq {
         let executable = try Spawn.executable("dnsmasq", package: "dnsmasq")
         // dnsmasq run as root drops to "nobody" unless told otherwise; run as anyone else it
         // stays who it is. Naming the current user works both ways.
@@ -1225,6 +1226,7 @@ fileprivate final class DNSMasq: @unchecked Sendable {
                 "--no-resolv", "--no-hosts", "--address=/example.test/192.0.2.55", "--log-facility=-",
             ]
             if logQueries { arguments.append("--log-queries") }
+            arguments += extra
             let pid = try Spawn.start(executable, arguments,
                                       stdout: directory.appendingPathComponent("dnsmasq.log").path,
                                       stderr: directory.appendingPathComponent("stderr.log").path)
@@ -1249,6 +1251,9 @@ fileprivate final class DNSMasq: @unchecked Sendable {
             .joined(separator: "\n")
     }
 
+    /// Rereads its hosts files (SIGHUP), so its answers change.
+    func reload() { if isRunning { kill(pid, SIGHUP) } }
+
     /// Whether dnsmasq still runs (reaping it, once, if it has exited).
     var isRunning: Bool {
         guard !exited.load(ordering: .relaxed) else { return false }
@@ -1272,7 +1277,7 @@ fileprivate final class DNSMasq: @unchecked Sendable {
 
 /// Child processes started cleanly (as ExternalPeer does): no inherited descriptors beyond
 /// 0–2, no blocked signals, default signal actions.
-fileprivate enum Spawn {
+enum Spawn {
     /// The executable from PATH or the sbin folders Debian installs to.
     static func executable(_ name: String, package: String) throws -> String {
         var folders = (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":").map(String.init)

@@ -14,6 +14,12 @@ public struct UpstreamServer: Sendable, Equatable {
     public var failTimeoutMilliseconds: Int = 10_000
     public var backup = false
     public var down = false
+    /// `server NAME resolve`: which such line this address came from (its index among the
+    /// group's templates); nil for a server written with its address.
+    public var resolvedFrom: Int?
+    /// An address its name no longer resolves to: kept (sessions may still hold its index)
+    /// but never picked; it comes back if the name resolves to it again.
+    public var removed = false
 
     public init(endpoint: SocketEndpoint, name: String) {
         self.endpoint = endpoint
@@ -50,18 +56,10 @@ public enum BalancingMethod: Sendable, Equatable {
 /// is a few dozen instructions, far below the cost of the connect it precedes.
 public final class UpstreamGroup: Sendable {
     public let name: String
-    public let servers: [UpstreamServer]
     public let location: SourceLocation?
     public let method: BalancingMethod
-    /// Indices of the primary (non-backup) servers and of the backups, in the file's order.
-    private let primaries: [Int]
-    private let backups: [Int]
-    /// Sum of the primaries' weights (down ones too, as nginx's `total_weight`).
-    private let totalWeight: Int
-    /// `hash … consistent`: the ring, sorted by hash, one entry per distinct hash.
-    private let points: [(hash: UInt32, name: String)]
-    /// `random`: where each primary's share of `totalWeight` starts.
-    private let ranges: [Int]
+    /// `server NAME resolve` lines: what the resolver turns into servers (`resolvedFrom`).
+    public let resolvable: [UpstreamServer]
 
     private struct PeerState {
         var currentWeight = 0
@@ -74,23 +72,58 @@ public final class UpstreamGroup: Sendable {
         var unhealthyVotes = 0
     }
 
-    private let state: Mutex<[PeerState]>
+    /// The servers and the per-server state, under one lock: `resolve` can change the
+    /// servers while sessions pick. Indices are stable: a server that leaves stays as
+    /// `removed`, so an index a session holds always means the same address.
+    private struct State {
+        var balancer: Balancer
+        var peers: [PeerState]
+    }
 
-    public init(name: String, servers: [UpstreamServer], location: SourceLocation?, method: BalancingMethod = .roundRobin) {
+    private let state: Mutex<State>
+
+    public init(name: String, servers: [UpstreamServer], location: SourceLocation?, method: BalancingMethod = .roundRobin,
+                resolvable: [UpstreamServer] = []) {
         self.name = name
-        self.servers = servers
         self.location = location
         self.method = method
-        primaries = servers.indices.filter { !servers[$0].backup }
-        backups = servers.indices.filter { servers[$0].backup }
-        totalWeight = primaries.reduce(0) { $0 + servers[$1].weight }
-        var start = 0
-        ranges = primaries.map { index in
-            defer { start += servers[index].weight }
-            return start
+        self.resolvable = resolvable
+        state = Mutex(State(balancer: Balancer(servers: servers, method: method),
+                            peers: Array(repeating: PeerState(), count: servers.count)))
+    }
+
+    /// Every server, in order (addresses that left through `resolve` too, `removed`).
+    public var servers: [UpstreamServer] { state.withLock { $0.balancer.servers } }
+
+    public func server(_ index: Int) -> UpstreamServer { state.withLock { $0.balancer.servers[index] } }
+
+    /// `server NAME resolve`: the addresses template `template`'s name resolves to now. New
+    /// ones join (or come back), ones no longer there leave (sessions on them go on); state of
+    /// the ones that stay is kept. Returns the addresses that joined and left, for the log.
+    @discardableResult
+    public func updateResolved(_ template: Int, to addresses: [SocketEndpoint]) -> (added: [SocketEndpoint], removed: [SocketEndpoint]) {
+        state.withLock { s in
+            var servers = s.balancer.servers
+            var added: [SocketEndpoint] = [], removed: [SocketEndpoint] = []
+            let wanted = Set(addresses)
+            for i in servers.indices where servers[i].resolvedFrom == template {
+                let keep = wanted.contains(servers[i].endpoint)
+                if servers[i].removed == keep {
+                    servers[i].removed = !keep
+                    if keep { added.append(servers[i].endpoint) } else { removed.append(servers[i].endpoint) }
+                }
+            }
+            for address in addresses where !servers.contains(where: { $0.resolvedFrom == template && $0.endpoint == address }) {
+                var server = resolvable[template]
+                server.endpoint = address
+                server.resolvedFrom = template
+                servers.append(server)
+                s.peers.append(PeerState())
+                added.append(address)
+            }
+            if !added.isEmpty || !removed.isEmpty { s.balancer = Balancer(servers: servers, method: method) }
+            return (added, removed)
         }
-        points = if case .consistentHash = method { Self.ring(primaries.map { servers[$0] }) } else { [] }
-        state = Mutex(Array(repeating: PeerState(), count: servers.count))
     }
 
     /// What one session's picks remember from one attempt to the next (nginx's per-request
@@ -115,45 +148,46 @@ public final class UpstreamGroup: Sendable {
     /// Picks the next server to try by the group's method; the pick counts as one of that
     /// server's sessions until `release`.
     public func pick(_ session: inout PickState, excluding tried: [Int], now: Int64) -> Int? {
-        state.withLock { peers in
+        state.withLock { s in
+            let b = s.balancer
             let picked: Int?
             switch method {
             case .roundRobin:
-                picked = roundRobin(&peers, excluding: tried, now: now)
+                picked = b.roundRobin(&s.peers, excluding: tried, now: now)
             case .leastConn:
-                picked = leastConn(&peers, among: primaries, excluding: tried, now: now)
-                    ?? leastConn(&peers, among: backups, excluding: tried, now: now)
+                picked = b.leastConn(&s.peers, among: b.primaries, excluding: tried, now: now)
+                    ?? b.leastConn(&s.peers, among: b.backups, excluding: tried, now: now)
             case .hash:
-                picked = hash(&peers, &session, excluding: tried, now: now)
+                picked = b.hash(&s.peers, &session, excluding: tried, now: now)
             case .consistentHash:
-                picked = consistentHash(&peers, &session, excluding: tried, now: now)
+                picked = b.consistentHash(&s.peers, &session, excluding: tried, now: now)
             case .random(let two):
-                picked = random(&peers, &session, two: two, excluding: tried, now: now)
+                picked = b.random(&s.peers, &session, two: two, excluding: tried, now: now)
             }
-            if let picked { peers[picked].conns += 1 }
+            if let picked { s.peers[picked].conns += 1 }
             return picked
         }
     }
 
     /// The session that picked `index` is done with it (its connect failed, or it ended).
     public func release(_ index: Int) {
-        state.withLock { peers in peers[index].conns = max(peers[index].conns - 1, 0) }
+        state.withLock { s in s.peers[index].conns = max(s.peers[index].conns - 1, 0) }
     }
 
     /// Sessions that picked `index` and have not released it (tests, and later metrics).
-    public func sessions(on index: Int) -> Int { state.withLock { $0[index].conns } }
+    public func sessions(on index: Int) -> Int { state.withLock { $0.peers[index].conns } }
 
     /// Reports how a connect attempt to `index` ended, for `max_fails`/`fail_timeout`.
     public func report(_ index: Int, succeeded: Bool, now: Int64) {
-        state.withLock { peers in
+        state.withLock { s in
             if succeeded {
                 // nginx forgets failures once fail_timeout has passed since the last one.
-                if now - peers[index].checkedAt > Int64(servers[index].failTimeoutMilliseconds) {
-                    peers[index].fails = 0
+                if now - s.peers[index].checkedAt > Int64(s.balancer.servers[index].failTimeoutMilliseconds) {
+                    s.peers[index].fails = 0
                 }
             } else {
-                peers[index].fails += 1
-                peers[index].checkedAt = now
+                s.peers[index].fails += 1
+                s.peers[index].checkedAt = now
             }
         }
     }
@@ -161,151 +195,182 @@ public final class UpstreamGroup: Sendable {
     /// A `health_check` found server `index` unhealthy (`false`) or healthy again (`true`).
     /// Each check reports only its own transitions, so the votes stay balanced.
     public func setHealth(_ index: Int, healthy: Bool) {
-        state.withLock { peers in peers[index].unhealthyVotes = max(peers[index].unhealthyVotes + (healthy ? -1 : 1), 0) }
+        state.withLock { s in s.peers[index].unhealthyVotes = max(s.peers[index].unhealthyVotes + (healthy ? -1 : 1), 0) }
     }
 
     /// Whether no health check holds server `index` out (tests, `explain`, metrics).
-    public func isHealthy(_ index: Int) -> Bool { state.withLock { $0[index].unhealthyVotes == 0 } }
+    public func isHealthy(_ index: Int) -> Bool { state.withLock { $0.peers[index].unhealthyVotes == 0 } }
 
-    // MARK: Methods
+    /// The servers as the balancing methods see them, rebuilt when `resolve` changes them.
+    private struct Balancer: Sendable {
+        let servers: [UpstreamServer]
+        let method: BalancingMethod
+        /// Indices of the primary (non-backup) servers and of the backups, in the file's
+        /// order (without `removed` ones).
+        let primaries: [Int]
+        let backups: [Int]
+        /// Sum of the primaries' weights (down ones too, as nginx's `total_weight`).
+        let totalWeight: Int
+        /// `hash … consistent`: the ring, sorted by hash, one entry per distinct hash.
+        let points: [(hash: UInt32, name: String)]
+        /// `random`: where each primary's share of `totalWeight` starts.
+        let ranges: [Int]
 
-    /// Whether `index` may take a session now: not tried by it, not down, not failed (a
-    /// group's only server is never failed, as in nginx), not unhealthy (`health_check`: a
-    /// group's only server too), not at `max_conns`.
-    private func available(_ index: Int, _ peers: [PeerState], excluding tried: [Int], now: Int64) -> Bool {
-        let server = servers[index]
-        if server.down || tried.contains(index) || peers[index].unhealthyVotes > 0 { return false }
-        if server.maxConns > 0 && peers[index].conns >= server.maxConns { return false }
-        if servers.count > 1, server.maxFails > 0, peers[index].fails >= server.maxFails,
-           now - peers[index].checkedAt <= Int64(server.failTimeoutMilliseconds) {
-            return false
-        }
-        return true
-    }
-
-    private func roundRobin(_ peers: inout [PeerState], excluding tried: [Int], now: Int64) -> Int? {
-        smoothWeighted(&peers, among: primaries, excluding: tried, now: now)
-            ?? smoothWeighted(&peers, among: backups, excluding: tried, now: now)
-    }
-
-    /// nginx's smooth weighted round-robin over `candidates`.
-    private func smoothWeighted(_ peers: inout [PeerState], among candidates: [Int], excluding tried: [Int], now: Int64,
-                                where extra: (Int) -> Bool = { _ in true }) -> Int? {
-        var total = 0
-        var best: Int?
-        for index in candidates where available(index, peers, excluding: tried, now: now) && extra(index) {
-            peers[index].currentWeight += servers[index].weight
-            total += servers[index].weight
-            if best.map({ peers[index].currentWeight > peers[$0].currentWeight }) ?? true { best = index }
-        }
-        if let best { peers[best].currentWeight -= total }
-        return best
-    }
-
-    /// `least_conn`: the fewest sessions per unit of weight; among equals, round-robin from
-    /// the first of them on (nginx's second pass).
-    private func leastConn(_ peers: inout [PeerState], among candidates: [Int], excluding tried: [Int], now: Int64) -> Int? {
-        var best: Int?
-        var many = false
-        var bestPosition = 0
-        for (position, index) in candidates.enumerated() where available(index, peers, excluding: tried, now: now) {
-            guard let current = best else {
-                (best, bestPosition) = (index, position)
-                continue
+        init(servers: [UpstreamServer], method: BalancingMethod) {
+            self.servers = servers
+            self.method = method
+            primaries = servers.indices.filter { !servers[$0].backup && !servers[$0].removed }
+            backups = servers.indices.filter { servers[$0].backup && !servers[$0].removed }
+            let primaries = self.primaries
+            totalWeight = primaries.reduce(0) { $0 + servers[$1].weight }
+            var start = 0
+            ranges = primaries.map { index in
+                defer { start += servers[index].weight }
+                return start
             }
-            let mine = peers[index].conns * servers[current].weight
-            let theirs = peers[current].conns * servers[index].weight
-            if mine < theirs {
-                (best, bestPosition, many) = (index, position, false)
-            } else if mine == theirs {
-                many = true
-            }
+            points = if case .consistentHash = method { UpstreamGroup.ring(primaries.map { servers[$0] }) } else { [] }
         }
-        guard let first = best else { return nil }
-        guard many else { return first }
-        let tied = candidates[bestPosition...].filter { index in
-            peers[index].conns * servers[first].weight == peers[first].conns * servers[index].weight
-        }
-        return smoothWeighted(&peers, among: tied, excluding: tried, now: now)
-    }
 
-    /// `hash KEY`: ((crc32([REHASH] KEY) >> 16) & 0x7fff) added to the hash so far, modulo the
-    /// primaries' total weight; a server that cannot take the session means a rehash, and after
-    /// 20 of them (or with one primary, or an empty key) round-robin decides.
-    private func hash(_ peers: inout [PeerState], _ session: inout PickState, excluding tried: [Int], now: Int64) -> Int? {
-        guard session.tries <= 20, primaries.count > 1, !session.key.isEmpty, totalWeight > 0 else {
-            return roundRobin(&peers, excluding: tried, now: now)
-        }
-        while true {
-            var crc = CRC32()
-            if session.rehash > 0 { crc.update(String(session.rehash).utf8) }
-            crc.update(session.key)
-            session.hash &+= (crc.value >> 16) & 0x7FFF
-            session.rehash += 1
-            var w = Int(session.hash % UInt32(totalWeight))
-            var position = 0
-            while w >= servers[primaries[position]].weight {
-                w -= servers[primaries[position]].weight
-                position += 1
-            }
-            let index = primaries[position]
-            if available(index, peers, excluding: tried, now: now) { return index }
-            session.tries += 1
-            if session.tries > 20 { return roundRobin(&peers, excluding: tried, now: now) }
-        }
-    }
+        // MARK: Methods
 
-    /// `hash KEY consistent`: the first ring point at or after crc32(KEY); the servers of that
-    /// point's name, round-robin among them; if none can take the session, the next point.
-    private func consistentHash(_ peers: inout [PeerState], _ session: inout PickState, excluding tried: [Int],
-                                now: Int64) -> Int? {
-        guard session.tries <= 20, primaries.count > 1, !session.key.isEmpty else {
-            return roundRobin(&peers, excluding: tried, now: now)
-        }
-        guard !points.isEmpty else { return nil }
-        if !session.started {
-            session.started = true
-            session.hash = UInt32(Self.firstPoint(atOrAfter: CRC32.checksum(session.key), in: points))
-        }
-        while true {
-            let name = points[Int(session.hash % UInt32(points.count))].name
-            if let best = smoothWeighted(&peers, among: primaries, excluding: tried, now: now,
-                                         where: { self.servers[$0].name == name }) {
-                return best
+        /// Whether `index` may take a session now: not tried by it, not down, not failed (a
+        /// group's only server is never failed, as in nginx), not unhealthy (`health_check`: a
+        /// group's only server too), not at `max_conns`.
+        func available(_ index: Int, _ peers: [PeerState], excluding tried: [Int], now: Int64) -> Bool {
+            let server = servers[index]
+            if server.down || server.removed || tried.contains(index) || peers[index].unhealthyVotes > 0 { return false }
+            if server.maxConns > 0 && peers[index].conns >= server.maxConns { return false }
+            if servers.count > 1, server.maxFails > 0, peers[index].fails >= server.maxFails,
+               now - peers[index].checkedAt <= Int64(server.failTimeoutMilliseconds) {
+                return false
             }
-            session.hash &+= 1
-            session.tries += 1
-            if session.tries > 20 { return roundRobin(&peers, excluding: tried, now: now) }
+            return true
         }
-    }
 
-    /// `random`: a primary drawn with its weight's share; `random two`: two distinct draws, the
-    /// one with fewer sessions per unit of weight (the first on a tie). After 20 draws that
-    /// could not be used, round-robin decides.
-    private func random(_ peers: inout [PeerState], _ session: inout PickState, two: Bool, excluding tried: [Int],
-                        now: Int64) -> Int? {
-        guard session.tries <= 20, primaries.count > 1, totalWeight > 0 else {
-            return roundRobin(&peers, excluding: tried, now: now)
+        func roundRobin(_ peers: inout [PeerState], excluding tried: [Int], now: Int64) -> Int? {
+            smoothWeighted(&peers, among: primaries, excluding: tried, now: now)
+                ?? smoothWeighted(&peers, among: backups, excluding: tried, now: now)
         }
-        var first: Int?
-        while true {
-            let x = Int.random(in: 0..<totalWeight)
-            var low = 0, high = ranges.count
-            while high - low > 1 {
-                let middle = (low + high) / 2
-                if x < ranges[middle] { high = middle } else { low = middle }
+
+        /// nginx's smooth weighted round-robin over `candidates`.
+        func smoothWeighted(_ peers: inout [PeerState], among candidates: [Int], excluding tried: [Int], now: Int64,
+                                    where extra: (Int) -> Bool = { _ in true }) -> Int? {
+            var total = 0
+            var best: Int?
+            for index in candidates where available(index, peers, excluding: tried, now: now) && extra(index) {
+                peers[index].currentWeight += servers[index].weight
+                total += servers[index].weight
+                if best.map({ peers[index].currentWeight > peers[$0].currentWeight }) ?? true { best = index }
             }
-            let index = primaries[low]
-            if index != first, available(index, peers, excluding: tried, now: now) {
-                guard two else { return index }
-                if let chosen = first {
-                    let heavier = peers[index].conns * servers[chosen].weight > peers[chosen].conns * servers[index].weight
-                    return heavier ? chosen : index
+            if let best { peers[best].currentWeight -= total }
+            return best
+        }
+
+        /// `least_conn`: the fewest sessions per unit of weight; among equals, round-robin from
+        /// the first of them on (nginx's second pass).
+        func leastConn(_ peers: inout [PeerState], among candidates: [Int], excluding tried: [Int], now: Int64) -> Int? {
+            var best: Int?
+            var many = false
+            var bestPosition = 0
+            for (position, index) in candidates.enumerated() where available(index, peers, excluding: tried, now: now) {
+                guard let current = best else {
+                    (best, bestPosition) = (index, position)
+                    continue
                 }
-                first = index
+                let mine = peers[index].conns * servers[current].weight
+                let theirs = peers[current].conns * servers[index].weight
+                if mine < theirs {
+                    (best, bestPosition, many) = (index, position, false)
+                } else if mine == theirs {
+                    many = true
+                }
             }
-            session.tries += 1
-            if session.tries > 20 { return roundRobin(&peers, excluding: tried, now: now) }
+            guard let first = best else { return nil }
+            guard many else { return first }
+            let tied = candidates[bestPosition...].filter { index in
+                peers[index].conns * servers[first].weight == peers[first].conns * servers[index].weight
+            }
+            return smoothWeighted(&peers, among: tied, excluding: tried, now: now)
+        }
+
+        /// `hash KEY`: ((crc32([REHASH] KEY) >> 16) & 0x7fff) added to the hash so far, modulo the
+        /// primaries' total weight; a server that cannot take the session means a rehash, and after
+        /// 20 of them (or with one primary, or an empty key) round-robin decides.
+        func hash(_ peers: inout [PeerState], _ session: inout PickState, excluding tried: [Int], now: Int64) -> Int? {
+            guard session.tries <= 20, primaries.count > 1, !session.key.isEmpty, totalWeight > 0 else {
+                return roundRobin(&peers, excluding: tried, now: now)
+            }
+            while true {
+                var crc = CRC32()
+                if session.rehash > 0 { crc.update(String(session.rehash).utf8) }
+                crc.update(session.key)
+                session.hash &+= (crc.value >> 16) & 0x7FFF
+                session.rehash += 1
+                var w = Int(session.hash % UInt32(totalWeight))
+                var position = 0
+                while w >= servers[primaries[position]].weight {
+                    w -= servers[primaries[position]].weight
+                    position += 1
+                }
+                let index = primaries[position]
+                if available(index, peers, excluding: tried, now: now) { return index }
+                session.tries += 1
+                if session.tries > 20 { return roundRobin(&peers, excluding: tried, now: now) }
+            }
+        }
+
+        /// `hash KEY consistent`: the first ring point at or after crc32(KEY); the servers of that
+        /// point's name, round-robin among them; if none can take the session, the next point.
+        func consistentHash(_ peers: inout [PeerState], _ session: inout PickState, excluding tried: [Int],
+                                    now: Int64) -> Int? {
+            guard session.tries <= 20, primaries.count > 1, !session.key.isEmpty else {
+                return roundRobin(&peers, excluding: tried, now: now)
+            }
+            guard !points.isEmpty else { return nil }
+            if !session.started {
+                session.started = true
+                session.hash = UInt32(UpstreamGroup.firstPoint(atOrAfter: CRC32.checksum(session.key), in: points))
+            }
+            while true {
+                let name = points[Int(session.hash % UInt32(points.count))].name
+                if let best = smoothWeighted(&peers, among: primaries, excluding: tried, now: now,
+                                             where: { servers[$0].name == name }) {
+                    return best
+                }
+                session.hash &+= 1
+                session.tries += 1
+                if session.tries > 20 { return roundRobin(&peers, excluding: tried, now: now) }
+            }
+        }
+
+        /// `random`: a primary drawn with its weight's share; `random two`: two distinct draws, the
+        /// one with fewer sessions per unit of weight (the first on a tie). After 20 draws that
+        /// could not be used, round-robin decides.
+        func random(_ peers: inout [PeerState], _ session: inout PickState, two: Bool, excluding tried: [Int],
+                            now: Int64) -> Int? {
+            guard session.tries <= 20, primaries.count > 1, totalWeight > 0 else {
+                return roundRobin(&peers, excluding: tried, now: now)
+            }
+            var first: Int?
+            while true {
+                let x = Int.random(in: 0..<totalWeight)
+                var low = 0, high = ranges.count
+                while high - low > 1 {
+                    let middle = (low + high) / 2
+                    if x < ranges[middle] { high = middle } else { low = middle }
+                }
+                let index = primaries[low]
+                if index != first, available(index, peers, excluding: tried, now: now) {
+                    guard two else { return index }
+                    if let chosen = first {
+                        let heavier = peers[index].conns * servers[chosen].weight > peers[chosen].conns * servers[index].weight
+                        return heavier ? chosen : index
+                    }
+                    first = index
+                }
+                session.tries += 1
+                if session.tries > 20 { return roundRobin(&peers, excluding: tried, now: now) }
+            }
         }
     }
 

@@ -30,9 +30,20 @@ public struct SessionGate: Sendable {
     /// is refused: its outcome then says why, and `report` has been told what to log.
     public mutating func admit(_ policy: ServerPolicy, record: inout SessionRecord, now: UInt64, wallClock: Double,
                                report: (Event) -> Void) -> Bool {
-        guard Self.access(policy, record: &record) else {
-            report(.log(.error, "access forbidden by rule, \(Self.place(record))"))
-            return false
+        let before = record.outcome
+        if !Self.access(policy, record: &record) {
+            guard policy.limits.accessDryRun else {
+                report(.log(.error, "access forbidden by rule, \(Self.place(record))"))
+                return false
+            }
+            // access_dry_run: the refusal is said and audited, and not carried out.
+            var wouldBe = record
+            wouldBe.outcome.enforcement = .dryRun
+            wouldBe.endTime = wallClock
+            report(.log(.error, "access forbidden by rule, dry run, \(Self.place(record))"))
+            report(.dryRun(wouldBe))
+            record.outcome = before
+            record.decidingVariable = nil
         }
         return limits(policy, record: &record, now: now, wallClock: wallClock, report: report)
     }

@@ -3,9 +3,10 @@ import PortcullisCore
 import PortcullisRules
 @testable import PortcullisPolicy
 
-/// The pure side of `health_check` and `match` (issue #13 point 2): the parameters and their
-/// errors, what counts as a pass, and when a server changes state.
-@Suite struct HealthCheckCompilerTests {
+/// The pure side of `health_check` and `match` (issue #13 point 2: the parameters and their
+/// errors, what counts as a pass, when a server changes state) and of `resolver` with
+/// `server NAME resolve` (point 3: what is kept, the errors, how a group follows its names).
+@Suite struct UpstreamDiscoveryCompilerTests {
     static func compile(_ text: String) -> CompileResult {
         RuleLoader.load(text: text, file: "rules.conf", resolver: StubResolver())
     }
@@ -100,5 +101,43 @@ import PortcullisRules
         #expect(group.pick(excluding: [], now: 0) == nil, "a group's only server, unhealthy: no live upstreams")
         group.setHealth(0, healthy: true)
         #expect(group.pick(excluding: [], now: 0) == 0)
+    }
+
+    @Test("resolver and server NAME resolve: what is kept, nginx 1.27.3's errors")
+    func resolve() throws {
+        let result = Self.compile("""
+            stream {
+                resolver 127.0.0.1 [::1]:5353 valid=30s ipv6=off;
+                resolver_timeout 3s;
+                upstream app { zone app 64k; server backend.test:80 resolve weight=2; server 127.0.0.1:81 resolve; }
+                server { listen 1; proxy_pass app; }
+            }
+            """)
+        let snapshot = try #require(result.snapshot, "\(result.rendered)")
+        #expect(snapshot.resolutions.count == 1, "an address with resolve is a plain server")
+        let resolution = try #require(snapshot.resolutions.first)
+        #expect(resolution.host == "backend.test" && resolution.port == 80 && resolution.group.resolvable[0].weight == 2)
+        #expect(resolution.resolver == ResolverSpec(servers: [SocketEndpoint("127.0.0.1:53")!, SocketEndpoint("[::1]:5353")!],
+                                                    validMilliseconds: 30_000, ipv4: true, ipv6: false, timeoutMilliseconds: 3_000))
+        #expect(resolution.group.servers.map(\.endpoint) == [SocketEndpoint("127.0.0.1:81")!], "the name is not resolved at load")
+        let noZone = Self.errors("stream { resolver 127.0.0.1; upstream app { server b.test:80 resolve; } server { listen 1; proxy_pass app; } }")
+        #expect(noZone.first?.hasPrefix("1:45 resolving names at run time requires upstream \"app\" in rules.conf:1 to be in shared memory") == true, "\(noZone)")
+        #expect(Self.errors("stream { upstream app { zone app 64k; server b.test:80 resolve; } server { listen 1; proxy_pass app; } }") == [
+            "1:39 no resolver defined to resolve names at run time in upstream \"app\" in rules.conf:1"])
+        #expect(Self.errors("stream { resolver 127.0.0.1 ipv4=off ipv6=off; server { listen 1; return x; } }") == [
+            "1:10 \"ipv4\" and \"ipv6\" cannot both be \"off\" in \"resolver\""])
+        #expect(Self.errors("stream { resolver 127.0.0.1; upstream app { zone app 64k; server b.test resolve; } server { listen 1; proxy_pass app; } }") == [
+            "1:66 no port in upstream \"b.test\""])
+        // The group follows the resolver's updates, keeping indices.
+        let group = resolution.group
+        group.updateResolved(0, to: [SocketEndpoint("127.0.0.5:80")!, SocketEndpoint("127.0.0.6:80")!])
+        #expect(group.servers.count == 3 && group.servers[1].weight == 2)
+        let change = group.updateResolved(0, to: [SocketEndpoint("127.0.0.6:80")!])
+        #expect(change.removed == [SocketEndpoint("127.0.0.5:80")!] && change.added.isEmpty)
+        #expect(group.servers.count == 3 && group.servers[1].removed, "a server that left keeps its index")
+        let picked = (0..<6).compactMap { _ in group.pick(excluding: [], now: 0) }
+        #expect(!picked.contains(1), "a removed server is never picked: \(picked)")
+        #expect(group.updateResolved(0, to: [SocketEndpoint("127.0.0.5:80")!, SocketEndpoint("127.0.0.6:80")!]).added == [SocketEndpoint("127.0.0.5:80")!])
+        #expect(group.servers.count == 3, "a server that comes back takes its old place")
     }
 }

@@ -1,0 +1,115 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Testing
+import PortcullisTestSupport
+
+/// Issue #13 point 3: `resolver` and `server NAME resolve` (nginx 1.27.3): the name is
+/// re-resolved in the background, servers join and leave as a real DNS server (dnsmasq, whose
+/// answers the test changes) says, and a session on a server that left is not dropped.
+@Suite("resolve", .serialized)
+struct ResolveTests {
+    /// Answers each connection with its name, then echoes until EOF.
+    static func backend(_ name: String, host: String, port: UInt16 = 0) throws -> TestServer {
+        try TestServer(host: host, port: port) { connection in
+            try? connection.send(name)
+            while let chunk = try? connection.receive(), !chunk.isEmpty { try? connection.send(chunk) }
+            connection.close()
+        }
+    }
+
+    static func ask(_ port: UInt16) -> String {
+        guard let connection = try? TestConnection.connect(to: "127.0.0.1", port: port, timeout: 3) else { return "(no connect)" }
+        connection.setTimeout(3)
+        defer { connection.close() }
+        return String(decoding: (try? connection.receive()) ?? [], as: UTF8.self)
+    }
+
+    static func waitFor(_ port: UInt16, _ expected: Set<String>, timeout: Double = 8) async -> Set<String> {
+        let deadline = Date().addingTimeInterval(timeout)
+        var seen: Set<String> = []
+        while Date() < deadline {
+            seen = Set((0..<6).map { _ in ask(port) })
+            if seen == expected { return seen }
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+        return seen
+    }
+
+    @Test("server backend.test resolve: the servers follow dnsmasq's answers (one, another, both, none), a session on a server that left goes on, each change is one error-log line")
+    func followsTheAnswers() async throws {
+        let a = try Self.backend("A", host: "127.0.0.21")
+        defer { a.stop() }
+        let b = try Self.backend("B", host: "127.0.0.22", port: a.port)
+        defer { b.stop() }
+        let folder = try makeTemporaryDirectory("portcullis-resolve")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let hosts = folder.appendingPathComponent("hosts").path
+        func answer(_ lines: String) throws { try lines.write(toFile: hosts, atomically: true, encoding: .utf8) }
+        try answer("127.0.0.21 backend.test\n")
+        // --local=/test/: names under test. that it does not know are NXDOMAIN, not REFUSED.
+        let dns = try DNSMasq.start(logQueries: false, arguments: ["--addn-hosts=\(hosts)", "--local-ttl=1", "--local=/test/"])
+        defer { dns.stop() }
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log notice;
+                resolver 127.0.0.1:\(dns.port) ipv6=off;
+                resolver_timeout 2s;
+                upstream app {
+                    zone app 64k;
+                    server backend.test:\(a.port) resolve;
+                }
+                server { listen 127.0.0.1:{PORT}; proxy_pass app; }
+            }
+            """)
+        #expect(await Self.waitFor(gateway.port, ["A"]) == ["A"])
+        // A session on A stays open through the change.
+        let long = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, timeout: 3)
+        long.setTimeout(5)
+        #expect(try long.receive() == Array("A".utf8))
+
+        try answer("127.0.0.22 backend.test\n")
+        dns.reload()
+        #expect(await Self.waitFor(gateway.port, ["B"]) == ["B"], "A left, B joined")
+        try long.send("still here")
+        #expect(try long.receive() == Array("still here".utf8), "the session on the server that left goes on")
+        long.close()
+
+        try answer("127.0.0.21 backend.test\n127.0.0.22 backend.test\n")
+        dns.reload()
+        #expect(await Self.waitFor(gateway.port, ["A", "B"]) == ["A", "B"])
+
+        try answer("")
+        dns.reload()
+        #expect(await Self.waitFor(gateway.port, [""]) == [""], "no addresses: no live upstreams")
+        let lines = gateway.lines(of: "error.log")
+        let site = "upstream \"app\": 127.0.0.21:\(a.port)"
+        #expect(lines.contains { $0.contains("\(site) added, \"backend.test\" resolves to it") }, "\(lines)")
+        #expect(lines.contains { $0.contains("\(site) removed, \"backend.test\" no longer resolves to it") }, "\(lines)")
+        #expect(lines.contains { $0.contains("backend.test could not be resolved (3: Host not found), in upstream \"app\"") }, "\(lines)")
+        await gateway.stop()
+    }
+
+    @Test("a name server that does not answer: one error line says so, and the name has no servers yet (502, nothing dialled)")
+    func silentResolverKeepsServers() async throws {
+        let silent = try UDPTestSocket(bind: "127.0.0.1")  // receives the queries, never answers
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log notice;
+                upstream app { zone app 64k; server backend.test:1 resolve; }
+                server {
+                    listen 127.0.0.1:{PORT};
+                    proxy_pass app;
+                }
+                resolver 127.0.0.1:\(silent.localPort) valid=1s;
+                resolver_timeout 500ms;
+            }
+            """)
+        #expect(silent.receive(timeout: 3) != nil, "the query reached the name server")
+        let lines = await gateway.waitForLines(of: "error.log", timeout: 5) { $0.contains { $0.contains("could not be resolved") } }
+        #expect(lines.contains { $0.contains("backend.test could not be resolved (110: Operation timed out), in upstream \"app\"") }, "\(lines)")
+        #expect(Self.ask(gateway.port) == "", "nothing resolved yet: no live upstreams (502)")
+        await gateway.stop()
+    }
+}
