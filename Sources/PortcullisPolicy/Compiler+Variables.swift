@@ -393,7 +393,23 @@ extension PolicyCompiler {
         guard let name = variableName(d.arguments[0], in: d), let index = variables.index(of: name),
               definedBy[index] == "set", let value = template(d.arguments[1], in: d) else { return false }
         guard case .set(var values) = variables.definitions[index] else { return false }
-        values[server] = value
+        var current = value
+        if current.definedVariables.contains(index) {
+            // nginx runs a server's `set` lines in order, so `$x` in `set $x "${x}b";` is what
+            // the earlier `set` gave it (nothing, before the first one). The earlier value
+            // becomes a hidden variable of its own, and this value reads that one.
+            var earlier: [LogTemplate.Part] = []
+            if let previous = values[server] {
+                let hidden = variables.declare("\(name)#\(variables.count)", at: d.nameLocation)  // "#": no $name can say it
+                definedBy[hidden] = "set"
+                variables.define(hidden, as: .set([server: previous]))
+                earlier = [.variable(.defined(hidden))]
+            }
+            current = LogTemplate(parts: current.parts.flatMap { part -> [LogTemplate.Part] in
+                part == .variable(.defined(index)) ? earlier : [part]
+            })
+        }
+        values[server] = current
         variables.define(index, as: .set(values))
         return true
     }

@@ -81,4 +81,33 @@ struct ReturnTests {
         #expect(gateway.gateway.liveSessions == 0)
         await gateway.stop()
     }
+
+    @Test("set lines run in order, as nginx: set $x \"${x}b\" builds on the earlier value, and on nothing before the first; the same answers as nginx")
+    func setBuildsStepByStep() async throws {
+        let rules = """
+            stream {
+                server {
+                    listen 127.0.0.1:{PORT};
+                    set $x a;
+                    set $x "${x}b";
+                    set $x "$x-$remote_addr";
+                    set $y "${y}z";
+                    return "$x [$y]";
+                }
+            }
+            """
+        let nginx = try ExternalPeer.nginx(rules)
+        defer { nginx.stop() }
+        let gateway = try await GatewayHarness.start(rules)
+        func ask(_ port: UInt16) throws -> String {
+            let connection = try TestConnection.connect(to: "127.0.0.1", port: port, timeout: 3)
+            connection.setTimeout(3)
+            defer { connection.close() }
+            return String(decoding: try connection.receiveAll(limit: 100), as: UTF8.self)
+        }
+        let theirs = try ask(nginx.port)
+        #expect(theirs == "ab-127.0.0.1 [z]", "nginx: \(theirs)")
+        #expect(try ask(gateway.port) == theirs)
+        await gateway.stop()
+    }
 }
