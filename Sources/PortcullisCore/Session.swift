@@ -99,6 +99,8 @@ public struct SessionOutcome: Sendable, Equatable {
         case upstreamTimedOut
         /// `proxy_bind`: the upstream socket could not be bound to the address (nginx's 500).
         case localAddressUnusable
+        /// `proxy_pass $var` named a host the resolver could not resolve (nginx's 500).
+        case hostNotResolved(String)
 
         public var status: SessionStatus {
             switch self {
@@ -108,7 +110,8 @@ public struct SessionOutcome: Sendable, Equatable {
             case .connectionLimit, .connectionZoneFull, .sessionRateLimit: .serviceUnavailable
             case .noSuchUpstream, .noLiveUpstreams, .upstreamUnreachable, .upstreamRefusedDatagrams, .upstreamTimedOut:
                 .badGateway
-            case .localAddressUnusable: .internalError
+            // nginx's stream proxy finalizes a failed resolve with 500, not 502.
+            case .localAddressUnusable, .hostNotResolved: .internalError
             }
         }
 
@@ -129,6 +132,7 @@ public struct SessionOutcome: Sendable, Equatable {
             case .upstreamRefusedDatagrams: "upstream refused the datagrams"
             case .upstreamTimedOut: "upstream timed out"
             case .localAddressUnusable: "proxy_bind address could not be bound"
+            case .hostNotResolved(let host): "host not resolved: \"\(host)\""
             }
         }
     }

@@ -91,7 +91,7 @@ public final class Engine: Sendable {
 }
 
 /// Hands a loop-confined object to its loop's thread through a `@Sendable` task.
-private struct UncheckedBox<T>: @unchecked Sendable {
+struct UncheckedBox<T>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
 }

@@ -32,7 +32,8 @@ public final class Gateway: Service, Sendable {
     private let reloadTimers = Mutex<[ReloadTimer]>([])
     /// `health_check`s, on a thread of their own; nil when the rules have none.
     private let healthChecker: HealthChecker?
-    /// `server NAME resolve` lines, re-resolved on a thread of their own; nil when there are none.
+    /// DNS lookups (`server NAME resolve`, `proxy_pass $var` with a host name) on a thread of
+    /// their own; nil when the rules have no `resolver`.
     private let nameResolver: NameResolver?
 
     /// The last reload failure logged for one database; touched only on the reload queue.
@@ -57,14 +58,16 @@ public final class Gateway: Service, Sendable {
         engine = try Engine(loopCount: threads)
         let errorLog = self.errorLog
         let registry = self.registry
+        let needsLookups = !snapshot.resolutions.isEmpty || snapshot.servers.contains { $0.resolver != nil }
+        let lookups = needsLookups ? NameResolver(resolutions: snapshot.resolutions, errorLog: errorLog) : nil
+        nameResolver = lookups
         boxes = snapshot.servers.flatMap { server in
             server.listens.map { listen in
                 RuntimeBox(ServerRuntime(policy: server, listen: listen, sessionLogger: sessionLogger,
-                                         errorLog: errorLog, registry: registry))
+                                         errorLog: errorLog, registry: registry, lookups: lookups))
             }
         }
         healthChecker = snapshot.healthChecks.isEmpty ? nil : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog)
-        nameResolver = snapshot.resolutions.isEmpty ? nil : NameResolver(resolutions: snapshot.resolutions, errorLog: errorLog)
         if let timeout = snapshot.main.workerShutdownTimeoutMilliseconds {
             drainTimeout.withLock { $0 = .milliseconds(Int64(timeout)) }
         }

@@ -343,6 +343,8 @@ struct PolicyCompiler {
         var connRules: [LimitConnRule]?
         var rateRules: [LimitRateRule]?
         var healthCheckDirectives: [Directive] = []
+        var ownResolver: ResolverSpec?
+        var ownResolverTimeout: Int?
         var failed = false
         for d in block.block ?? [] {
             guard admit(d, in: .server, seen: &seen) != nil else { failed = true; continue }
@@ -398,11 +400,11 @@ struct PolicyCompiler {
             case "error_log":
                 _ = errorLog(d)  // accepted; one error log per process for now
             case "resolver":
-                // Checked; nothing in a server resolves at run time yet (proxy_pass $var with a
-                // host name would), so it has no effect there.
-                if resolver(d) == nil { failed = true }
+                ownResolver = resolver(d)
+                if ownResolver == nil { failed = true }
             case "resolver_timeout":
-                if time(d.arguments[0], in: d) == nil { failed = true }
+                ownResolverTimeout = time(d.arguments[0], in: d)
+                if ownResolverTimeout == nil { failed = true }
             default:
                 if !applyLimitSetting(d, to: &limits) { applyProxySetting(d, to: &proxy) }
             }
@@ -437,6 +439,8 @@ struct PolicyCompiler {
         guard upstream != nil || upstreamTemplate != nil || returnValue != nil, !listens.isEmpty else { return nil }
         if let connRules { limits.conn = connRules }
         if let rateRules { limits.rate = rateRules }
+        var serverResolver = ownResolver ?? streamResolver
+        if let timeout = ownResolverTimeout ?? streamResolverTimeout { serverResolver?.timeoutMilliseconds = timeout }
         // nginx: allow/deny and access_log are inherited only by a server that has none of its own.
         return ServerPolicy(
             listens: listens,
@@ -452,7 +456,8 @@ struct PolicyCompiler {
             limits: limits,
             location: block.nameLocation,
             ordinal: ordinal,
-            variables: variables)
+            variables: variables,
+            resolver: serverResolver)
     }
 
     // MARK: Health checks

@@ -159,6 +159,9 @@ public struct ServerPolicy: Sendable {
     /// The server block's position in `stream` (for `set`, which is per server).
     public var ordinal: Int
     public var variables: VariableTable
+    /// `resolver` (the server's own, else the stream's): how `proxy_pass $var` looks up a
+    /// host name in its value. nil: such a value is refused.
+    public var resolver: ResolverSpec? = nil
 
     /// A fresh set of lazily evaluated variables for one session, or nil when the rules
     /// define none.
@@ -248,6 +251,13 @@ public struct ResolverSpec: Sendable, Equatable {
     public var ipv6 = true
     /// `resolver_timeout` (nginx's default 30s).
     public var timeoutMilliseconds = 30_000
+}
+
+/// What looking a host name up gave: its addresses, or nginx's code and text for why not
+/// (`3: Host not found`, `110: Operation timed out`, …).
+public enum HostLookupResult: Sendable, Equatable {
+    case addresses([IPAddress])
+    case failure(code: Int, text: String)
 }
 
 /// One `server NAME[:PORT] resolve` line of an upstream block: the name is looked up in the

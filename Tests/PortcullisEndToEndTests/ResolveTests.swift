@@ -112,4 +112,52 @@ struct ResolveTests {
         #expect(Self.ask(gateway.port) == "", "nothing resolved yet: no live upstreams (502)")
         await gateway.stop()
     }
+
+    @Test("proxy_pass $var with a host name is resolved at run time with the resolver; a name that does not exist is nginx's 500 with its line; the same answers and log lines as nginx 1.22")
+    func proxyPassVariableSameAsNginx() async throws {
+        let backend = try Self.backend("A", host: "127.0.0.21")
+        defer { backend.stop() }
+        let folder = try makeTemporaryDirectory("portcullis-resolve")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let hosts = folder.appendingPathComponent("hosts").path
+        try "127.0.0.21 backend.test\n".write(toFile: hosts, atomically: true, encoding: .utf8)
+        let dns = try DNSMasq.start(logQueries: false, arguments: ["--addn-hosts=\(hosts)", "--local=/test/"])
+        defer { dns.stop() }
+        let rules = """
+            stream {
+                error_log {DIR}/error.log info;
+                resolver 127.0.0.1:\(dns.port);
+                log_format l '$remote_addr $status $upstream_addr';
+                access_log {DIR}/access.log l;
+                map $remote_addr $backend {
+                    127.0.0.5   backend.test:\(backend.port);
+                    127.0.0.6   missing.test:\(backend.port);
+                    default     127.0.0.21:\(backend.port);
+                }
+                server { listen 127.0.0.1:{PORT}; proxy_pass $backend; }
+            }
+            """
+        func probe(_ port: UInt16) throws -> [String] {
+            try ["127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.5"].map { source in
+                let connection = try TestConnection.connect(to: "127.0.0.1", port: port, from: source, timeout: 3)
+                connection.setTimeout(5)
+                defer { connection.close() }
+                return String(decoding: (try? connection.receive()) ?? [], as: UTF8.self)
+            }
+        }
+        let nginx = try ExternalPeer.nginx(rules)
+        defer { nginx.stop() }
+        let gateway = try await GatewayHarness.start(rules)
+        let theirs = try probe(nginx.port)
+        #expect(theirs == ["A", "", "A", "A"], "nginx: \(theirs)")
+        #expect(try probe(gateway.port) == theirs)
+        let theirLines = await nginx.waitForLogLines { $0.count >= 4 }
+        let ourLines = await gateway.waitForLines(of: "access.log") { $0.count >= 4 }
+        #expect(Set(ourLines) == Set(theirLines), "Portcullis \(ourLines), nginx \(theirLines)")
+        let ours = gateway.lines(of: "error.log")
+        let line = "missing.test could not be resolved (3: Host not found), client: 127.0.0.6"
+        #expect(nginx.lines(of: "error.log").contains { $0.contains(line) }, "nginx: \(nginx.lines(of: "error.log").suffix(6))")
+        #expect(ours.contains { $0.contains(line) }, "\(ours.suffix(6))")
+        await gateway.stop()
+    }
 }

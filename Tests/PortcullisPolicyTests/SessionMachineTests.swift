@@ -286,6 +286,31 @@ private struct NoHostsResolver: HostResolver {
         #expect(Self.logs(&m).first?.hasPrefix("proxy_pass \"not-a-pool\" names no upstream block") == true)
     }
 
+    @Test("proxy_pass $var naming a host, with a resolver: resolve, then dial each address in turn; a name that does not resolve is 500 in upstream_pick; the client leaving meanwhile ends it")
+    func hostResolvedAtRunTime() throws {
+        let listener = try Self.listener("listen 8080; proxy_pass $backend;",
+                                         stream: "resolver 127.0.0.1; map $remote_addr $backend { default \"app.test:9000\"; }")
+        var m = Self.machine(listener)
+        guard case .resolve(let host, let resolver) = m.accepted(now: Self.t0) else { Issue.record("expected a lookup"); return }
+        #expect(host == "app.test" && resolver.servers == [Self.endpoint("127.0.0.1:53")])
+        let first = try #require(Self.dialled(m.resolved(.addresses([.v4(0x0A00_0001), .v4(0x0A00_0002)]), now: Self.t0)))
+        #expect([Self.endpoint("10.0.0.1:9000"), Self.endpoint("10.0.0.2:9000")].contains(first.endpoint))
+        let second = try #require(Self.dialled(m.dialFailed(.failed(errno: 111, message: "Connection refused"), now: Self.t0)))
+        #expect(second.endpoint != first.endpoint, "the other address is tried next")
+
+        var failing = Self.machine(listener)
+        _ = failing.accepted(now: Self.t0)
+        guard case .closeClient = failing.resolved(.failure(code: 3, text: "Host not found"), now: Self.t0) else { Issue.record("expected closeClient"); return }
+        #expect(failing.record.outcome == SessionOutcome(phase: .upstreamPick, cause: .hostNotResolved("app.test")))
+        #expect(failing.record.status == .internalError)
+        #expect(Self.logs(&failing).contains { $0.hasPrefix("app.test could not be resolved (3: Host not found), client: 10.0.0.1") })
+
+        var leaving = Self.machine(listener)
+        _ = leaving.accepted(now: Self.t0)
+        _ = leaving.closed(.client, inOrder: false, now: Self.t0)
+        #expect(Self.ended(leaving.resolved(.addresses([.v4(0x0A00_0001)]), now: Self.t0)) != nil, "nothing is dialled for a client that left")
+    }
+
     @Test("the client's EOF during the dial: passed on once the relay starts, not lost")
     func eofWhileDialling() throws {
         let listener = try Self.listener("listen 8080; proxy_pass 127.0.0.1:9000;")

@@ -17,13 +17,16 @@ public final class ServerRuntime: Sendable {
     public let sessionLogger: SessionLogger
     public let errorLog: Logger
     public let registry: SessionRegistry
+    /// The process's DNS lookups (`proxy_pass $var` with a host name); nil without a `resolver`.
+    public let lookups: NameResolver?
 
     public init(policy: ServerPolicy, listen: ListenSpec, sessionLogger: SessionLogger, errorLog: Logger,
-                registry: SessionRegistry) {
+                registry: SessionRegistry, lookups: NameResolver? = nil) {
         self.listener = ListenerPolicy(server: policy, listen: listen)
         self.sessionLogger = sessionLogger
         self.errorLog = errorLog
         self.registry = registry
+        self.lookups = lookups
     }
 }
 

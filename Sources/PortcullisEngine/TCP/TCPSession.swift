@@ -408,6 +408,10 @@ final class TCPSession: LoopSession {
             if client.readable { readBeforeRelay() }
         case .dial(let dial):
             self.dial(dial)
+        case .resolve(let host, let resolver):
+            runtime.lookUp(host, with: resolver, on: loop) { [self] result in
+                if !ended { perform(machine.resolved(result, now: loop.now)) }
+            }
         case .startRelay(let start):
             startRelay(start)
         case .closeClient:

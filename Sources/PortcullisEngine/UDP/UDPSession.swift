@@ -82,6 +82,10 @@ final class UDPSession: LoopSession {
         switch action {
         case .dial(let dial):
             connect(to: dial)
+        case .resolve(let host, let resolver):
+            runtime.lookUp(host, with: resolver, on: loop) { [self] result in
+                if !ended { perform(machine.resolved(result, now: loop.now)) }
+            }
         case .refused(let record):
             runtime.sessionLogger.logRefusal(record, to: runtime.policy.auditLog)
             listener.moveToRefused(self)

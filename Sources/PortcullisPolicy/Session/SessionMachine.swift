@@ -67,6 +67,8 @@ public struct SessionMachine: Sendable {
         case readMore
         /// Connect to the upstream; then `dialSucceeded` or `dialFailed`.
         case dial(Dial)
+        /// Look `host` up with `resolver` (`proxy_pass $var` named a host); then `resolved`.
+        case resolve(host: String, resolver: ResolverSpec)
         /// Start relaying (see `RelayStart`), and watch `proxy_timeout` from now.
         case startRelay(RelayStart)
         /// Close the client (a refusal, TCP; the outcome says why).
@@ -118,6 +120,8 @@ public struct SessionMachine: Sendable {
     private var pick = UpstreamGroup.PickState()
     /// The server this session counts against (`max_conns`, `least_conn`) until it ends.
     private var heldServer: Int?
+    /// `proxy_pass $var` named a host that is being looked up: the name, its port, the text.
+    private var pendingHost: (host: String, port: UInt16, text: String)?
     /// `proxy_bind` rendered at the first dial and kept for the retries (nginx: once per session).
     private var localBind: LocalBind??
     private let acceptedAt: UInt64
@@ -257,9 +261,49 @@ public struct SessionMachine: Sendable {
         }
         let (group, text) = server.upstream(for: record)
         guard let group else {
-            note(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (host names need a resolver), \(place)")
+            // A host name and a resolver: looked up at run time, as nginx does.
+            if let resolver = server.resolver, let (host, port) = Self.hostAndPort(text) {
+                pendingHost = (host, port, text)
+                stage = .dialing
+                dialStartedAt = now
+                return .resolve(host: host, resolver: resolver)
+            }
+            let why = server.resolver == nil ? "host names need a resolver" : "not HOST:PORT"
+            note(.error, "proxy_pass \"\(text)\" names no upstream block and no ADDRESS:PORT (\(why)), \(place)")
             return refuse(SessionOutcome(phase: .upstreamPick, cause: .noSuchUpstream(text)))
         }
+        return startUpstream(group, now: now)
+    }
+
+    /// `HOST:PORT` with a host name (not an address) and a port from 1 to 65535.
+    static func hostAndPort(_ text: String) -> (String, UInt16)? {
+        guard let (host, portText) = SocketEndpoint.split(text), !host.isEmpty, IPAddress(host) == nil,
+              !host.hasPrefix("["), let port = UInt16(portText), port > 0 else { return nil }
+        return (host, port)
+    }
+
+    /// The host `proxy_pass $var` named was looked up: its addresses become the session's
+    /// group, tried as any group is; a failure is nginx's 500 with
+    /// `NAME could not be resolved (3: Host not found)`.
+    public mutating func resolved(_ result: HostLookupResult, now: UInt64) -> Action {
+        guard stage == .dialing, let pending = pendingHost else { return .none }
+        pendingHost = nil
+        guard clientOpen else {
+            stage = .closing
+            return finish(now: now)
+        }
+        switch result {
+        case .failure(let code, let text):
+            note(.error, "\(pending.host) could not be resolved (\(code): \(text)), \(place)")
+            return refuse(SessionOutcome(phase: .upstreamPick, cause: .hostNotResolved(pending.host)))
+        case .addresses(let addresses):
+            let servers = addresses.map { UpstreamServer(endpoint: SocketEndpoint(address: $0, port: pending.port), name: pending.text) }
+            return startUpstream(UpstreamGroup(name: pending.text, servers: servers, location: nil), now: now)
+        }
+    }
+
+    /// upstream_pick with the group chosen: the hash key, the UDP header, the first dial.
+    private mutating func startUpstream(_ group: UpstreamGroup, now: UInt64) -> Action {
         self.group = group
         if let key = group.method.key { pick = UpstreamGroup.PickState(key: key.bytes(for: record)) }
         dialStartedAt = now
