@@ -147,8 +147,6 @@ public final class Gateway: Service, Sendable {
     public func stop() async {
         // (A UDP listener's sessions end with it: no more datagrams can reach them.)
         await engine.closeListeners()
-        healthChecker?.stop()
-        nameResolver?.stop()
         reloadTimers.withLock { timers in
             timers.forEach { $0.source.cancel() }
             timers = []
@@ -162,6 +160,10 @@ public final class Gateway: Service, Sendable {
             if let timeout = drainTimeout.withLock({ $0 }), NIODeadline.now() >= drainStart + timeout { break }
             try? await Task.sleep(for: .milliseconds(20))
         }
+        // Lookups and health checks serve the draining sessions too; stopping the resolver
+        // answers any lookup still pending with a failure, so no session waits for it.
+        nameResolver?.stop()
+        healthChecker?.stop()
         if registry.count > 0 {
             await engine.closeAllSessions()
             // Give the closes a moment to run their log phase.

@@ -124,7 +124,8 @@ public final class LogFile: Sendable {
     /// A buffered file's memory buffer is written as well.
     public func flush() {
         if buffer != nil { state.withLock { $0.bufferFlushRequested = true } }
-        while state.withLock({ !$0.pending.isEmpty || $0.bufferFlushRequested }) {
+        // (Once the writer has finished, a close wrote everything: nothing to wait for.)
+        while !finished.load(ordering: .acquiring), state.withLock({ !$0.pending.isEmpty || $0.bufferFlushRequested }) {
             wakeup.signal()
             usleep(500)
         }

@@ -78,7 +78,8 @@ public enum DNSMessage {
             guard offset + 10 <= response.count else { throw .malformed("record cut short") }
             let recordType = read16(response, offset)
             let recordClass = read16(response, offset + 2)
-            let recordTTL = UInt32(read16(response, offset + 4)) << 16 | UInt32(read16(response, offset + 6))
+            var recordTTL = UInt32(read16(response, offset + 4)) << 16 | UInt32(read16(response, offset + 6))
+            if recordTTL > 0x7FFF_FFFF { recordTTL = 0 }  // RFC 2181 §8: the top bit set means 0
             let length = Int(read16(response, offset + 8))
             offset += 10
             guard offset + length <= response.count else { throw .malformed("record data cut short") }

@@ -54,7 +54,7 @@ struct ResolveTests {
         let gateway = try await GatewayHarness.start("""
             stream {
                 error_log {DIR}/error.log notice;
-                resolver 127.0.0.1:\(dns.port) ipv6=off;
+                resolver 127.0.0.1:\(dns.port) valid=1s ipv6=off;  # valid=: NXDOMAIN is asked again after 1 s, not 10
                 resolver_timeout 2s;
                 upstream app {
                     zone app 64k;
@@ -83,7 +83,19 @@ struct ResolveTests {
         try answer("")
         dns.reload()
         #expect(await Self.waitFor(gateway.port, [""]) == [""], "no addresses: no live upstreams")
+
+        // The name server goes away: the servers of the last answer stay.
+        try answer("127.0.0.21 backend.test\n127.0.0.22 backend.test\n")
+        dns.reload()
+        #expect(await Self.waitFor(gateway.port, ["A", "B"]) == ["A", "B"])
+        dns.stop()
+        _ = await gateway.waitForLines(of: "error.log", timeout: 8) { $0.contains { $0.contains("(110: Operation timed out)") } }
+        #expect(await Self.waitFor(gateway.port, ["A", "B"], timeout: 2) == ["A", "B"], "a lookup that failed keeps the servers")
         let lines = gateway.lines(of: "error.log")
+        #expect(lines.contains { $0.contains("backend.test could not be resolved (110: Operation timed out), in upstream \"app\"") }, "\(lines)")
+        // Each change is said once: no line twice in a row.
+        let changes = lines.filter { $0.contains("resolves to it") }.map { $0.components(separatedBy: "]").last ?? $0 }
+        #expect(zip(changes, changes.dropFirst()).allSatisfy { $0 != $1 }, "\(changes)")
         let site = "upstream \"app\": 127.0.0.21:\(a.port)"
         #expect(lines.contains { $0.contains("\(site) added, \"backend.test\" resolves to it") }, "\(lines)")
         #expect(lines.contains { $0.contains("\(site) removed, \"backend.test\" no longer resolves to it") }, "\(lines)")

@@ -139,5 +139,15 @@ import PortcullisRules
         #expect(!picked.contains(1), "a removed server is never picked: \(picked)")
         #expect(group.updateResolved(0, to: [SocketEndpoint("127.0.0.5:80")!, SocketEndpoint("127.0.0.6:80")!]).added == [SocketEndpoint("127.0.0.5:80")!])
         #expect(group.servers.count == 3, "a server that comes back takes its old place")
+        // One live server left (the others removed): nginx's "only server" rule ignores
+        // max_fails for it, however many addresses the group once had.
+        group.updateResolved(0, to: [SocketEndpoint("127.0.0.6:80")!])
+        let single = try #require(UpstreamGroup(name: "s", servers: [], location: nil, resolvable: group.resolvable) as UpstreamGroup?)
+        single.updateResolved(0, to: [SocketEndpoint("127.0.0.5:80")!])
+        single.updateResolved(0, to: [SocketEndpoint("127.0.0.6:80")!])
+        let live = try #require(single.pick(excluding: [], now: 0))
+        single.release(live)
+        single.report(live, succeeded: false, now: 0)
+        #expect(single.pick(excluding: [], now: 1) == live, "a failed connect does not take the only live server out")
     }
 }

@@ -46,6 +46,9 @@ import Testing
             Self.record(type: 1, ttl: 60, data: [10, 0, 0, 1], owner: [5] + Array("other".utf8) + [0]),
         ])
         #expect(try DNSMessage.answer(chained, id: 7, name: "backend.test", type: .a) == .addresses([IPAddress("192.0.2.9")!], ttl: 60))
+        // RFC 2181 §8: a TTL with the top bit set is 0, not 136 years.
+        let huge = Self.response(to: query, records: [Self.record(type: 1, ttl: 0x8000_0000, data: [127, 0, 0, 21])])
+        #expect(try DNSMessage.answer(huge, id: 7, name: "backend.test", type: .a) == .addresses([IPAddress("127.0.0.21")!], ttl: 0))
         #expect(try DNSMessage.answer(Self.response(to: query, flags: 0x8183, records: []), id: 7, name: "backend.test", type: .a) == .nameError)
         #expect(try DNSMessage.answer(Self.response(to: query, flags: 0x8182, records: []), id: 7, name: "backend.test", type: .a) == .failure(2))
         #expect(try DNSMessage.answer(Self.response(to: query, flags: 0x8380, records: []), id: 7, name: "backend.test", type: .a) == .truncated)

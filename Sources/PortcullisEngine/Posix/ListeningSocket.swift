@@ -98,7 +98,8 @@ enum ListeningSocket {
         var status = stat()
         guard let path = endpoint.unixPath, lstat(path, &status) == 0, status.st_mode & S_IFMT == S_IFSOCK else { return false }
         for type in [SOCK_STREAM, SOCK_DGRAM] {
-            let probe = Glibc.socket(AF_UNIX, Int32(type.rawValue | SOCK_CLOEXEC.rawValue), 0)
+            // Non-blocking: a live listener with a full backlog must not stall the start.
+            let probe = Glibc.socket(AF_UNIX, Int32(type.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
             guard probe >= 0 else { return false }
             defer { Glibc.close(probe) }
             if endpoint.withSockAddr({ Glibc.connect(probe, $0, $1) }) == 0 { return false }

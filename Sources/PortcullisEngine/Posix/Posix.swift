@@ -56,7 +56,10 @@ extension SocketEndpoint {
                 // A path name ends at its NUL; an abstract name is all the bytes the length says.
                 return bytes.first == 0 ? bytes : Array(bytes.prefix { $0 != 0 })
             }
-            self.init(unixPath: String(decoding: path, as: UTF8.self))
+            // A name that is not UTF-8 cannot be kept exactly: treated as no name (not keyed, not
+            // answered), never as a nearby path that another socket could own.
+            let text = String(decoding: path, as: UTF8.self)
+            self.init(unixPath: Array(text.utf8) == path ? text : "")
         default:
             return nil
         }

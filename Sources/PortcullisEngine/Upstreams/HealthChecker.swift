@@ -21,6 +21,7 @@ public final class HealthChecker: @unchecked Sendable {
     private let checks: [HealthCheck]
     private let log: Logger
     private let stopped = Atomic<Bool>(false)
+    private let started = Atomic<Bool>(false)
     private let finished = Atomic<Bool>(false)
     /// Written to by `stop()`, so a poll that waits for the next check wakes at once.
     private let wakeup: Int32
@@ -52,6 +53,10 @@ public final class HealthChecker: @unchecked Sendable {
         self.checks = checks
         log = errorLog
         wakeup = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        // `mandatory`: out of rotation from the start, before any listener takes a session.
+        for check in checks where check.mandatory {
+            for server in check.checkedServers { check.group.setHealth(server, healthy: false) }
+        }
     }
 
     /// Starts probing (the first probe of every server now, as nginx Plus). A `mandatory`
@@ -61,11 +66,11 @@ public final class HealthChecker: @unchecked Sendable {
         let now = Clock.monotonic()
         for (index, check) in checks.enumerated() {
             for server in check.checkedServers {
-                if check.mandatory { check.group.setHealth(server, healthy: false) }
                 targets.append(Target(check: index, server: server, tracker: HealthTracker(check: check), nextAt: now))
             }
         }
         let initial = targets
+        started.store(true, ordering: .relaxed)
         let thread = Thread { [self] in
             var targets = initial
             run(&targets)
@@ -81,7 +86,9 @@ public final class HealthChecker: @unchecked Sendable {
         guard !stopped.exchange(true, ordering: .relaxed) else { return }
         var one: UInt64 = 1
         _ = write(wakeup, &one, 8)
-        while !finished.load(ordering: .acquiring) { usleep(1_000) }
+        if started.load(ordering: .relaxed) {
+            while !finished.load(ordering: .acquiring) { usleep(1_000) }
+        }
         Glibc.close(wakeup)
     }
 
@@ -137,7 +144,7 @@ public final class HealthChecker: @unchecked Sendable {
             }
         }
         let payload = check.match?.send ?? (check.udp ? HealthCheck.defaultDatagram : [])
-        let deadline = now + UInt64(check.timeoutMilliseconds) * 1_000_000
+        let deadline = now + NameResolver.nanoseconds(UInt64(check.timeoutMilliseconds))
         var probe = Probe(fd: fd, stage: .sending, deadline: deadline, payload: payload)
         if endpoint.withSockAddr({ connect(fd, $0, $1) }) != 0 {
             guard errno == EINPROGRESS else {
@@ -227,7 +234,7 @@ public final class HealthChecker: @unchecked Sendable {
         target.probe = nil
         let check = checks[target.check]
         let jitter = check.jitterMilliseconds > 0 ? UInt64.random(in: 0...UInt64(check.jitterMilliseconds)) : 0
-        target.nextAt = now + (UInt64(check.intervalMilliseconds) + jitter) * 1_000_000
+        target.nextAt = now + NameResolver.nanoseconds(UInt64(check.intervalMilliseconds) + jitter)
         target.results += 1
         let server = check.group.servers[target.server]
         let place = "health check \"\(check.match?.name ?? "")\" of peer \(check.target(target.server)) in upstream \"\(check.group.name)\""

@@ -27,6 +27,7 @@ public final class NameResolver: @unchecked Sendable {
     private let resolutions: [Resolution]
     private let log: Logger
     private let stopped = Atomic<Bool>(false)
+    private let started = Atomic<Bool>(false)
     private let finished = Atomic<Bool>(false)
     private let wakeup: Int32
     private static let resendNanoseconds: UInt64 = 5_000_000_000
@@ -74,6 +75,9 @@ public final class NameResolver: @unchecked Sendable {
     /// At most this many cached answers: host names can come from clients (`proxy_pass
     /// $ssl_preread_server_name`), so the cache must not grow without bound.
     static let cacheLimit = 10_000
+    /// At most this many one-time lookups in flight (each holds two sockets for up to
+    /// `resolver_timeout`); beyond it a lookup fails at once, as a full table refuses.
+    static let inFlightLimit = 256
 
     public init(resolutions: [Resolution], errorLog: Logger) {
         self.resolutions = resolutions
@@ -86,12 +90,15 @@ public final class NameResolver: @unchecked Sendable {
     public func lookup(_ host: String, with resolver: ResolverSpec, completion: @escaping @Sendable (HostLookupResult) -> Void) {
         let key = Name.key(host, resolver)
         let now = Clock.monotonic()
-        let cached = shared.withLock { s -> [IPAddress]? in
-            if let entry = s.cache[key], entry.expires > now { return entry.addresses }
+        let cached = shared.withLock { s -> HostLookupResult? in
+            if let entry = s.cache[key], entry.expires > now {
+                // An empty entry is a name that did not exist (NXDOMAIN), kept as long too.
+                return entry.addresses.isEmpty ? .failure(code: 3, text: "Host not found") : .addresses(entry.addresses)
+            }
             s.requests.append((host, resolver, completion))
             return nil
         }
-        if let cached { return completion(.addresses(cached)) }
+        if let cached { return completion(cached) }
         guard !stopped.load(ordering: .relaxed) else { return completion(.failure(code: 110, text: "Operation timed out")) }
         var one: UInt64 = 1
         _ = write(wakeup, &one, 8)
@@ -101,10 +108,19 @@ public final class NameResolver: @unchecked Sendable {
     public func start() {
         let now = Clock.monotonic()
         let names = resolutions.map { Name(purpose: .watch($0), host: $0.host, resolver: $0.resolver, nextAt: now) }
+        started.store(true, ordering: .relaxed)
         let thread = Thread { [self] in
             var names = names
             run(&names)
             for name in names { for query in name.queries where query.fd >= 0 { Glibc.close(query.fd) } }
+            // Sessions waiting for an answer must not wait for ever (a graceful stop waits
+            // for them): each hears that no answer came.
+            let stopping = HostLookupResult.failure(code: 110, text: "Operation timed out")
+            for name in names { if case .once(let waiting) = name.purpose { waiting.forEach { $0(stopping) } } }
+            shared.withLock { s in
+                defer { s.requests = [] }
+                return s.requests
+            }.forEach { $0.completion(stopping) }
             finished.store(true, ordering: .releasing)
         }
         thread.name = "resolver"
@@ -115,9 +131,14 @@ public final class NameResolver: @unchecked Sendable {
         guard !stopped.exchange(true, ordering: .relaxed) else { return }
         var one: UInt64 = 1
         _ = write(wakeup, &one, 8)
-        while !finished.load(ordering: .acquiring) { usleep(1_000) }
+        if started.load(ordering: .relaxed) {
+            while !finished.load(ordering: .acquiring) { usleep(1_000) }
+        }
         Glibc.close(wakeup)
     }
+
+    /// Milliseconds as nanoseconds, saturating (a `valid=1000y` must not trap the thread).
+    static func nanoseconds(_ milliseconds: UInt64) -> UInt64 { min(milliseconds, 1 << 40) * 1_000_000 }
 
     private func run(_ names: inout [Name]) {
         while !stopped.load(ordering: .relaxed) {
@@ -137,7 +158,7 @@ public final class NameResolver: @unchecked Sendable {
                     wakeAt = min(wakeAt, name.nextAt)
                     continue
                 }
-                wakeAt = min(wakeAt, name.startedAt + UInt64(name.resolver.timeoutMilliseconds) * 1_000_000)
+                wakeAt = min(wakeAt, name.startedAt + Self.nanoseconds(UInt64(name.resolver.timeoutMilliseconds)))
                 for (q, query) in name.queries.enumerated() where query.answer == nil && query.fd >= 0 {
                     wakeAt = min(wakeAt, query.sentAt + Self.resendNanoseconds)
                     fds.append(pollfd(fd: query.fd, events: Int16(POLLIN), revents: 0))
@@ -159,7 +180,7 @@ public final class NameResolver: @unchecked Sendable {
                 let resolver = names[i].resolver
                 if names[i].queries.allSatisfy({ $0.answer != nil }) {
                     finish(&names[i], now: now)
-                } else if now >= names[i].startedAt + UInt64(resolver.timeoutMilliseconds) * 1_000_000 {
+                } else if now >= names[i].startedAt + Self.nanoseconds(UInt64(resolver.timeoutMilliseconds)) {
                     fail(&names[i], "Operation timed out", code: 110, now: now)
                 } else {
                     for q in names[i].queries.indices where names[i].queries[q].answer == nil
@@ -187,6 +208,11 @@ public final class NameResolver: @unchecked Sendable {
             }
             guard DNSMessage.query(id: 0, name: request.host, type: .a) != nil else {
                 request.completion(.failure(code: 1, text: "Format error"))  // not a name DNS can carry
+                continue
+            }
+            let inFlight = names.count { if case .once = $0.purpose { return true } else { return false } }
+            guard inFlight < Self.inFlightLimit else {
+                request.completion(.failure(code: 2, text: "Server failure"))  // too many lookups at once
                 continue
             }
             names.append(Name(purpose: .once([request.completion]), host: request.host, resolver: request.resolver, nextAt: now))
@@ -238,6 +264,7 @@ public final class NameResolver: @unchecked Sendable {
         var addresses: [IPAddress] = []
         var ttl = UInt32.max
         var nameError = true
+        var failure: (code: Int, text: String)?
         for answer in answers {
             switch answer {
             case .addresses(let found, let seconds):
@@ -247,22 +274,26 @@ public final class NameResolver: @unchecked Sendable {
             case .nameError:
                 continue
             case .failure(let code):
-                return fail(&name, Self.rcodeText(code), code: Int(code), now: now)
+                failure = (Int(code), Self.rcodeText(code))
             case .truncated:
-                return fail(&name, "Truncated answer (over UDP)", code: 0, now: now)
+                failure = (0, "Truncated answer (over UDP)")
             }
         }
+        // One family's failure does not throw away the other family's addresses.
+        if let failure, addresses.isEmpty { return fail(&name, failure.text, code: failure.code, now: now) }
         let valid = name.resolver.validMilliseconds.map { UInt64($0) }
         guard case .watch(let resolution) = name.purpose else {
-            if addresses.isEmpty { return fail(&name, "Host not found", code: 3, now: now) }
-            let lifetime = max(valid ?? UInt64(ttl) * 1_000, 1_000) * 1_000_000
+            // No addresses (NXDOMAIN, or none of the types asked) is kept too, for `valid=` or
+            // 10 s, so a client naming hosts that do not exist costs no query each time.
+            let seconds = addresses.isEmpty ? nil : UInt64(ttl)
+            let lifetime = Self.nanoseconds(max(valid ?? seconds.map { $0 * 1_000 } ?? 10_000, 1_000))
             let key = name.key
             shared.withLock { s in
                 if s.cache.count >= Self.cacheLimit { s.cache = s.cache.filter { $0.value.expires > now } }
                 if s.cache.count >= Self.cacheLimit { s.cache.removeAll(keepingCapacity: true) }
                 s.cache[key] = (addresses, now + lifetime)
             }
-            return complete(&name, .addresses(addresses))
+            return complete(&name, addresses.isEmpty ? .failure(code: 3, text: "Host not found") : .addresses(addresses))
         }
         if nameError {
             // NXDOMAIN: no servers for this name now (nginx removes them too).
@@ -284,7 +315,7 @@ public final class NameResolver: @unchecked Sendable {
         } else {
             wait = valid ?? UInt64(ttl) * 1_000
         }
-        name.nextAt = now + max(wait, 1_000) * 1_000_000
+        name.nextAt = now + Self.nanoseconds(max(wait, 1_000))
     }
 
     /// A one-time lookup is over: everyone waiting for it is told, and it leaves the loop
@@ -301,7 +332,7 @@ public final class NameResolver: @unchecked Sendable {
         closeQueries(&name)
         guard case .watch = name.purpose else { return complete(&name, .failure(code: code, text: text)) }
         log(problem: "\(name.host) could not be resolved (\(code): \(text))", &name)
-        name.nextAt = now + UInt64(max(name.resolver.timeoutMilliseconds, 1_000)) * 1_000_000
+        name.nextAt = now + Self.nanoseconds(UInt64(max(name.resolver.timeoutMilliseconds, 1_000)))
     }
 
     /// A problem is said when it starts or changes, not every time it is seen again.

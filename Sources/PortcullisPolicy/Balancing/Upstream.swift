@@ -215,10 +215,13 @@ public final class UpstreamGroup: Sendable {
         let points: [(hash: UInt32, name: String)]
         /// `random`: where each primary's share of `totalWeight` starts.
         let ranges: [Int]
+        /// Servers not `removed` by `resolve`: nginx's "a group's only server" counts these.
+        let liveCount: Int
 
         init(servers: [UpstreamServer], method: BalancingMethod) {
             self.servers = servers
             self.method = method
+            liveCount = servers.count { !$0.removed }
             primaries = servers.indices.filter { !servers[$0].backup && !servers[$0].removed }
             backups = servers.indices.filter { servers[$0].backup && !servers[$0].removed }
             let primaries = self.primaries
@@ -240,7 +243,7 @@ public final class UpstreamGroup: Sendable {
             let server = servers[index]
             if server.down || server.removed || tried.contains(index) || peers[index].unhealthyVotes > 0 { return false }
             if server.maxConns > 0 && peers[index].conns >= server.maxConns { return false }
-            if servers.count > 1, server.maxFails > 0, peers[index].fails >= server.maxFails,
+            if liveCount > 1, server.maxFails > 0, peers[index].fails >= server.maxFails,
                now - peers[index].checkedAt <= Int64(server.failTimeoutMilliseconds) {
                 return false
             }
