@@ -20,11 +20,7 @@ import Synchronization
 public final class HealthChecker: @unchecked Sendable {
     private let checks: [HealthCheck]
     private let log: Logger
-    private let stopped = Atomic<Bool>(false)
-    private let started = Atomic<Bool>(false)
-    private let finished = Atomic<Bool>(false)
-    /// Written to by `stop()`, so a poll that waits for the next check wakes at once.
-    private let wakeup: Int32
+    private let thread = PollThread()
 
     /// Only what a probe reads: the first 16 KiB of an answer (nginx's proxy_buffer_size).
     static let answerLimit = 16 * 1024
@@ -52,7 +48,6 @@ public final class HealthChecker: @unchecked Sendable {
     public init(checks: [HealthCheck], errorLog: Logger) {
         self.checks = checks
         log = errorLog
-        wakeup = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
         // `mandatory`: out of rotation from the start, before any listener takes a session.
         for check in checks where check.mandatory {
             for server in check.checkedServers { check.group.setHealth(server, healthy: false) }
@@ -70,39 +65,27 @@ public final class HealthChecker: @unchecked Sendable {
             }
         }
         let initial = targets
-        started.store(true, ordering: .relaxed)
-        let thread = Thread { [self] in
+        thread.start(name: "health checks") { [self] in
             var targets = initial
             run(&targets)
             for target in targets { if let probe = target.probe { Glibc.close(probe.fd) } }
-            finished.store(true, ordering: .releasing)
         }
-        thread.name = "health checks"
-        thread.start()
     }
 
     /// Stops the thread and waits for it (in-flight probes are abandoned).
-    public func stop() {
-        guard !stopped.exchange(true, ordering: .relaxed) else { return }
-        var one: UInt64 = 1
-        _ = write(wakeup, &one, 8)
-        if started.load(ordering: .relaxed) {
-            while !finished.load(ordering: .acquiring) { usleep(1_000) }
-        }
-        Glibc.close(wakeup)
-    }
+    public func stop() { thread.stop() }
 
     // MARK: The loop
 
     private func run(_ targets: inout [Target]) {
-        while !stopped.load(ordering: .relaxed) {
+        while !thread.isStopped {
             var now = Clock.monotonic()
             for i in targets.indices where targets[i].probe == nil && now >= targets[i].nextAt {
                 begin(&targets[i], now: now)
             }
             // Wait for a probe's socket, its deadline, or the next probe to start.
             var wakeAt = now + 1_000_000_000
-            var fds = [pollfd(fd: wakeup, events: Int16(POLLIN), revents: 0)]
+            var fds = [pollfd(fd: thread.wakeup, events: Int16(POLLIN), revents: 0)]
             var owners: [Int] = []
             for (i, target) in targets.enumerated() {
                 guard let probe = target.probe else {
@@ -116,7 +99,7 @@ public final class HealthChecker: @unchecked Sendable {
             }
             let timeout = wakeAt > now ? Int32(min((wakeAt - now) / 1_000_000 + 1, 1_000)) : 0
             _ = poll(&fds, nfds_t(fds.count), timeout)
-            if stopped.load(ordering: .relaxed) { return }
+            if thread.isStopped { return }
             now = Clock.monotonic()
             for (slot, i) in owners.enumerated() where fds[slot + 1].revents != 0 {
                 advance(&targets[i], now: now)

@@ -26,10 +26,7 @@ import Synchronization
 public final class NameResolver: @unchecked Sendable {
     private let resolutions: [Resolution]
     private let log: Logger
-    private let stopped = Atomic<Bool>(false)
-    private let started = Atomic<Bool>(false)
-    private let finished = Atomic<Bool>(false)
-    private let wakeup: Int32
+    private let thread = PollThread()
     private static let resendNanoseconds: UInt64 = 5_000_000_000
 
     private struct Query {
@@ -82,7 +79,6 @@ public final class NameResolver: @unchecked Sendable {
     public init(resolutions: [Resolution], errorLog: Logger) {
         self.resolutions = resolutions
         log = errorLog
-        wakeup = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
     }
 
     /// Looks `host` up with `resolver` (a cached answer at once, on the caller's thread; else
@@ -99,17 +95,15 @@ public final class NameResolver: @unchecked Sendable {
             return nil
         }
         if let cached { return completion(cached) }
-        guard !stopped.load(ordering: .relaxed) else { return completion(.failure(code: 110, text: "Operation timed out")) }
-        var one: UInt64 = 1
-        _ = write(wakeup, &one, 8)
+        guard !thread.isStopped else { return completion(.failure(code: 110, text: "Operation timed out")) }
+        thread.wake()
     }
 
     /// Starts resolving (every watched name at once: until its first answer it has no servers).
     public func start() {
         let now = Clock.monotonic()
         let names = resolutions.map { Name(purpose: .watch($0), host: $0.host, resolver: $0.resolver, nextAt: now) }
-        started.store(true, ordering: .relaxed)
-        let thread = Thread { [self] in
+        thread.start(name: "resolver") { [self] in
             var names = names
             run(&names)
             for name in names { for query in name.queries where query.fd >= 0 { Glibc.close(query.fd) } }
@@ -121,27 +115,16 @@ public final class NameResolver: @unchecked Sendable {
                 defer { s.requests = [] }
                 return s.requests
             }.forEach { $0.completion(stopping) }
-            finished.store(true, ordering: .releasing)
         }
-        thread.name = "resolver"
-        thread.start()
     }
 
-    public func stop() {
-        guard !stopped.exchange(true, ordering: .relaxed) else { return }
-        var one: UInt64 = 1
-        _ = write(wakeup, &one, 8)
-        if started.load(ordering: .relaxed) {
-            while !finished.load(ordering: .acquiring) { usleep(1_000) }
-        }
-        Glibc.close(wakeup)
-    }
+    public func stop() { thread.stop() }
 
     /// Milliseconds as nanoseconds, saturating (a `valid=1000y` must not trap the thread).
     static func nanoseconds(_ milliseconds: UInt64) -> UInt64 { min(milliseconds, 1 << 40) * 1_000_000 }
 
     private func run(_ names: inout [Name]) {
-        while !stopped.load(ordering: .relaxed) {
+        while !thread.isStopped {
             var now = Clock.monotonic()
             // One-time lookups that are over leave (before new ones could join them).
             names.removeAll { name in
@@ -151,7 +134,7 @@ public final class NameResolver: @unchecked Sendable {
             takeRequests(&names, now: now)
             for i in names.indices where names[i].queries.isEmpty && now >= names[i].nextAt { begin(&names[i], now: now) }
             var wakeAt = now + 1_000_000_000
-            var fds = [pollfd(fd: wakeup, events: Int16(POLLIN), revents: 0)]
+            var fds = [pollfd(fd: thread.wakeup, events: Int16(POLLIN), revents: 0)]
             var owners: [(name: Int, query: Int)] = []
             for (i, name) in names.enumerated() {
                 guard !name.queries.isEmpty else {
@@ -167,11 +150,8 @@ public final class NameResolver: @unchecked Sendable {
             }
             let timeout = wakeAt > now ? Int32(min((wakeAt - now) / 1_000_000 + 1, 1_000)) : 0
             _ = poll(&fds, nfds_t(fds.count), timeout)
-            if stopped.load(ordering: .relaxed) { return }
-            if fds[0].revents != 0 {
-                var count: UInt64 = 0
-                _ = read(wakeup, &count, 8)
-            }
+            if thread.isStopped { return }
+            if fds[0].revents != 0 { thread.clearWakeups() }
             now = Clock.monotonic()
             for (slot, owner) in owners.enumerated() where fds[slot + 1].revents != 0 {
                 receive(&names[owner.name], query: owner.query)
