@@ -148,6 +148,12 @@ public final class UpstreamGroup: Sendable {
     /// Picks the next server to try by the group's method; the pick counts as one of that
     /// server's sessions until `release`.
     public func pick(_ session: inout PickState, excluding tried: [Int], now: Int64) -> Int? {
+        pickServer(&session, excluding: tried, now: now)?.index
+    }
+
+    /// The same, with the picked server's address read under the same lock: a session needs
+    /// it for every attempt, and `resolve` may change the servers meanwhile.
+    public func pickServer(_ session: inout PickState, excluding tried: [Int], now: Int64) -> (index: Int, endpoint: SocketEndpoint)? {
         state.withLock { s in
             let b = s.balancer
             let picked: Int?
@@ -164,8 +170,9 @@ public final class UpstreamGroup: Sendable {
             case .random(let two):
                 picked = b.random(&s.peers, &session, two: two, excluding: tried, now: now)
             }
-            if let picked { s.peers[picked].conns += 1 }
-            return picked
+            guard let picked else { return nil }
+            s.peers[picked].conns += 1
+            return (picked, b.servers[picked].endpoint)
         }
     }
 

@@ -120,6 +120,8 @@ public struct SessionMachine: Sendable {
     private var pick = UpstreamGroup.PickState()
     /// The server this session counts against (`max_conns`, `least_conn`) until it ends.
     private var heldServer: Int?
+    /// The address of the attempt in progress (from the pick, so no second look at the group).
+    private var attemptEndpoint = SocketEndpoint(address: .v4(0), port: 0)
     /// `proxy_pass $var` named a host that is being looked up: the name, its port, the text.
     private var pendingHost: (host: String, port: UInt16, text: String)?
     /// `proxy_bind` rendered at the first dial and kept for the retries (nginx: once per session).
@@ -326,17 +328,18 @@ public struct SessionMachine: Sendable {
             && now &- dialStartedAt >= UInt64(proxy.nextUpstreamTimeoutMilliseconds) * 1_000_000
         // UDP tries one upstream: a UDP "connect" only fails for want of a socket or a route.
         let mayRetry = tries == 0 || (record.transport == .tcp && proxy.nextUpstream && !outOfTries && !outOfTime)
-        guard mayRetry, let index = group.pick(&pick, excluding: tried, now: Self.milliseconds(now)) else {
+        guard mayRetry, let (index, endpoint) = group.pickServer(&pick, excluding: tried, now: Self.milliseconds(now)) else {
             if tries == 0 { note(.error, "no live upstreams while connecting to upstream, \(place)") }
             return refuse(SessionOutcome(phase: .upstreamPick, cause: tries == 0 ? .noLiveUpstreams : .upstreamUnreachable))
         }
         tried.append(index)
         heldServer = index
+        attemptEndpoint = endpoint
         attemptStartedAt = now
         if upstreamStartedAt == nil, record.transport == .udp { upstreamStartedAt = now }
         stage = .dialing
         if localBind == nil { localBind = .some(renderLocalBind()) }
-        return .dial(Dial(endpoint: group.servers[index].endpoint, timeoutMilliseconds: proxy.connectTimeoutMilliseconds,
+        return .dial(Dial(endpoint: endpoint, timeoutMilliseconds: proxy.connectTimeoutMilliseconds,
                           local: localBind ?? nil))
     }
 
@@ -362,10 +365,10 @@ public struct SessionMachine: Sendable {
     /// failed): nginx's 500, and no other upstream is tried, since each would fail alike.
     /// `failure` is the system call's wording, e.g. `bind(10.9.9.9) failed (99: …)`.
     public mutating func localBindFailed(_ failure: String, critical: Bool, now: UInt64) -> Action {
-        guard stage == .dialing, let group, let index = tried.last else { return .none }
+        guard stage == .dialing, group != nil, !tried.isEmpty else { return .none }
         releaseServer()
         note(critical ? .crit : .alert,
-             "\(failure) while connecting to upstream, \(place), upstream: \"\(group.servers[index].endpoint)\"")
+             "\(failure) while connecting to upstream, \(place), upstream: \"\(attemptEndpoint)\"")
         let outcome = SessionOutcome(phase: .upstreamPick, cause: .localAddressUnusable)
         guard record.transport == .tcp else {
             record.outcome = outcome
@@ -394,7 +397,7 @@ public struct SessionMachine: Sendable {
         guard stage == .dialing, let group, let index = tried.last else { return .none }
         group.report(index, succeeded: true, now: Self.milliseconds(now))
         let seconds = record.transport == .udp ? 0 : Double(now &- attemptStartedAt) / 1e9
-        record.upstreamAttempts.append(UpstreamAttempt(address: group.servers[index].endpoint, connectTime: seconds))
+        record.upstreamAttempts.append(UpstreamAttempt(address: attemptEndpoint, connectTime: seconds))
         guard clientOpen else {
             // Not the session's upstream yet, so its close is not the session's: end here.
             stage = .closing
@@ -417,7 +420,7 @@ public struct SessionMachine: Sendable {
         guard stage == .dialing, let group, let index = tried.last else { return .none }
         group.report(index, succeeded: false, now: Self.milliseconds(now))
         releaseServer()
-        let endpoint = group.servers[index].endpoint
+        let endpoint = attemptEndpoint
         record.upstreamAttempts.append(UpstreamAttempt(address: endpoint, connectTime: nil))
         note(.error, "\(failure) while connecting to upstream, \(place), upstream: \"\(endpoint)\"")
         stage = .closing  // until the next dial, if there is one
