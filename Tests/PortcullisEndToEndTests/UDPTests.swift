@@ -826,7 +826,9 @@ struct UDPTests {
         #expect(await gateway.gateway.sweptSessions() == 0)
         let received = upstream.received
         #expect(received.map { String(decoding: $0.bytes, as: UTF8.self) } == (0..<20).map { String(format: "d%02d", $0) })
-        #expect(Set(received.map(\.port)).count == 20, "one upstream socket per session: \(received.map(\.port))")
+        // One upstream socket per session. Each closes as its datagram goes, so the kernel may
+        // hand a freed port out again (it did, once, under load); one shared socket would be 1 port.
+        #expect(Set(received.map(\.port)).count >= 15, "one upstream socket per session: \(received.map(\.port))")
         #expect(client.receive(timeout: 0.3) == nil, "the upstream's answers are not read")
         await gateway.stop()
     }
