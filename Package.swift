@@ -5,7 +5,7 @@ import PackageDescription
 //   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
 //   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers; zlib for gzip logs),
 //                PortcullisEngine (the epoll engine for TCP and UDP, session runtime;
-//                CPortcullisLinux for epoll and the datagram calls)
+//                CPortcullisLinux for epoll and the datagram calls; CPortcullisTLS for OpenSSL)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
 //   3 exe:       portcullis (check / run)
 let strictSettings: [SwiftSetting] = [
@@ -56,10 +56,12 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         .target(name: "CPortcullisLinux"),
+        // The system OpenSSL (Debian libssl-dev), as nginx and HAProxy use: decision 0013.
+        .target(name: "CPortcullisTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         .target(
             name: "PortcullisEngine",
             dependencies: [
-                "CPortcullisLinux", "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry",
+                "CPortcullisLinux", "CPortcullisTLS", "PortcullisCore", "PortcullisPolicy", "PortcullisTelemetry",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSettings

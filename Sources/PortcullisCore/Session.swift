@@ -9,6 +9,8 @@ public enum Phase: String, Sendable, CaseIterable, Codable {
     case access
     case limitConn = "limit_conn"
     case limitRate = "limit_rate"
+    /// `listen … ssl`: the TLS handshake with the client, and `ssl_verify_client`.
+    case ssl
     /// `return`: the server answers by itself instead of proxying (nginx's content phase).
     case content
     case upstreamPick = "upstream_pick"
@@ -101,10 +103,23 @@ public struct SessionOutcome: Sendable, Equatable {
         case localAddressUnusable
         /// `proxy_pass $var` named a host the resolver could not resolve (nginx's 500).
         case hostNotResolved(String)
+        /// `ssl_preread`: `preread_timeout` passed, or the client closed, before its ClientHello
+        /// was complete (nginx closes the session with 200, never proxied).
+        case prereadTimedOut
+        case prereadIncomplete
+        /// `ssl_preread`: the ClientHello did not fit in `preread_buffer_size` (nginx's 400).
+        case prereadBufferFull
+        /// `listen … ssl`: the handshake failed (OpenSSL's reason) or timed out (nginx's 500).
+        case tlsHandshakeFailed(String)
+        case tlsHandshakeTimedOut
+        /// `ssl_verify_client`: no certificate, or one that did not verify (nginx's 500).
+        case clientCertificateRejected(String)
 
         public var status: SessionStatus {
             switch self {
-            case .completed, .idleTimeout, .returned: .ok
+            case .completed, .idleTimeout, .returned, .prereadTimedOut, .prereadIncomplete: .ok
+            case .prereadBufferFull: .badRequest
+            case .tlsHandshakeFailed, .tlsHandshakeTimedOut, .clientCertificateRejected: .internalError
             case .proxyHeaderTimedOut, .proxyHeaderBroken, .proxyHeaderIncomplete: .badRequest
             case .accessDenied: .forbidden
             case .connectionLimit, .connectionZoneFull, .sessionRateLimit: .serviceUnavailable
@@ -118,7 +133,11 @@ public struct SessionOutcome: Sendable, Equatable {
         /// The audit log's `reason`; nil for a session that was not refused.
         public var reason: String? {
             switch self {
-            case .completed, .idleTimeout, .returned: nil
+            case .completed, .idleTimeout, .returned, .prereadTimedOut, .prereadIncomplete: nil
+            case .prereadBufferFull: "preread buffer full"
+            case .tlsHandshakeFailed(let why): "TLS handshake failed: \(why)"
+            case .tlsHandshakeTimedOut: "TLS handshake timed out"
+            case .clientCertificateRejected(let why): "client certificate rejected: \(why)"
             case .proxyHeaderTimedOut: "PROXY protocol header timed out"
             case .proxyHeaderBroken(let why): "broken PROXY protocol header: \(why)"
             case .proxyHeaderIncomplete(let why): "incomplete PROXY protocol header: \(why)"

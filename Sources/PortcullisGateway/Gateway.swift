@@ -61,12 +61,21 @@ public final class Gateway: Service, Sendable {
         let needsLookups = !snapshot.resolutions.isEmpty || snapshot.servers.contains { $0.resolver != nil }
         let lookups = needsLookups ? NameResolver(resolutions: snapshot.resolutions, errorLog: errorLog) : nil
         nameResolver = lookups
-        boxes = snapshot.servers.flatMap { server in
-            server.listens.map { listen in
-                RuntimeBox(ServerRuntime(policy: server, listen: listen, sessionLogger: sessionLogger,
-                                         errorLog: errorLog, registry: registry, lookups: lookups))
+        var boxes: [RuntimeBox] = []
+        for server in snapshot.servers {
+            // One TLS context per server, shared by its listens and loops; a certificate that
+            // does not load stops the start here (docs/decisions/0013-tls-library.md).
+            let tlsServer = try server.tls.map { settings throws(TLSSetupError) in
+                try TLSServerContext(settings: settings, serverLocation: server.location)
+            }
+            let tlsClient = server.upstreamTLS.enabled ? try TLSClientContext(settings: server.upstreamTLS) : nil
+            for listen in server.listens {
+                boxes.append(RuntimeBox(ServerRuntime(policy: server, listen: listen, sessionLogger: sessionLogger,
+                                                      errorLog: errorLog, registry: registry, lookups: lookups,
+                                                      tlsServer: tlsServer, tlsClient: tlsClient)))
             }
         }
+        self.boxes = boxes
         healthChecker = snapshot.healthChecks.isEmpty ? nil : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog)
         if let timeout = snapshot.main.workerShutdownTimeoutMilliseconds {
             drainTimeout.withLock { $0 = .milliseconds(Int64(timeout)) }

@@ -225,6 +225,7 @@ struct PolicyCompiler {
             rateZones[name] = rateZone ?? rateZones[name]
         }
         var streamLimits = LimitSettings()
+        var streamTLS = TLSLevel()
 
         // Formats first, so access_log may name a format defined further down.
         for d in children where d.name == "log_format" {
@@ -265,6 +266,7 @@ struct PolicyCompiler {
             case "resolver": streamResolver = resolver(d)
             case "resolver_timeout": streamResolverTimeout = time(d.arguments[0], in: d)
             default:
+                if applyTLSSetting(d, to: &streamTLS) { break }
                 if !applyLimitSetting(d, to: &streamLimits) { applyProxySetting(d, to: &proxy) }
             }
         }
@@ -290,7 +292,8 @@ struct PolicyCompiler {
                                           inheritedLimits: streamLimits, connZones: connZones, rateZones: rateZones,
                                           inheritedRealIP: streamRealIP,
                                           inheritedLogs: inheritedLogs, inheritedAudit: auditLog,
-                                          proxy: inherited, formats: formats, upstreams: upstreams) {
+                                          proxy: inherited, tls: streamTLS.inherited(), formats: formats,
+                                          upstreams: upstreams) {
                 for listen in server.listens {
                     // TCP and UDP on the same address and port are different sockets.
                     // (A unix path is one socket file, whether stream or datagram.)
@@ -312,7 +315,10 @@ struct PolicyCompiler {
         checkVariableCycles()
         // Servers were compiled while `set` definitions were still being added: give every
         // server the finished table.
-        for i in servers.indices { servers[i].variables = variables }
+        for i in servers.indices {
+            servers[i].variables = variables
+            servers[i].prereadBeforeAccess = servers[i].preread && accessReadsClientHello(servers[i])
+        }
         return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats,
                               variables: variables, geoipDatabases: geoipDatabases, logBuffers: logBuffers,
                               healthChecks: healthChecks, resolutions: resolutions)
@@ -322,7 +328,7 @@ struct PolicyCompiler {
                                 inheritedLimits: LimitSettings, connZones: [String: LimitConnZone],
                                 rateZones: [String: LimitRateZone],
                                 inheritedRealIP: [(CIDR?, RuleReference)], inheritedLogs: [AccessLogSpec], inheritedAudit: AuditLogSpec?,
-                                proxy inherited: ProxySettings, formats: [String: LogFormat],
+                                proxy inherited: ProxySettings, tls inheritedTLS: TLSLevel, formats: [String: LogFormat],
                                 upstreams: [String: UpstreamGroup]) -> ServerPolicy? {
         var seen: [String: Directive] = [:]
         var listens: [ListenSpec] = []
@@ -345,6 +351,7 @@ struct PolicyCompiler {
         var healthCheckDirectives: [Directive] = []
         var ownResolver: ResolverSpec?
         var ownResolverTimeout: Int?
+        var tlsLevel = inheritedTLS
         var failed = false
         for d in block.block ?? [] {
             guard admit(d, in: .server, seen: &seen) != nil else { failed = true; continue }
@@ -406,9 +413,13 @@ struct PolicyCompiler {
                 ownResolverTimeout = time(d.arguments[0], in: d)
                 if ownResolverTimeout == nil { failed = true }
             default:
+                if applyTLSSetting(d, to: &tlsLevel) { break }
                 if !applyLimitSetting(d, to: &limits) { applyProxySetting(d, to: &proxy) }
             }
         }
+        let errorsBeforeTLS = diagnostics.errors.count
+        let (tls, upstreamTLS) = finishTLS(tlsLevel, listens: listens, block: block)
+        if diagnostics.errors.count > errorsBeforeTLS { failed = true }
         if listens.isEmpty && !failed {
             error("no \"listen\" is defined for this server", at: block)
         }
@@ -457,7 +468,10 @@ struct PolicyCompiler {
             location: block.nameLocation,
             ordinal: ordinal,
             variables: variables,
-            resolver: serverResolver)
+            resolver: serverResolver,
+            tls: tls,
+            upstreamTLS: upstreamTLS,
+            preread: tlsLevel.prereadOn)
     }
 
     // MARK: Health checks
@@ -699,7 +713,7 @@ struct PolicyCompiler {
             return nil
         }
         if type >= ProxyTLVType.ssl.rawValue && type <= 0x2F {  // SSL and its sub-TLV range
-            error("SSL TLVs describe a TLS session Portcullis does not terminate; they cannot be sent", at: typeArgument)
+            error("SSL TLVs are not configured: a server with \"listen … ssl\" sends them from its handshake (version, CN, cipher, signature and key algorithms)", at: typeArgument)
             return nil
         }
         guard let value = template(d.arguments[1], in: d) else { return nil }
@@ -749,8 +763,7 @@ struct PolicyCompiler {
             case "proxy_protocol":
                 spec.proxyProtocol = true  // on udp: a v2 header in every datagram (an extension)
             case "ssl":
-                error("\"listen … ssl\" is part of the rule language but not supported yet: TLS termination is not built (TLS passes through untouched)", at: argument)
-                return nil
+                spec.ssl = true
             case "fastopen=", "rcvbuf=", "sndbuf=", "setfib=", "accept_filter=", "multipath":
                 // With udp, some of these are errors, said below; no note for those.
                 if d.arguments.contains(where: { $0.text == "udp" }) && key != "rcvbuf=" && key != "sndbuf=" && key != "setfib=" { continue }
@@ -769,7 +782,7 @@ struct PolicyCompiler {
             // nginx refuses these with udp too ("… is incompatible with udp").
             for argument in d.arguments.dropFirst() {
                 let key = splitParameter(argument.text).0
-                if ["backlog=", "so_keepalive=", "deferred", "accept_filter=", "multipath", "fastopen="].contains(key) {
+                if ["backlog=", "so_keepalive=", "deferred", "accept_filter=", "multipath", "fastopen=", "ssl"].contains(key) {
                     error("\"\(key.hasSuffix("=") ? String(key.dropLast()) : key)\" parameter is incompatible with \"udp\"", at: argument)
                     return nil
                 }
@@ -1155,7 +1168,7 @@ struct PolicyCompiler {
             if d.name == "proxy_responses" { proxy.udpResponses = n } else { proxy.udpRequests = n }
         case "proxy_protocol_timeout": if let t = time(argument, in: d) { proxy.proxyProtocolTimeoutMilliseconds = t }
         case "health_check_timeout": if let t = time(argument, in: d) { proxy.healthCheckTimeoutMilliseconds = max(t, 1) }
-        case "preread_timeout": _ = time(argument, in: d)
+        case "preread_timeout": if let t = time(argument, in: d) { proxy.prereadTimeoutMilliseconds = max(t, 1) }
         case "proxy_protocol_crc32c": if let v = flag(argument, in: d) { proxy.proxyProtocolCRC32C = v }
         case "proxy_protocol":
             switch argument.text {
@@ -1165,7 +1178,7 @@ struct PolicyCompiler {
             default:
                 error("invalid value \"\(argument.text)\" in \"proxy_protocol\"; it must be \"on\", \"off\", \"v1\" or \"v2\"", at: argument)
             }
-        case "preread_buffer_size": _ = size(argument, in: d)
+        case "preread_buffer_size": if let n = size(argument, in: d) { proxy.prereadBufferSize = max(n, 1) }
         case "proxy_bind": proxyBind(d, to: &proxy)
         default: break
         }

@@ -132,10 +132,23 @@ enum DirectiveTable {
         // Service discovery (nginx 1.27.3): `server NAME resolve` re-resolved by `resolver`.
         t["resolver"] = DirectiveSpec(contexts: [.stream, .server, .upstream], arguments: 1...unlimited)
         t["resolver_timeout"] = DirectiveSpec(contexts: [.stream, .server, .upstream], arguments: 1...1)
-        for name in ["ssl_preread", "ssl_certificate", "ssl_certificate_key", "ssl_protocols",
-                     "ssl_ciphers", "proxy_ssl", "server_name"] {
-            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false, support: planned("TLS is not built yet, issue #14"))
+        // TLS (issue #14): termination, TLS to upstreams, ssl_preread. See Compiler+TLS.swift.
+        for name in ["ssl_certificate", "ssl_certificate_key", "ssl_conf_command"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: name == "ssl_conf_command" ? 2...2 : 1...1, single: false)
         }
+        for name in ["ssl_protocols", "proxy_ssl_protocols", "ssl_alpn"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...unlimited)
+        }
+        t["ssl_session_cache"] = DirectiveSpec(contexts: streamServer, arguments: 1...2)
+        for name in ["ssl_ciphers", "ssl_prefer_server_ciphers", "ssl_ecdh_curve", "ssl_session_tickets", "ssl_session_timeout",
+                     "ssl_handshake_timeout", "ssl_client_certificate", "ssl_trusted_certificate", "ssl_verify_client",
+                     "ssl_verify_depth", "ssl_preread", "proxy_ssl", "proxy_ssl_ciphers", "proxy_ssl_server_name",
+                     "proxy_ssl_name", "proxy_ssl_verify", "proxy_ssl_verify_depth", "proxy_ssl_trusted_certificate",
+                     "proxy_ssl_certificate", "proxy_ssl_certificate_key", "proxy_ssl_session_reuse"] {
+            t[name] = DirectiveSpec(contexts: streamServer, arguments: 1...1)
+        }
+        t["server_name"] = DirectiveSpec(contexts: streamServer, arguments: 1...8, single: false,
+                                         support: planned("server_name (SNI virtual servers, nginx 1.25.5) is not built yet; route by $ssl_preread_server_name or $ssl_server_name with map and proxy_pass $var"))
         return t
     }()
 }

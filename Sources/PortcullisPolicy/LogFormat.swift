@@ -77,6 +77,18 @@ public enum LogVariable: String, Sendable, CaseIterable {
     case realipRemoteAddr = "realip_remote_addr"
     case realipRemotePort = "realip_remote_port"
     case limitConnStatus = "limit_conn_status"
+    // ngx_stream_ssl_module: what the handshake with the client negotiated (`listen … ssl`).
+    case sslProtocol = "ssl_protocol"
+    case sslCipher = "ssl_cipher"
+    case sslServerName = "ssl_server_name"
+    case sslALPNProtocol = "ssl_alpn_protocol"
+    case sslSessionReused = "ssl_session_reused"
+    case sslClientSubjectDN = "ssl_client_s_dn"
+    case sslClientVerify = "ssl_client_verify"
+    // ngx_stream_ssl_preread_module: what the client's ClientHello says (`ssl_preread on`).
+    case sslPrereadServerName = "ssl_preread_server_name"
+    case sslPrereadALPNProtocols = "ssl_preread_alpn_protocols"
+    case sslPrereadProtocol = "ssl_preread_protocol"
     /// The nginx version whose stream decisions Portcullis makes (and is tested against).
     case nginxVersion = "nginx_version"
     case portcullisVersion = "portcullis_version"
@@ -158,6 +170,16 @@ public struct LogTemplate: Sendable, Equatable {
         }
         if !literal.isEmpty { parts.append(.literal(literal)) }
         return LogTemplate(parts: parts)
+    }
+
+    /// The text, when the template has no variables.
+    public var literalText: String? {
+        var text = ""
+        for part in parts {
+            guard case .literal(let literal) = part else { return nil }
+            text += literal
+        }
+        return text
     }
 
     public var variables: [Variable] {
@@ -285,6 +307,19 @@ public enum VariableRenderer {
         case .realipRemoteAddr: return text(r.peer.hostText)
         case .realipRemotePort: return text(r.peer.portText)
         case .limitConnStatus: return r.limitConnStatus.map(text)
+        // nginx: not found without TLS; the empty ones (no SNI, no ALPN, no certificate) too.
+        case .sslProtocol: return r.tls.map { text($0.protocolName) }
+        case .sslCipher: return r.tls.map { text($0.cipher) }
+        case .sslServerName: return r.tls.flatMap { $0.serverName.isEmpty ? nil : text($0.serverName) }
+        case .sslALPNProtocol: return r.tls.flatMap { $0.alpnProtocol.isEmpty ? nil : text($0.alpnProtocol) }
+        case .sslSessionReused: return r.tls.map { text($0.sessionReused ? "r" : ".") }
+        case .sslClientSubjectDN: return r.tls.flatMap { $0.clientSubject.isEmpty ? nil : text($0.clientSubject) }
+        case .sslClientVerify: return r.tls.map { text($0.clientVerify) }
+        // nginx: the preread variables are empty (found) once preread ran, whatever it found.
+        // The bytes as the client sent them (ClientHelloInfo keeps them as Latin-1).
+        case .sslPrereadServerName: return r.preread.map(\.serverNameBytes)
+        case .sslPrereadALPNProtocols: return r.preread.map(\.alpnProtocolsValue)
+        case .sslPrereadProtocol: return r.preread.map { text($0.nginxProtocolVersion) }
         }
     }
 }

@@ -120,6 +120,8 @@ public struct ListenSpec: Sendable, Equatable, CustomStringConvertible {
     public var writtenLength = 1
     /// `listen unix:PATH`: a unix-domain socket (stream, or datagram with `udp`).
     public var unixPath: String?
+    /// `ssl`: every connection is TLS, terminated here with the server's `ssl_*` settings.
+    public var ssl = false
 
     public var endpoint: SocketEndpoint {
         unixPath.map { SocketEndpoint(unixPath: $0) } ?? SocketEndpoint(address: address, port: port)
@@ -162,6 +164,16 @@ public struct ServerPolicy: Sendable {
     /// `resolver` (the server's own, else the stream's): how `proxy_pass $var` looks up a
     /// host name in its value. nil: such a value is refused.
     public var resolver: ResolverSpec? = nil
+    /// `listen … ssl`: how this server terminates TLS; nil when no listen of it has `ssl`.
+    public var tls: TLSServerSettings? = nil
+    /// `proxy_ssl*`: TLS to the upstream (`enabled` false: plain TCP).
+    public var upstreamTLS = UpstreamTLSSettings()
+    /// `ssl_preread on`: the client's ClientHello is read (after the access phases, as nginx).
+    public var preread = false
+    /// With `ssl_preread on`: access rules or limit keys read `$ssl_preread_*`, so preread
+    /// runs before them (an extension; otherwise nginx's order, so a refused client is refused
+    /// without waiting for its ClientHello).
+    public var prereadBeforeAccess = false
 
     /// A fresh set of lazily evaluated variables for one session, or nil when the rules
     /// define none.
@@ -237,6 +249,10 @@ public struct ProxySettings: Sendable, Equatable {
     public var healthCheckTimeoutMilliseconds = 5_000
     /// `proxy_bind`: the local address upstream connections are made from; nil = the kernel's choice.
     public var bind: ProxyBind?
+    /// `preread_buffer_size` / `preread_timeout` (ssl_preread): how much of the ClientHello is
+    /// waited for, and how long.
+    public var prereadBufferSize = 16 * 1024
+    public var prereadTimeoutMilliseconds = 30_000
 
     public init() {}
 }

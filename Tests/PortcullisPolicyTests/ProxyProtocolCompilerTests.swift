@@ -69,7 +69,7 @@ import PortcullisRules
         ("        proxy_protocol v2;\n        proxy_protocol_tlv crc32c x;\n",
          "rules.conf:5:28: error: the CRC32C TLV is computed, not configured: use \"proxy_protocol_crc32c on\""),
         ("        proxy_protocol v2;\n        proxy_protocol_tlv 0x26 x;\n",
-         "rules.conf:5:28: error: SSL TLVs describe a TLS session Portcullis does not terminate; they cannot be sent"),
+         "rules.conf:5:28: error: SSL TLVs are not configured: a server with \"listen … ssl\" sends them from its handshake (version, CN, cipher, signature and key algorithms)"),
         ("        proxy_protocol_crc32c on;\n",
          "rules.conf:4:9: error: \"proxy_protocol_crc32c\" needs \"proxy_protocol v2\" (v1 headers carry no TLVs); this server sends no header"),
         ("        set_real_ip_from 10.0.0.300;\n",

@@ -19,14 +19,21 @@ public final class ServerRuntime: Sendable {
     public let registry: SessionRegistry
     /// The process's DNS lookups (`proxy_pass $var` with a host name); nil without a `resolver`.
     public let lookups: NameResolver?
+    /// `listen … ssl`: the server's TLS context (nil on a plain listen).
+    public let tlsServer: TLSServerContext?
+    /// `proxy_ssl on`: the server's TLS context for its upstreams.
+    public let tlsClient: TLSClientContext?
 
     public init(policy: ServerPolicy, listen: ListenSpec, sessionLogger: SessionLogger, errorLog: Logger,
-                registry: SessionRegistry, lookups: NameResolver? = nil) {
+                registry: SessionRegistry, lookups: NameResolver? = nil, tlsServer: TLSServerContext? = nil,
+                tlsClient: TLSClientContext? = nil) {
         self.listener = ListenerPolicy(server: policy, listen: listen)
         self.sessionLogger = sessionLogger
         self.errorLog = errorLog
         self.registry = registry
         self.lookups = lookups
+        self.tlsServer = listen.ssl ? tlsServer : nil
+        self.tlsClient = tlsClient
     }
 }
 

@@ -1,4 +1,5 @@
 import CPortcullisLinux
+import CPortcullisTLS
 import Glibc
 import PortcullisCore
 import PortcullisPolicy
@@ -37,6 +38,8 @@ final class TCPSession: LoopSession {
         var resumeAt: UInt64 = 0
         /// The wait was this side's reserved turn on a shared bucket: read once without asking.
         var skipDelayOnce = false
+        /// TLS on this side (`listen … ssl`, `proxy_ssl on`): reads and writes go through it.
+        var tls: TLSStream?
 
         var isOpen: Bool { fd >= 0 }
         var hasPending: Bool { pendingStart < pending.count }
@@ -68,6 +71,13 @@ final class TCPSession: LoopSession {
     /// Bytes taken from the client while its upstream was dialled (`readEarly`), at most 64 KiB.
     private var earlyBytes = 0
     private static let earlyLimit = 64 * 1024
+    /// `proxy_ssl on`: the connected upstream's TLS handshake is under way (its socket is still
+    /// the dial's, not the session's upstream, until it succeeds).
+    private var upstreamHandshaking = false
+    /// What of the PROXY header is still to go to the upstream, in the clear, before its TLS.
+    private var upstreamPreface: [UInt8] = []
+    /// `proxy_ssl_verify on` for this attempt.
+    private var verifyUpstream = false
 
     // Deadlines in the loop's monotonic nanoseconds; 0: none.
     private var headerDeadline: UInt64 = 0
@@ -126,13 +136,23 @@ final class TCPSession: LoopSession {
         if flags & (EPOLLHUP.rawValue | EPOLLRDHUP.rawValue) != 0 { self[side].peerClosing = true }
         if flags & EPOLLOUT.rawValue != 0 { self[side].writable = true }
         let failed = flags & EPOLLERR.rawValue != 0
+        // TLS: a read that had to wait for the socket to take a write is retried now.
+        if flags & EPOLLOUT.rawValue != 0, self[side].tls?.readWantsWrite == true { self[side].readable = true }
 
+        if side == .client && machine.handshaking {
+            continueClientHandshake()
+            return
+        }
+        if side == .upstream && upstreamHandshaking {
+            continueUpstreamHandshake()
+            return
+        }
         if side == .upstream && !upstreamConnected {
             guard failed || flags & (EPOLLOUT.rawValue | EPOLLHUP.rawValue) != 0 else { return }
             connectFinished(clean: !failed && flags & EPOLLHUP.rawValue == 0)
             return
         }
-        if failed || (side == .client && !relaying && flags & EPOLLHUP.rawValue != 0 && !machine.readingProxyHeader) {
+        if failed || (side == .client && !relaying && flags & EPOLLHUP.rawValue != 0 && !machine.readingForMachine) {
             // An error (a reset) is taken as it comes, not when the reads reach it; a client
             // that is gone while its upstream is dialled is closed now.
             let error = Socket.pendingError(self[side].fd)
@@ -159,10 +179,11 @@ final class TCPSession: LoopSession {
         let now = loop.now
         if headerDeadline != 0 && now >= headerDeadline {
             headerDeadline = 0
-            perform(machine.headerTimedOut(now: now))
+            perform(machine.clientDeadlinePassed(now: now))
         }
         if !ended && connectDeadline != 0 && now >= connectDeadline {
             connectDeadline = 0
+            upstreamHandshaking = false
             closeDial()
             perform(machine.dialFailed(.timedOut, now: now))
         }
@@ -199,17 +220,17 @@ final class TCPSession: LoopSession {
     private func readBeforeRelay() {
         while client.readable && !ended && !client.inputClosed {
             let size: Int
-            if machine.readingProxyHeader {
-                size = readSize
+            if machine.readingForMachine {
+                size = machine.readingClientHello ? min(readSize, runtime.policy.proxy.prereadBufferSize) : readSize
             } else if client.peerClosing && upstream.isOpen && !upstreamConnected && earlyBytes < Self.earlyLimit {
                 size = min(readSize, Self.earlyLimit - earlyBytes)
             } else {
                 return
             }
-            let count = recv(client.fd, loop.scratch.baseAddress, size, 0)
+            let count = receive(.client, into: loop.scratch.baseAddress!, size)
             if count > 0 {
-                if !machine.readingProxyHeader { earlyBytes += count }
-                if count < size && !client.peerClosing { client.readable = false }
+                if !machine.readingForMachine { earlyBytes += count }
+                if count < size && !client.peerClosing && client.tls == nil { client.readable = false }
                 perform(machine.received(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now))
             } else if count == 0 {
                 client.readable = false
@@ -218,7 +239,7 @@ final class TCPSession: LoopSession {
             } else if errno == EAGAIN || errno == EWOULDBLOCK {
                 client.readable = false
             } else if errno != EINTR {
-                fail(.client, SystemCallError("recv"))
+                fail(.client, "recv")
             }
         }
     }
@@ -244,9 +265,10 @@ final class TCPSession: LoopSession {
                     }
                 }
             }
-            let count = recv(self[side].fd, loop.scratch.baseAddress, readSize, 0)
+            let count = receive(side, into: loop.scratch.baseAddress!, readSize)
             if count > 0 {
-                if count < readSize && !self[side].peerClosing { self[side].readable = false }
+                // A TLS read returns one record, whatever is waiting: only EAGAIN says empty.
+                if count < readSize && !self[side].peerClosing && self[side].tls == nil { self[side].readable = false }
                 machine.relayed(count, from: side, now: loop.now)
                 send(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), to: to)
                 reads += 1
@@ -263,19 +285,41 @@ final class TCPSession: LoopSession {
             } else if errno == EAGAIN || errno == EWOULDBLOCK {
                 self[side].readable = false
             } else if errno != EINTR {
-                fail(side, SystemCallError("recv"))
+                fail(side, "recv")
             }
         }
+    }
+
+    /// recv on `side`'s socket, or SSL_read on its TLS: a count, 0 at EOF, -1 with errno.
+    private func receive(_ side: Side, into buffer: UnsafeMutableRawPointer, _ size: Int) -> Int {
+        if let tls = self[side].tls { return tls.read(buffer, size) }
+        return recv(self[side].fd, buffer, size, 0)
+    }
+
+    /// send on `side`'s socket, or SSL_write on its TLS until the socket is full: the count
+    /// taken (less than `size` only when the socket is full), -1 with errno on an error.
+    private func transmit(_ side: Side, _ buffer: UnsafeRawPointer, _ size: Int) -> Int {
+        guard let tls = self[side].tls else { return Glibc.send(self[side].fd, buffer, size, Int32(MSG_NOSIGNAL)) }
+        var sent = 0
+        while sent < size {
+            let count = tls.write(buffer + sent, size - sent)
+            if count < 0 {
+                if errno == EAGAIN && sent > 0 { break }
+                return sent > 0 ? sent : -1
+            }
+            sent += count
+        }
+        return sent
     }
 
     /// Writes `bytes` to `side`, or keeps what it cannot take yet.
     private func send(_ bytes: UnsafeRawBufferPointer, to side: Side) {
         var sent = 0
         if self[side].writable && !self[side].hasPending {
-            let count = Glibc.send(self[side].fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL))
+            let count = transmit(side, bytes.baseAddress!, bytes.count)
             if count < 0 {
                 guard errno == EAGAIN || errno == EWOULDBLOCK else {
-                    fail(side, SystemCallError("send"))
+                    fail(side, "send")
                     return
                 }
             } else {
@@ -293,8 +337,7 @@ final class TCPSession: LoopSession {
     private func flush(_ side: Side) {
         while self[side].hasPending {
             let count = self[side].pending.withUnsafeBytes { raw in
-                Glibc.send(self[side].fd, raw.baseAddress! + self[side].pendingStart,
-                           raw.count - self[side].pendingStart, Int32(MSG_NOSIGNAL))
+                transmit(side, raw.baseAddress! + self[side].pendingStart, raw.count - self[side].pendingStart)
             }
             if count < 0 {
                 if errno == EAGAIN || errno == EWOULDBLOCK {
@@ -302,7 +345,7 @@ final class TCPSession: LoopSession {
                     return
                 }
                 if errno == EINTR { continue }
-                fail(side, SystemCallError("send"))
+                fail(side, "send")
                 return
             }
             self[side].pendingStart += count
@@ -334,6 +377,17 @@ final class TCPSession: LoopSession {
     private func fail(_ side: Side, _ error: SystemCallError) {
         self[side].sawError = true
         perform(machine.failed(side, SessionMachine.Failure(error), now: loop.now))
+    }
+
+    /// A read or write failed (errno says how): TLS's own errors carry OpenSSL's words.
+    private func fail(_ side: Side, _ call: String) {
+        if errno == EPROTO, let tls = self[side].tls, !tls.failure.isEmpty {
+            self[side].sawError = true
+            perform(machine.failed(side, .error(tls.failure), now: loop.now))
+            return
+        }
+        let name = self[side].tls == nil ? call : (call == "recv" ? "SSL_read" : "SSL_write")
+        fail(side, SystemCallError(name))
     }
 
     // MARK: Dialling
@@ -391,8 +445,123 @@ final class TCPSession: LoopSession {
     /// Closes a dial's socket that never became the session's upstream (nothing to report).
     private func closeDial() {
         guard !upstreamConnected, upstream.isOpen else { return }
+        upstream.tls = nil
         Glibc.close(upstream.fd)
         upstream = Peer()
+        upstreamHandshaking = false
+        upstreamPreface = []
+    }
+
+    // MARK: TLS
+
+    /// `listen … ssl`: the handshake with the client begins (bounded by ssl_handshake_timeout).
+    private func startClientTLS(timeoutMilliseconds: Int) {
+        guard let context = runtime.tlsServer, let tls = TLSStream(context: context.context, fd: client.fd, accepting: true) else {
+            perform(machine.tlsFailed("SSL_new() failed: \(openSSLErrors())", now: loop.now))
+            return
+        }
+        if !context.perHandshakeCertificates.isEmpty {
+            let specs = context.perHandshakeCertificates
+            tls.certificatePaths = { [unowned self] serverName in
+                // The paths see the handshake's SNI as $ssl_server_name.
+                var record = machine.record
+                record.tls = TLSSessionInfo(protocolName: "", cipher: "", serverName: serverName, alpnProtocol: "",
+                                            sessionReused: false, clientVerify: "NONE", clientSubject: "",
+                                            clientCommonName: "", clientPresentedCertificate: false,
+                                            signatureAlgorithm: "", keyAlgorithm: "")
+                return specs.map {
+                    (String(decoding: $0.certificate.bytes(for: record), as: UTF8.self),
+                     String(decoding: $0.key.bytes(for: record), as: UTF8.self))
+                }
+            }
+        }
+        client.tls = tls
+        headerDeadline = loop.now &+ UInt64(max(timeoutMilliseconds, 1)) * 1_000_000
+        armTimer()
+        continueClientHandshake()
+    }
+
+    /// One step of the client's handshake, on its socket's edges.
+    private func continueClientHandshake() {
+        guard let tls = client.tls, machine.handshaking else { return }
+        switch tls.handshake() {
+        case .done:
+            headerDeadline = 0
+            // Application data may have come with the client's Finished: read at least once.
+            client.readable = true
+            let (info, check) = tls.serverSessionInfo()
+            perform(machine.tlsEstablished(info, certificate: check, now: loop.now))
+        case .wantRead:
+            client.readable = false
+        case .wantWrite:
+            client.writable = false
+        case .failed(let reason):
+            perform(machine.tlsFailed(reason, now: loop.now))
+        }
+    }
+
+    /// `proxy_ssl on`: the connected socket goes back to being a dial until its handshake
+    /// (bounded by proxy_connect_timeout, as nginx) succeeds; the PROXY header goes first.
+    private func startUpstreamTLS(_ start: SessionMachine.UpstreamTLSStart) {
+        upstreamConnected = false
+        upstreamHandshaking = true
+        guard let context = runtime.tlsClient,
+              let tls = TLSStream(context: context.context, fd: upstream.fd, accepting: false) else {
+            upstreamTLSFailed("SSL_new() failed: \(openSSLErrors())")
+            return
+        }
+        if let name = start.serverName { _ = portcullis_tls_set_server_name(tls.ssl, name) }
+        if let name = start.verifyName {
+            portcullis_tls_set_verify_peer(tls.ssl, Int32(context.settings.verifyDepth), IPAddress(name) == nil ? name : nil)
+            if IPAddress(name) != nil { X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(tls.ssl), name) }
+        }
+        verifyUpstream = start.verifyName != nil
+        tls.clientContext = context
+        tls.upstreamEndpoint = start.endpoint
+        context.resume(tls.ssl, for: start.endpoint)
+        upstream.tls = tls
+        upstreamPreface = start.preface
+        connectDeadline = loop.now &+ UInt64(max(runtime.policy.proxy.connectTimeoutMilliseconds, 1)) * 1_000_000
+        armTimer()
+        continueUpstreamHandshake()
+    }
+
+    private func continueUpstreamHandshake() {
+        guard upstreamHandshaking, let tls = upstream.tls else { return }
+        while !upstreamPreface.isEmpty {
+            let count = upstreamPreface.withUnsafeBytes { Glibc.send(upstream.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { return }
+                upstreamTLSFailed("\(SystemCallError("send")) while sending PROXY header to upstream")
+                return
+            }
+            upstreamPreface.removeFirst(count)
+        }
+        switch tls.handshake() {
+        case .done:
+            if verifyUpstream, let error = tls.upstreamVerifyError() {
+                upstreamTLSFailed(error)
+                return
+            }
+            connectDeadline = 0
+            upstreamHandshaking = false
+            upstreamConnected = true
+            upstream.readable = true
+            perform(machine.upstreamTLSEstablished(now: loop.now))
+        case .wantRead:
+            upstream.readable = false
+        case .wantWrite:
+            upstream.writable = false
+        case .failed(let reason):
+            upstreamTLSFailed(reason + " while SSL handshaking to upstream")
+        }
+    }
+
+    private func upstreamTLSFailed(_ reason: String) {
+        connectDeadline = 0
+        closeDial()
+        perform(machine.upstreamTLSFailed(reason, now: loop.now))
     }
 
     // MARK: Doing what the machine says
@@ -402,10 +571,14 @@ final class TCPSession: LoopSession {
         switch action {
         case .none, .readMore, .refused:
             break  // reading more goes on in readHeader; refusals of this kind are UDP's
-        case .readProxyHeader(let timeout):
+        case .readProxyHeader(let timeout), .readClientHello(let timeout):
             headerDeadline = loop.now &+ UInt64(max(timeout, 1)) * 1_000_000
             armTimer()
             if client.readable { readBeforeRelay() }
+        case .startTLS(let timeout):
+            startClientTLS(timeoutMilliseconds: timeout)
+        case .startUpstreamTLS(let start):
+            startUpstreamTLS(start)
         case .dial(let dial):
             self.dial(dial)
         case .resolve(let host, let resolver):
@@ -477,6 +650,7 @@ final class TCPSession: LoopSession {
     /// Shuts `side`'s output (everything for it was written), then tells the machine.
     private func shutOutput(_ side: Side) {
         if self[side].isOpen && !self[side].outputShutStarted {
+            self[side].tls?.sendCloseNotify()
             shutdown(self[side].fd, Int32(SHUT_WR))
             self[side].outputShutStarted = true
         }
@@ -493,7 +667,12 @@ final class TCPSession: LoopSession {
             closeDial()
             return
         }
-        if self[side].resetOnClose { Socket.resetOnClose(self[side].fd) }
+        if self[side].resetOnClose {
+            Socket.resetOnClose(self[side].fd)
+        } else {
+            self[side].tls?.sendCloseNotify()
+        }
+        self[side].tls = nil
         Glibc.close(self[side].fd)  // also leaves the epoll set
         self[side].fd = -1
         self[side].pendingStart = 0
@@ -508,6 +687,7 @@ final class TCPSession: LoopSession {
         ended = true
         closeDial()  // a dial that connected after the client left
         for side in [Side.client, .upstream] where self[side].isOpen {
+            self[side].tls = nil
             Glibc.close(self[side].fd)
             self[side].fd = -1
             loop.pool.giveBack(&self[side].pending)

@@ -98,7 +98,7 @@ final class UDPSession: LoopSession {
             close()
             runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit)
         case .none, .readProxyHeader, .readMore, .startRelay, .closeClient, .close, .closeBoth, .closeWhenWritten,
-             .shutdownOutput:
+             .shutdownOutput, .readClientHello, .startTLS, .startUpstreamTLS:
             break  // TCP only, or nothing to do
         }
     }

@@ -22,12 +22,51 @@ extension ServerPolicy {
     /// the list does not set them.
     public func upstreamTLVs(for record: SessionRecord) -> [ProxyTLV] {
         var tlvs = proxy.proxyProtocolTLVs.map { ProxyTLV(type: $0.type, value: $0.value.bytes(for: record)) }
+        func add(_ type: ProxyTLVType, _ value: [UInt8]) {
+            if !value.isEmpty && !tlvs.contains(where: { $0.type == type.rawValue }) { tlvs.append(ProxyTLV(type, value)) }
+        }
+        if let tls = record.tls {
+            // Terminated here: what HAProxy's send-proxy-v2-ssl-cn sends, from this handshake.
+            add(.alpn, Array(tls.alpnProtocol.utf8))
+            add(.authority, Array(tls.serverName.utf8))
+            tlvs.append(ProxyTLV(.ssl, Self.sslTLV(tls)))
+        } else if let hello = record.preread {
+            // Prereading: the SNI, and a copy of the ALPN extension's list (the spec's words).
+            add(.authority, hello.serverNameBytes)
+            add(.alpn, hello.alpnProtocols.flatMap { name -> [UInt8] in
+                let bytes = Array(name.unicodeScalars.map { UInt8(truncatingIfNeeded: $0.value) }.prefix(255))
+                return [UInt8(bytes.count)] + bytes
+            })
+        }
         if let received = record.proxyHeader, realIPFrom.trusts(record.peer) {
             for type in [ProxyTLVType.authority, .uniqueID] where !tlvs.contains(where: { $0.type == type.rawValue }) {
                 if let value = received.tlv(type.rawValue) { tlvs.append(ProxyTLV(type, value)) }
             }
         }
         return tlvs
+    }
+}
+
+extension ServerPolicy {
+    /// PP2_TYPE_SSL's value: client bits (SSL; a certificate on this connection; and, resumed,
+    /// in the session), verify (0 only for a certificate that verified), then the VERSION, CN,
+    /// CIPHER, SIG_ALG and KEY_ALG sub-TLVs.
+    static func sslTLV(_ tls: TLSSessionInfo) -> [UInt8] {
+        var client: UInt8 = 0x01
+        if tls.clientPresentedCertificate { client |= tls.sessionReused ? 0x04 : 0x02 }
+        let verified = tls.clientPresentedCertificate && tls.clientVerify == "SUCCESS"
+        var value: [UInt8] = [client, 0, 0, 0, verified ? 0 : 1]
+        func sub(_ type: ProxyTLVType, _ text: String) {
+            let bytes = Array(text.utf8.prefix(65_535))
+            guard !bytes.isEmpty else { return }
+            value += [type.rawValue, UInt8(bytes.count >> 8), UInt8(bytes.count & 0xFF)] + bytes
+        }
+        sub(.sslVersion, tls.protocolName)
+        if tls.clientPresentedCertificate { sub(.sslCN, tls.clientCommonName) }
+        sub(.sslCipher, tls.cipher)
+        sub(.sslSigAlg, tls.signatureAlgorithm)
+        sub(.sslKeyAlg, tls.keyAlgorithm)
+        return value
     }
 }
 

@@ -5,10 +5,13 @@ public import PortcullisWire
 ///
 /// An engine (the socket code) tells it what happened — accepted, bytes arrived, the PROXY
 /// header timed out, a dial succeeded or failed, a side sent EOF, failed or closed, the idle
-/// timer fired, a datagram came — and does what each call returns. The order of the phases
-/// (`Phase`) lives here and nowhere else: accept → proxy_header_read → realip → access →
-/// limit_conn → limit_rate → upstream_pick → proxy_header_write → relay → log (or, with
-/// `return`, limit_rate → content → log). So does every
+/// timer fired, a datagram came, a TLS handshake ended — and does what each call returns. The
+/// order of the phases (`Phase`) lives here and nowhere else: accept → proxy_header_read →
+/// realip → access → limit_conn → limit_rate → ssl → preread → upstream_pick → (upstream TLS)
+/// → proxy_header_write → relay → log (or, with `return`, … → content → log). With
+/// `ssl_preread on` and access rules or limit keys that read `$ssl_preread_*`, preread comes
+/// before access instead (an extension: nginx's access phase cannot see the ClientHello,
+/// nginx/nginx#872). So does every
 /// way a session can end: the machine writes the record's `outcome` once, and the record it
 /// hands back in `.end` is the only input of the access log, the audit log, and later metrics
 /// and `explain`.
@@ -58,9 +61,50 @@ public struct SessionMachine: Sendable {
         public var clientEnded: Bool
     }
 
+    /// What the engine does once the upstream's TCP connect succeeded and `proxy_ssl on`:
+    /// write `preface` in the clear (the PROXY header, which nginx sends before TLS), then the
+    /// TLS handshake; then `upstreamTLSEstablished` or `upstreamTLSFailed`.
+    public struct UpstreamTLSStart: Sendable, Equatable {
+        public var preface: [UInt8]
+        /// SNI to send (`proxy_ssl_server_name on`, and not an address); nil: none.
+        public var serverName: String?
+        /// The name the certificate must carry (`proxy_ssl_verify on`); nil: not verified.
+        public var verifyName: String?
+        /// Where the connection goes, for the session cache (`proxy_ssl_session_reuse`).
+        public var endpoint: SocketEndpoint
+    }
+
+    /// How the client's certificate fared (`ssl_verify_client`), read by the engine after the
+    /// handshake; the machine decides what it means.
+    public struct ClientCertificateCheck: Sendable, Equatable {
+        public var presented: Bool
+        /// X509_V_OK (0) or the verify error's code and text.
+        public var code: Int
+        public var text: String
+        /// The error is one `optional_no_ca` forgives (an unknown or self-signed issuer).
+        public var caUnknown: Bool
+
+        public init(presented: Bool, code: Int, text: String, caUnknown: Bool) {
+            self.presented = presented
+            self.code = code
+            self.text = text
+            self.caUnknown = caUnknown
+        }
+
+        public static let none = ClientCertificateCheck(presented: false, code: 0, text: "ok", caUnknown: false)
+    }
+
     public enum Action: Sendable {
         /// Nothing to do.
         case none
+        /// `ssl_preread`: read the client's ClientHello (hand the bytes to `received`), and call
+        /// `clientDeadlinePassed` after this long.
+        case readClientHello(timeoutMilliseconds: Int)
+        /// `listen … ssl`: run the TLS handshake with the client, then `tlsEstablished` or
+        /// `tlsFailed`; `clientDeadlinePassed` after this long.
+        case startTLS(timeoutMilliseconds: Int)
+        /// `proxy_ssl on`: see `UpstreamTLSStart`.
+        case startUpstreamTLS(UpstreamTLSStart)
         /// Read the client's PROXY header, and call `headerTimedOut` after this long.
         case readProxyHeader(timeoutMilliseconds: Int)
         /// Read more of the PROXY header.
@@ -99,7 +143,13 @@ public struct SessionMachine: Sendable {
     private enum Stage: Equatable {
         case accepted
         case readingProxyHeader
+        /// `ssl_preread`: reading the ClientHello.
+        case prereading
+        /// `listen … ssl`: the handshake with the client.
+        case handshaking
         case dialing
+        /// `proxy_ssl on`: connected, the handshake with the upstream in progress.
+        case upstreamHandshaking
         case relaying
         /// Refused (TCP: the client is being closed) or timed out: waiting for the sides to close.
         case closing
@@ -139,6 +189,10 @@ public struct SessionMachine: Sendable {
     /// TCP: the PROXY header as read so far, and what the client sent after it before the relay.
     private var headerBytes: [UInt8] = []
     private var earlyPayload: [UInt8] = []
+    /// Preread (`ssl_preread`) is done, before or after access.
+    private var prereadDone = false
+    /// The PROXY header went to the upstream already (before its TLS handshake).
+    private var upstreamHeaderSent = false
     private var udp = DatagramCounts()
 
     private var server: ServerPolicy { listener.server }
@@ -168,6 +222,11 @@ public struct SessionMachine: Sendable {
     }
 
     public var readingProxyHeader: Bool { stage == .readingProxyHeader }
+    /// `ssl_preread`: the client's bytes go to `received` until the ClientHello is complete.
+    public var readingClientHello: Bool { stage == .prereading }
+    /// The engine reads the client for the machine (PROXY header, ClientHello), not for the relay.
+    public var readingForMachine: Bool { stage == .readingProxyHeader || stage == .prereading }
+    public var handshaking: Bool { stage == .handshaking }
     public var relaying: Bool { stage == .relaying }
     public var ended: Bool { stage == .ended }
     /// A rate limit applies to this session's bytes (`readDelay` may say wait).
@@ -177,7 +236,7 @@ public struct SessionMachine: Sendable {
 
     /// TCP: the client connected.
     public mutating func accepted(now: UInt64) -> Action {
-        guard listener.listen.proxyProtocol else { return admit(now: now) }
+        guard listener.listen.proxyProtocol else { return afterRealip(now: now) }
         stage = .readingProxyHeader
         return .readProxyHeader(timeoutMilliseconds: proxy.proxyProtocolTimeoutMilliseconds)
     }
@@ -186,6 +245,10 @@ public struct SessionMachine: Sendable {
     /// or, while the upstream is dialled, payload (SwiftNIO drains a socket at its FIN whether
     /// or not a read was asked for): kept for the upstream, as nginx sends it.
     public mutating func received(_ bytes: UnsafeRawBufferPointer, now: UInt64) -> Action {
+        if stage == .prereading {
+            earlyPayload.append(contentsOf: bytes)
+            return peekClientHello(now: now)
+        }
         guard stage == .readingProxyHeader else {
             earlyPayload.append(contentsOf: bytes)
             return .none
@@ -214,8 +277,93 @@ public struct SessionMachine: Sendable {
             if let source = header.source, server.realIPFrom.trusts(record.peer) {
                 record.client = source
             }
-            return admit(now: now)
+            return afterRealip(now: now)
         }
+    }
+
+    /// The client's address is settled: preread first when access or limits read the
+    /// ClientHello (`ServerPolicy.prereadBeforeAccess`), else the access phases.
+    private mutating func afterRealip(now: UInt64) -> Action {
+        if server.preread && server.prereadBeforeAccess && record.transport == .tcp { return startPreread(now: now) }
+        return admit(now: now)
+    }
+
+    // MARK: preread (ssl_preread)
+
+    private mutating func startPreread(now: UInt64) -> Action {
+        stage = .prereading
+        // Bytes that came with the PROXY header are the start of the ClientHello.
+        if !earlyPayload.isEmpty {
+            let action = peekClientHello(now: now)
+            if case .readMore = action {} else { return action }
+        }
+        return .readClientHello(timeoutMilliseconds: proxy.prereadTimeoutMilliseconds)
+    }
+
+    /// Parse-or-read-more on everything the client sent so far (kept for the upstream, as
+    /// nginx's preread buffer is). A ClientHello fills the `$ssl_preread_*` variables; bytes that
+    /// are not TLS leave them empty and the session goes on, as nginx.
+    private mutating func peekClientHello(now: UInt64) -> Action {
+        let peek = earlyPayload.withUnsafeBytes { ClientHelloPeeker.peek($0) }
+        switch peek {
+        case .needMore:
+            guard earlyPayload.count < proxy.prereadBufferSize else {
+                note(.error, "preread buffer full while prereading client data, \(place)")
+                return refuse(SessionOutcome(phase: .preread, cause: .prereadBufferFull))
+            }
+            return .readMore
+        case .hello(let info):
+            record.preread = info
+        case .notTLS:
+            record.preread = ClientHelloInfo(serverName: "", alpnProtocols: [], protocolVersion: "")
+        }
+        prereadDone = true
+        return server.prereadBeforeAccess ? admit(now: now) : content(now: now)
+    }
+
+    /// The client's deadline passed: the PROXY header's, the ClientHello's or the handshake's.
+    public mutating func clientDeadlinePassed(now: UInt64) -> Action {
+        switch stage {
+        case .readingProxyHeader:
+            return headerTimedOut(now: now)
+        case .prereading:
+            // nginx: the session ends with 200, never proxied.
+            note(.info, "client timed out (110: Connection timed out) while prereading client data, \(place)")
+            return refuse(SessionOutcome(phase: .preread, cause: .prereadTimedOut))
+        case .handshaking:
+            note(.info, "client timed out (110: Connection timed out) while SSL handshaking, \(place)")
+            return refuse(SessionOutcome(phase: .ssl, cause: .tlsHandshakeTimedOut))
+        default:
+            return .none
+        }
+    }
+
+    // MARK: ssl (listen … ssl)
+
+    /// The handshake with the client finished: `$ssl_*` are known; `ssl_verify_client` decides
+    /// on the certificate as nginx does (the handshake itself always completes).
+    public mutating func tlsEstablished(_ info: TLSSessionInfo, certificate: ClientCertificateCheck, now: UInt64) -> Action {
+        guard stage == .handshaking else { return .none }
+        record.tls = info
+        if let tls = server.tls, tls.verifyClient != .off {
+            if certificate.presented && certificate.code != 0 && !(tls.verifyClient == .optionalNoCA && certificate.caUnknown) {
+                note(.info, "client SSL certificate verify error: (\(certificate.code):\(certificate.text)) while SSL handshaking, \(place)")
+                return refuse(SessionOutcome(phase: .ssl, cause: .clientCertificateRejected("verify error (\(certificate.code): \(certificate.text))")))
+            }
+            if tls.verifyClient == .on && !certificate.presented {
+                note(.info, "client sent no required SSL certificate while SSL handshaking, \(place)")
+                return refuse(SessionOutcome(phase: .ssl, cause: .clientCertificateRejected("no certificate sent")))
+            }
+        }
+        if server.preread && !prereadDone { return startPreread(now: now) }
+        return content(now: now)
+    }
+
+    /// The handshake with the client failed: `reason` is OpenSSL's (or the peer closed).
+    public mutating func tlsFailed(_ reason: String, now: UInt64) -> Action {
+        guard stage == .handshaking else { return .none }
+        note(.info, "\(reason) while SSL handshaking, \(place)")
+        return refuse(SessionOutcome(phase: .ssl, cause: .tlsHandshakeFailed(reason)))
     }
 
     /// TCP: `proxy_protocol_timeout` passed (ignored if the header was read meanwhile).
@@ -253,6 +401,16 @@ public struct SessionMachine: Sendable {
             }
         }
         guard admitted else { return refuse(nil) }
+        if listener.listen.ssl && record.transport == .tcp && record.tls == nil {
+            stage = .handshaking
+            return .startTLS(timeoutMilliseconds: server.tls?.handshakeTimeoutMilliseconds ?? 60_000)
+        }
+        if server.preread && !prereadDone && record.transport == .tcp { return startPreread(now: now) }
+        return content(now: now)
+    }
+
+    /// content: `return`, or `proxy_pass` (upstream_pick).
+    private mutating func content(now: UInt64) -> Action {
         if let value = server.returnValue {
             // content: the server answers itself; nothing is read from the client (nginx).
             let bytes = value.bytes(for: record)
@@ -394,7 +552,54 @@ public struct SessionMachine: Sendable {
     // MARK: Dial results, proxy_header_write
 
     public mutating func dialSucceeded(now: UInt64) -> Action {
-        guard stage == .dialing, let group, let index = tried.last else { return .none }
+        guard stage == .dialing, group != nil, !tried.isEmpty else { return .none }
+        let tls = server.upstreamTLS
+        guard tls.enabled, record.transport == .tcp, clientOpen else { return upstreamReady(now: now) }
+        // nginx: the PROXY header goes first, in the clear; the handshake counts as part of the
+        // connect (its time, its failure: the next upstream is tried).
+        stage = .upstreamHandshaking
+        let preface = proxyHeaderToUpstream()
+        upstreamHeaderSent = true
+        var name = tls.name.map { String(decoding: $0.bytes(for: record), as: UTF8.self) } ?? (group?.name ?? "")
+        name = Self.hostWithoutPort(name)
+        let isAddress = IPAddress(name) != nil
+        return .startUpstreamTLS(UpstreamTLSStart(
+            preface: preface,
+            serverName: tls.sendServerName && !name.isEmpty && !isAddress ? name : nil,
+            verifyName: tls.verify ? name : nil,
+            endpoint: attemptEndpoint))
+    }
+
+    /// `proxy_ssl_name`'s value without a port (`host:443`, `[::1]:443`), as nginx strips it.
+    static func hostWithoutPort(_ text: String) -> String {
+        if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+            return String(text[text.index(after: text.startIndex)..<close])
+        }
+        if let colon = text.lastIndex(of: ":"), text.firstIndex(of: ":") == colon,
+           UInt16(text[text.index(after: colon)...]) != nil {
+            return String(text[..<colon])
+        }
+        return text
+    }
+
+    /// `proxy_ssl on`: the handshake with the upstream finished.
+    public mutating func upstreamTLSEstablished(now: UInt64) -> Action {
+        guard stage == .upstreamHandshaking else { return .none }
+        return upstreamReady(now: now)
+    }
+
+    /// `proxy_ssl on`: the handshake with the upstream failed (or its certificate did not
+    /// verify): a failed attempt, as nginx counts it; the next upstream is tried.
+    public mutating func upstreamTLSFailed(_ reason: String, now: UInt64) -> Action {
+        guard stage == .upstreamHandshaking else { return .none }
+        stage = .dialing
+        upstreamHeaderSent = false
+        return attemptFailed(message: reason, now: now)
+    }
+
+    /// The upstream is ready for payload: connected (and, with `proxy_ssl`, handshaken).
+    private mutating func upstreamReady(now: UInt64) -> Action {
+        guard let group, let index = tried.last else { return .none }
         group.report(index, succeeded: true, now: Self.milliseconds(now))
         let seconds = record.transport == .udp ? 0 : Double(now &- attemptStartedAt) / 1e9
         record.upstreamAttempts.append(UpstreamAttempt(address: attemptEndpoint, connectTime: seconds))
@@ -407,7 +612,7 @@ public struct SessionMachine: Sendable {
         upstreamOpen = true
         if record.transport == .tcp { upstreamStartedAt = now }
         lastActivity = now  // proxy_timeout counts from the connect, as nginx
-        var toUpstream = proxyHeaderToUpstream()
+        var toUpstream = upstreamHeaderSent ? [] : proxyHeaderToUpstream()
         if !earlyPayload.isEmpty {
             relayed(earlyPayload.count, from: .client, now: now)
             toUpstream += earlyPayload
@@ -417,12 +622,20 @@ public struct SessionMachine: Sendable {
     }
 
     public mutating func dialFailed(_ failure: DialFailure, now: UInt64) -> Action {
-        guard stage == .dialing, let group, let index = tried.last else { return .none }
+        guard stage == .dialing || stage == .upstreamHandshaking else { return .none }
+        stage = .dialing
+        return attemptFailed(message: "\(failure) while connecting to upstream", now: now)
+    }
+
+    /// The attempt in progress failed (connect, or the upstream's TLS handshake): counted
+    /// against the server, and the next one is tried.
+    private mutating func attemptFailed(message: String, now: UInt64) -> Action {
+        guard let group, let index = tried.last else { return .none }
         group.report(index, succeeded: false, now: Self.milliseconds(now))
         releaseServer()
         let endpoint = attemptEndpoint
         record.upstreamAttempts.append(UpstreamAttempt(address: endpoint, connectTime: nil))
-        note(.error, "\(failure) while connecting to upstream, \(place), upstream: \"\(endpoint)\"")
+        note(.error, "\(message), \(place), upstream: \"\(endpoint)\"")
         stage = .closing  // until the next dial, if there is one
         guard record.transport == .tcp else {
             record.outcome = SessionOutcome(phase: .upstreamPick, cause: .upstreamUnreachable)
@@ -495,7 +708,8 @@ public struct SessionMachine: Sendable {
     public mutating func inputClosed(_ side: Side, now: UInt64) -> Action {
         if side == .client {
             if stage == .readingProxyHeader { return headerIncomplete("the client closed the connection") }
-            if stage == .dialing {
+            if stage == .prereading { return refuse(SessionOutcome(phase: .preread, cause: .prereadIncomplete)) }
+            if stage == .dialing || stage == .upstreamHandshaking {
                 // The client finished sending before the upstream answered: its bytes and its
                 // EOF go on once the relay begins, rather than being dropped.
                 clientEndedEarly = true
@@ -535,6 +749,7 @@ public struct SessionMachine: Sendable {
     /// `side` failed (reset, timeout, …): end both.
     public mutating func failed(_ side: Side, _ failure: Failure, now: UInt64) -> Action {
         if side == .client && stage == .readingProxyHeader { return headerIncomplete(failure.text) }
+        if side == .client && stage == .prereading { return refuse(SessionOutcome(phase: .preread, cause: .prereadIncomplete)) }
         switch failure {
         case .reset: return .closeBoth(resetting: side.other)
         case .error(let text): note(.info, "\(text) while proxying, \(place)")
@@ -713,7 +928,7 @@ public struct SessionMachine: Sendable {
     /// TCP is done when neither side is open and no dial is under way.
     private mutating func finish(now: UInt64, abandoningUpstream: Bool = false) -> Action {
         guard stage != .ended else { return .none }
-        if record.transport == .tcp && !abandoningUpstream && (clientOpen || upstreamOpen || stage == .dialing) {
+        if record.transport == .tcp && !abandoningUpstream && (clientOpen || upstreamOpen || stage == .dialing || stage == .upstreamHandshaking) {
             return .none
         }
         stage = .ended

@@ -76,6 +76,17 @@ public struct SessionRecord: Sendable {
         set { if newValue != nil || details != nil { editDetails { $0.limit = newValue } } }
     }
 
+    /// What the TLS handshake with the client negotiated (`listen … ssl`): the `$ssl_*` variables.
+    public var tls: TLSSessionInfo? {
+        get { details?.tls }
+        set { if newValue != nil || details != nil { editDetails { $0.tls = newValue } } }
+    }
+    /// What `ssl_preread` read from the client's ClientHello: the `$ssl_preread_*` variables.
+    public var preread: ClientHelloInfo? {
+        get { details?.preread }
+        set { if newValue != nil || details != nil { editDetails { $0.preread = newValue } } }
+    }
+
     /// The fields above and the outcome, out of line (about 210 bytes): every live session keeps a record and
     /// every ended one is copied into the log queue, and most never set any of them.
     /// Copy-on-write: a record copied before a change keeps what it had.
@@ -84,11 +95,13 @@ public struct SessionRecord: Sendable {
         var outcome = SessionOutcome.completed
         var decidingVariable: (name: String, value: [UInt8])?
         var limit: LimitDecision?
+        var tls: TLSSessionInfo?
+        var preread: ClientHelloInfo?
 
         init() {}
         init(copying other: Details) {
-            (proxyHeader, outcome, decidingVariable, limit) =
-                (other.proxyHeader, other.outcome, other.decidingVariable, other.limit)
+            (proxyHeader, outcome, decidingVariable, limit, tls, preread) =
+                (other.proxyHeader, other.outcome, other.decidingVariable, other.limit, other.tls, other.preread)
         }
     }
     private var details: Details?
