@@ -336,6 +336,7 @@ public enum ClientHelloPeeker {
     /// extension, then 2-byte versions.
     static func readSupportedVersions(_ r: inout Reader, end: Int) throws(Stop) -> [UInt16] {
         let listLength = try r.u8(before: end)
+        // (An odd length would also fail at its last byte; refused here at once.)
         guard listLength == end - r.position, listLength % 2 == 0 else { throw .malformed }
         var versions: [UInt16] = []
         versions.reserveCapacity(listLength / 2)

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# Builds the PROXY header fuzzer (libFuzzer + AddressSanitizer, Swift preconditions kept) and
-# runs it for a bounded time. See docs/fuzzing.md.
+# Builds a fuzzer (libFuzzer + AddressSanitizer, Swift preconditions kept) and runs it for a
+# bounded time. See docs/fuzzing.md.
 #
-# Usage: bash Tests/Fuzz/run-fuzzer.sh [SECONDS] [--merge] [-- LIBFUZZER_FLAGS...]
+# Usage: bash Tests/Fuzz/run-fuzzer.sh [TARGET] [SECONDS] [--merge] [-- LIBFUZZER_FLAGS...]
+#   TARGET    proxy-header (the PROXY protocol codec, the default) or client-hello (the TLS
+#             ClientHello peeker); its harness, corpus and dictionary are named after it
 #   SECONDS   how long to fuzz (default 60; passed as -max_total_time)
 #   --merge   afterwards, merge inputs that add coverage into the committed corpus
-#             (Tests/Fuzz/corpus/proxy-header); otherwise they stay in .build-fuzz/new-corpus
-# A crash leaves its input in .build-fuzz/artifacts/ and makes the script exit non-zero.
+#             (Tests/Fuzz/corpus/TARGET); otherwise they stay in .build-fuzz/TARGET/new-corpus
+#             (.build-fuzz/new-corpus for proxy-header, as before)
+# A crash leaves its input in .build-fuzz/artifacts/ (proxy-header) or
+# .build-fuzz/TARGET/artifacts/ and makes the script exit non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+TARGET=proxy-header
 SECONDS_TO_RUN=60
 MERGE=0
 EXTRA=()
+USAGE="usage: $0 [proxy-header|client-hello] [SECONDS] [--merge] [-- LIBFUZZER_FLAGS...]"
 while [ $# -gt 0 ]; do
     case "$1" in
+        proxy-header|client-hello) TARGET=$1 ;;
         --merge) MERGE=1 ;;
         --) shift; EXTRA=("$@"); break ;;
-        ''|*[!0-9]*) echo "usage: $0 [SECONDS] [--merge] [-- LIBFUZZER_FLAGS...]" >&2; exit 2 ;;
+        ''|*[!0-9]*) echo "$USAGE" >&2; exit 2 ;;
         *) SECONDS_TO_RUN=$1 ;;
     esac
     shift
@@ -28,9 +35,20 @@ done
 export SWIFT_BACKTRACE=${SWIFT_BACKTRACE:-enable=no}
 
 OUT=.build-fuzz
-CORPUS=Tests/Fuzz/corpus/proxy-header
-FUZZER=$OUT/proxy-header-fuzzer
-mkdir -p "$OUT/modules" "$OUT/new-corpus" "$OUT/artifacts"
+CORPUS=Tests/Fuzz/corpus/$TARGET
+DICT=Tests/Fuzz/$TARGET.dict
+FUZZER=$OUT/$TARGET-fuzzer
+case "$TARGET" in
+    proxy-header)
+        HARNESS=Tests/Fuzz/ProxyHeaderFuzz.swift
+        RUN=$OUT             # where new-corpus/, artifacts/ and last-run.log go
+        MAX_LEN=4096 ;;      # nginx's PROXY header buffer
+    client-hello)
+        HARNESS=Tests/Fuzz/ClientHelloFuzz.swift
+        RUN=$OUT/client-hello
+        MAX_LEN=16384 ;;     # preread_buffer_size's default: the caller stops there
+esac
+mkdir -p "$OUT/modules" "$RUN/new-corpus" "$RUN/artifacts"
 
 # -sanitize=fuzzer on the libraries adds libFuzzer's coverage instrumentation (it links
 # nothing into a static library); on the harness it also links libFuzzer's main.
@@ -48,23 +66,23 @@ echo "building $FUZZER" >&2
 build_module PortcullisCore Sources/PortcullisCore/*.swift
 build_module PortcullisWire Sources/PortcullisWire/*.swift
 swiftc "${FLAGS[@]}" -I "$OUT/modules" -L "$OUT/modules" -lPortcullisWire -lPortcullisCore \
-    Tests/Fuzz/ProxyHeaderFuzz.swift -o "$FUZZER"
+    "$HARNESS" -o "$FUZZER"
 # The static libraries' object files are written next to them; keep the tree tidy.
 rm -f "$OUT"/modules/*.o
 
 # New inputs go to the first directory (new-corpus); the committed corpus is only read.
-echo "fuzzing for ${SECONDS_TO_RUN}s (corpus $CORPUS, new inputs in $OUT/new-corpus)" >&2
+echo "fuzzing for ${SECONDS_TO_RUN}s (corpus $CORPUS, new inputs in $RUN/new-corpus)" >&2
 status=0
-"$FUZZER" "$OUT/new-corpus" "$CORPUS" \
-    -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -dict=Tests/Fuzz/proxy-header.dict \
-    -artifact_prefix="$OUT/artifacts/" -print_final_stats=1 "${EXTRA[@]}" 2>&1 | tee "$OUT/last-run.log" || status=$?
+"$FUZZER" "$RUN/new-corpus" "$CORPUS" \
+    -max_total_time="$SECONDS_TO_RUN" -max_len="$MAX_LEN" -dict="$DICT" \
+    -artifact_prefix="$RUN/artifacts/" -print_final_stats=1 "${EXTRA[@]}" 2>&1 | tee "$RUN/last-run.log" || status=$?
 if [ "$status" -ne 0 ]; then
     echo "fuzzer exited with $status; reproducers:" >&2
-    ls -l "$OUT/artifacts" >&2
+    ls -l "$RUN/artifacts" >&2
     exit "$status"
 fi
 
 if [ "$MERGE" -eq 1 ]; then
     echo "merging coverage-increasing inputs into $CORPUS" >&2
-    "$FUZZER" -merge=1 -max_len=4096 "$CORPUS" "$OUT/new-corpus" 2>&1 | tail -n 3
+    "$FUZZER" -merge=1 -max_len="$MAX_LEN" "$CORPUS" "$RUN/new-corpus" 2>&1 | tail -n 3
 fi
