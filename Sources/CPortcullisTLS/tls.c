@@ -154,7 +154,7 @@ void portcullis_tls_set_app_data(SSL *ssl, void *data) { SSL_set_app_data(ssl, d
 void *portcullis_tls_get_app_data(const SSL *ssl) { return SSL_get_app_data(ssl); }
 
 const char *portcullis_tls_cipher_name(const SSL *ssl) {
-    const char *name = SSL_get_cipher_name(ssl);
+    const char *name = SSL_get_cipher_name(ssl);  // "(NONE)" before one is chosen, as nginx logs
     return name != NULL ? name : "";
 }
 

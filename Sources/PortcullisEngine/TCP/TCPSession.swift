@@ -179,7 +179,7 @@ final class TCPSession: LoopSession {
         let now = loop.now
         if headerDeadline != 0 && now >= headerDeadline {
             headerDeadline = 0
-            perform(machine.clientDeadlinePassed(now: now))
+            perform(machine.clientDeadlinePassed(now: now, tls: machine.handshaking ? client.tls?.serverSessionInfo().0 : nil))
         }
         if !ended && connectDeadline != 0 && now >= connectDeadline {
             connectDeadline = 0
@@ -496,7 +496,7 @@ final class TCPSession: LoopSession {
         case .wantWrite:
             client.writable = false
         case .failed(let reason):
-            perform(machine.tlsFailed(reason, now: loop.now))
+            perform(machine.tlsFailed(reason, info: tls.serverSessionInfo().0, now: loop.now))
         }
     }
 

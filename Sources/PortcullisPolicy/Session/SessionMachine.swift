@@ -304,7 +304,10 @@ public struct SessionMachine: Sendable {
     /// nginx's preread buffer is). A ClientHello fills the `$ssl_preread_*` variables; bytes that
     /// are not TLS leave them empty and the session goes on, as nginx.
     private mutating func peekClientHello(now: UInt64) -> Action {
-        let peek = earlyPayload.withUnsafeBytes { ClientHelloPeeker.peek($0) }
+        var peek = earlyPayload.withUnsafeBytes { ClientHelloPeeker.peek($0) }
+        // nginx decides nothing before 5 bytes (a record header): a client that sends "GET"
+        // and waits is held until preread_timeout there, so here too.
+        if earlyPayload.count < 5, case .notTLS = peek { peek = .needMore }
         switch peek {
         case .needMore:
             guard earlyPayload.count < proxy.prereadBufferSize else {
@@ -315,14 +318,15 @@ public struct SessionMachine: Sendable {
         case .hello(let info):
             record.preread = info
         case .notTLS:
-            record.preread = ClientHelloInfo(serverName: "", alpnProtocols: [], protocolVersion: "")
+            record.preread = nil  // nginx drops its state: the variables have no value ("-")
         }
         prereadDone = true
         return server.prereadBeforeAccess ? admit(now: now) : content(now: now)
     }
 
-    /// The client's deadline passed: the PROXY header's, the ClientHello's or the handshake's.
-    public mutating func clientDeadlinePassed(now: UInt64) -> Action {
+    /// The client's deadline passed: the PROXY header's, the ClientHello's or the handshake's
+    /// (`tls`: what the unfinished connection says, as in `tlsFailed`).
+    public mutating func clientDeadlinePassed(now: UInt64, tls: TLSSessionInfo? = nil) -> Action {
         switch stage {
         case .readingProxyHeader:
             return headerTimedOut(now: now)
@@ -331,6 +335,7 @@ public struct SessionMachine: Sendable {
             note(.info, "client timed out (110: Connection timed out) while prereading client data, \(place)")
             return refuse(SessionOutcome(phase: .preread, cause: .prereadTimedOut))
         case .handshaking:
+            if let tls { record.tls = tls }
             note(.info, "client timed out (110: Connection timed out) while SSL handshaking, \(place)")
             return refuse(SessionOutcome(phase: .ssl, cause: .tlsHandshakeTimedOut))
         default:
@@ -360,8 +365,11 @@ public struct SessionMachine: Sendable {
     }
 
     /// The handshake with the client failed: `reason` is OpenSSL's (or the peer closed).
-    public mutating func tlsFailed(_ reason: String, now: UInt64) -> Action {
+    /// `info`: what the connection says anyway (nginx's `$ssl_protocol` is the version being
+    /// tried, `$ssl_cipher` "(NONE)"), so the log line shows what nginx's does.
+    public mutating func tlsFailed(_ reason: String, info: TLSSessionInfo? = nil, now: UInt64) -> Action {
         guard stage == .handshaking else { return .none }
+        if let info { record.tls = info }
         note(.info, "\(reason) while SSL handshaking, \(place)")
         return refuse(SessionOutcome(phase: .ssl, cause: .tlsHandshakeFailed(reason)))
     }
