@@ -292,6 +292,9 @@ public struct SessionMachine: Sendable {
 
     private mutating func startPreread(now: UInt64) -> Action {
         stage = .prereading
+        // nginx: while its preread runs the variables are found and empty (a timeout's or a
+        // full buffer's log line says ""); bytes that are not TLS unset them again.
+        record.preread = ClientHelloInfo()
         // Bytes that came with the PROXY header are the start of the ClientHello.
         if !earlyPayload.isEmpty {
             let action = peekClientHello(now: now)
