@@ -184,6 +184,39 @@ public final class Gateway: Service, Sendable {
         errorLogFile.close()
     }
 
+    /// SIGHUP, until rule reloading lands (issue #15): every server's certificates and keys
+    /// are read again and new handshakes use them; live sessions keep the context they began
+    /// with (OpenSSL holds it). A server whose files do not load keeps its current ones, with
+    /// an error line. Returns how many servers took new certificates, and the failures.
+    @discardableResult
+    public func reloadCertificates() -> (reloaded: Int, failures: [String]) {
+        var fresh: [Int: (TLSServerContext?, TLSClientContext?)] = [:]
+        var failures: [String] = []
+        for server in snapshot.servers where server.tls != nil || server.upstreamTLS.enabled {
+            do throws(TLSSetupError) {
+                let tlsServer = try server.tls.map { settings throws(TLSSetupError) in
+                    try TLSServerContext(settings: settings, serverLocation: server.location)
+                }
+                let tlsClient = server.upstreamTLS.enabled ? try TLSClientContext(settings: server.upstreamTLS) : nil
+                fresh[server.ordinal] = (tlsServer, tlsClient)
+            } catch {
+                failures.append("\(error)")
+                errorLog.error("certificates of the server at \(server.location) were not reloaded, the loaded ones stay in use: \(error)")
+            }
+        }
+        for box in boxes {
+            let old = box.runtime
+            guard let (tlsServer, tlsClient) = fresh[old.policy.ordinal] else { continue }
+            box.replace(with: ServerRuntime(policy: old.policy, listen: old.listen, sessionLogger: old.sessionLogger,
+                                            errorLog: old.errorLog, registry: old.registry, lookups: old.lookups,
+                                            tlsServer: tlsServer, tlsClient: tlsClient))
+        }
+        if !fresh.isEmpty || !failures.isEmpty {
+            errorLog.notice("certificates reloaded for \(fresh.count) server(s)\(failures.isEmpty ? "" : ", \(failures.count) kept their old ones")")
+        }
+        return (fresh.count, failures)
+    }
+
     public func reopenLogs() {
         errorLog.notice("reopening logs")
         sessionLogger.reopenAll()

@@ -14,6 +14,8 @@ extension PolicyCompiler {
         var keys: [(LogTemplate, Argument)] = []
         var ownCertificates = false
         var ownKeys = false
+        /// A certificate or key path did not compile (its error is said): no pairing errors.
+        var brokenPath = false
 
         /// A server's level starts from the stream's (its lists until it writes its own).
         func inherited() -> TLSLevel {
@@ -40,7 +42,10 @@ extension PolicyCompiler {
         let argument = d.arguments[0]
         switch d.name {
         case "ssl_certificate", "ssl_certificate_key":
-            guard let path = template(argument, in: d) else { return true }
+            guard let path = template(argument, in: d) else {
+                level.brokenPath = true
+                return true
+            }
             if d.name == "ssl_certificate" {
                 if !level.ownCertificates { level.certificates = []; level.ownCertificates = true }
                 level.certificates.append((path, argument))
@@ -166,7 +171,7 @@ extension PolicyCompiler {
             diagnostics.error("\"ssl_preread on\" cannot be used with \"listen … ssl\" in the same server: preread reads the ClientHello that termination consumes; route by $ssl_server_name instead",
                               at: sslListen.location, length: sslListen.writtenLength)
         }
-        guard let sslListen else {
+        guard let sslListen, !level.brokenPath else {
             return (nil, level.upstream)
         }
         if level.certificates.isEmpty {

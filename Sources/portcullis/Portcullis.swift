@@ -143,9 +143,11 @@ final class SignalHandlers: @unchecked Sendable {
             Task { await group.triggerGracefulShutdown() }
         }
         on(SIGUSR1) { [gateway] in gateway.reopenLogs() }
-        // Reloading is not built yet: say so instead of dying (the default action of HUP).
+        // Rule reloading is not built yet (issue #15): HUP reloads the TLS certificates (new
+        // handshakes use them) and says the rules stay, instead of dying (HUP's default).
         on(SIGHUP) { [gateway] in
-            gateway.errorLog.warning("SIGHUP received: reloading rule files is not supported yet; restart to apply changes")
+            gateway.reloadCertificates()
+            gateway.errorLog.warning("SIGHUP received: TLS certificates were reloaded; reloading rule files is not supported yet, restart to apply rule changes")
         }
         on(SIGUSR2) { [gateway] in gateway.errorLog.warning("SIGUSR2 received: binary upgrade is not supported, ignored") }
     }

@@ -232,7 +232,7 @@ struct UpstreamTLSTests {
         #expect(header.tlv(ProxyTLVType.alpn.rawValue) == Array("imap".utf8))
         #expect(header.tlv(ProxyTLVType.authority.rawValue) == Array("mail.gateway.test".utf8))
         let ssl = try #require(header.tlv(ProxyTLVType.ssl.rawValue).flatMap(ProxySSLInfo.init))
-        #expect(ssl.client == 0x03, "PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN")
+        #expect(ssl.client == 0x07, "PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS")
         #expect(ssl.verify == 0)
         let sub = Dictionary(uniqueKeysWithValues: ssl.subTLVs.map { ($0.type, String(decoding: $0.value, as: UTF8.self)) })
         #expect(sub[0x21] == "TLSv1.3")

@@ -138,3 +138,53 @@ public func sClientReport(port: UInt16, host: String = "127.0.0.1", _ arguments:
                           timeout: Double = 10) throws -> ToolOutput {
     try runTool("openssl", ["s_client", "-connect", "\(host):\(port)", "-no_ign_eof"] + arguments, input: [], timeout: timeout)
 }
+
+/// `openssl s_client -quiet` kept running: lines go in and come out while the test watches
+/// (a TLS session that lives across a reload).
+public final class InteractiveTLSClient: @unchecked Sendable {
+    private let process = Process()
+    private let input = Pipe()
+    private let output = Pipe()
+    private var buffer: [UInt8] = []
+
+    public init(port: UInt16, _ arguments: [String] = []) throws {
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["openssl", "s_client", "-connect", "127.0.0.1:\(port)", "-quiet"] + arguments
+        process.standardInput = input
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+    }
+
+    public func send(_ line: String) {
+        input.fileHandleForWriting.write(Data((line + "\n").utf8))
+    }
+
+    /// The next line (without its newline), or nil after `timeout` seconds.
+    public func readLine(timeout: Double = 5) -> String? {
+        let fd = output.fileHandleForReading.fileDescriptor
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let end = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: buffer[..<end], as: UTF8.self)
+                buffer.removeSubrange(...end)
+                return line
+            }
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 50) > 0 else { continue }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let count = read(fd, &chunk, chunk.count)
+            if count <= 0 { return nil }
+            buffer += chunk[..<count]
+        }
+        return nil
+    }
+
+    public func stop() {
+        try? input.fileHandleForWriting.close()
+        if process.isRunning { process.terminate() }
+        process.waitUntilExit()
+    }
+
+    deinit { stop() }
+}

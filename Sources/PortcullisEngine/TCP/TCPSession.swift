@@ -71,6 +71,8 @@ final class TCPSession: LoopSession {
     /// Bytes taken from the client while its upstream was dialled (`readEarly`), at most 64 KiB.
     private var earlyBytes = 0
     private static let earlyLimit = 64 * 1024
+    /// `listen … ssl proxy_protocol`: how many bytes the last peek at the header saw.
+    private var peeked = 0
     /// `proxy_ssl on`: the connected upstream's TLS handshake is under way (its socket is still
     /// the dial's, not the session's upstream, until it succeeds).
     private var upstreamHandshaking = false
@@ -218,6 +220,10 @@ final class TCPSession: LoopSession {
     /// as nginx sends them once connected; a refusal then closes a drained socket (a FIN, not a
     /// reset). Otherwise the client is not read until the relay starts.
     private func readBeforeRelay() {
+        if runtime.listen.ssl && machine.readingProxyHeader {
+            peekProxyHeader()
+            return
+        }
         while client.readable && !ended && !client.inputClosed {
             let size: Int
             if machine.readingForMachine {
@@ -232,6 +238,31 @@ final class TCPSession: LoopSession {
                 if !machine.readingForMachine { earlyBytes += count }
                 if count < size && !client.peerClosing && client.tls == nil { client.readable = false }
                 perform(machine.received(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now))
+            } else if count == 0 {
+                client.readable = false
+                client.inputClosed = true
+                perform(machine.inputClosed(.client, now: loop.now))
+            } else if errno == EAGAIN || errno == EWOULDBLOCK {
+                client.readable = false
+            } else if errno != EINTR {
+                fail(.client, "recv")
+            }
+        }
+    }
+
+    /// `listen … ssl proxy_protocol`: the header is peeked, and only its own bytes are taken
+    /// off the socket, so OpenSSL reads the ClientHello that follows it from the socket.
+    private func peekProxyHeader() {
+        while client.readable && !ended && machine.readingProxyHeader {
+            let count = recv(client.fd, loop.scratch.baseAddress, readSize, Int32(MSG_PEEK))
+            if count > 0 {
+                // Nothing new since the last peek: wait for the next edge.
+                if count == peeked { client.readable = false; return }
+                peeked = count
+                let (action, consumed) = machine.peekedHeader(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now)
+                if consumed > 0 { _ = recv(client.fd, loop.scratch.baseAddress, consumed, 0) }
+                if !machine.readingProxyHeader { client.readable = true }  // the rest is the handshake's
+                perform(action)
             } else if count == 0 {
                 client.readable = false
                 client.inputClosed = true

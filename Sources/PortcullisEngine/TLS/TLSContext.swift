@@ -39,12 +39,8 @@ public final class TLSServerContext: @unchecked Sendable {
         }
         self.context = context
         perHandshakeCertificates = settings.certificates.filter(\.usesVariables)
-        do throws(TLSSetupError) {
-            try configure(serverLocation: serverLocation)
-        } catch {
-            SSL_CTX_free(context)
-            throw error
-        }
+        // Every property is set: if this throws, deinit frees the context.
+        try configure(serverLocation: serverLocation)
     }
 
     deinit { SSL_CTX_free(context) }
@@ -132,7 +128,8 @@ public final class TLSClientContext: @unchecked Sendable {
             throw TLSSetupError(location: location, message: "SSL_CTX_new() failed: \(openSSLErrors())")
         }
         self.context = context
-        do throws(TLSSetupError) {
+        // Every property is set from here: a throw leaves the context to deinit.
+        do {
             guard SSL_CTX_set_cipher_list(context, settings.ciphers) == 1 else {
                 throw TLSSetupError(location: location, message: "SSL_CTX_set_cipher_list(\"\(settings.ciphers)\") failed: \(openSSLErrors())")
             }
@@ -157,9 +154,6 @@ public final class TLSClientContext: @unchecked Sendable {
                     TLSStream.clientSessionArrived(ssl, session)
                 }
             }
-        } catch {
-            SSL_CTX_free(context)
-            throw error
         }
     }
 

@@ -48,12 +48,14 @@ extension ServerPolicy {
 }
 
 extension ServerPolicy {
-    /// PP2_TYPE_SSL's value: client bits (SSL; a certificate on this connection; and, resumed,
-    /// in the session), verify (0 only for a certificate that verified), then the VERSION, CN,
+    /// PP2_TYPE_SSL's value: client bits (SSL; a certificate in the session, and on this
+    /// connection when it was a full handshake, as HAProxy sets them), verify (0 only for a certificate that verified), then the VERSION, CN,
     /// CIPHER, SIG_ALG and KEY_ALG sub-TLVs.
     static func sslTLV(_ tls: TLSSessionInfo) -> [UInt8] {
         var client: UInt8 = 0x01
-        if tls.clientPresentedCertificate { client |= tls.sessionReused ? 0x04 : 0x02 }
+        // CERT_SESS: a certificate at least once in the TLS session; CERT_CONN: on this
+        // connection too (a full handshake; a resumed one did not send it again).
+        if tls.clientPresentedCertificate { client |= tls.sessionReused ? 0x04 : 0x06 }
         let verified = tls.clientPresentedCertificate && tls.clientVerify == "SUCCESS"
         var value: [UInt8] = [client, 0, 0, 0, verified ? 0 : 1]
         func sub(_ type: ProxyTLVType, _ text: String) {

@@ -254,6 +254,27 @@ public struct SessionMachine: Sendable {
             return .none
         }
         headerBytes.append(contentsOf: bytes)
+        return decodeHeader(restIsPayload: true, now: now)
+    }
+
+    /// `listen … ssl proxy_protocol`: everything the client's socket holds so far, peeked, not
+    /// taken (MSG_PEEK). Once the header decodes, `consumed` is its length: the engine takes
+    /// exactly that off the socket, and what follows is the TLS handshake's, not payload (nginx
+    /// reads the header the same way). 0 while more is needed or after a refusal.
+    public mutating func peekedHeader(_ bytes: UnsafeRawBufferPointer, now: UInt64) -> (action: Action, consumed: Int) {
+        guard stage == .readingProxyHeader else { return (.none, 0) }
+        headerBytes = Array(bytes)
+        let before = headerBytes.count
+        let action = decodeHeader(restIsPayload: false, now: now)
+        return (action, stage == .readingProxyHeader || headerBytes.count == before ? 0 : decodedHeaderLength)
+    }
+
+    /// The PROXY header's length, once decoded.
+    private var decodedHeaderLength = 0
+
+    /// Decodes `headerBytes`: more needed, a refusal, or realip and on. `restIsPayload`: the
+    /// bytes after the header are the client's payload (kept for the upstream).
+    private mutating func decodeHeader(restIsPayload: Bool, now: UInt64) -> Action {
         let decoded = headerBytes.withUnsafeBytes { raw in
             Result { () throws(ProxyHeaderError) in try ProxyHeaderDecoder.decode(raw) }
         }
@@ -264,7 +285,8 @@ public struct SessionMachine: Sendable {
             note(.error, "broken header: \"\(Self.excerpt(headerBytes))\" (\(error)) while reading PROXY protocol, \(place)")
             return refuse(SessionOutcome(phase: .proxyHeaderRead, cause: .proxyHeaderBroken("\(error)")))
         case .success(let (header, length)?):
-            earlyPayload = Array(headerBytes[length...])
+            if restIsPayload { earlyPayload = Array(headerBytes[length...]) }
+            decodedHeaderLength = length
             headerBytes = []
             var header = header
             if header.transport != .stream {
@@ -305,7 +327,7 @@ public struct SessionMachine: Sendable {
 
     /// Parse-or-read-more on everything the client sent so far (kept for the upstream, as
     /// nginx's preread buffer is). A ClientHello fills the `$ssl_preread_*` variables; bytes that
-    /// are not TLS leave them empty and the session goes on, as nginx.
+    /// are not TLS unset them and the session goes on, as nginx.
     private mutating func peekClientHello(now: UInt64) -> Action {
         var peek = earlyPayload.withUnsafeBytes { ClientHelloPeeker.peek($0) }
         // nginx decides nothing before 5 bytes (a record header): a client that sends "GET"
