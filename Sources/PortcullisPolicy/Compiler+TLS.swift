@@ -14,6 +14,10 @@ extension PolicyCompiler {
         var keys: [(LogTemplate, Argument)] = []
         var ownCertificates = false
         var ownKeys = false
+        var ownConfCommands = false
+        /// Where `proxy_ssl_verify on` and `proxy_ssl_certificate` are, for their checks.
+        var verifySite: Directive?
+        var clientCertificateSite: Directive?
         /// A certificate or key path did not compile (its error is said): no pairing errors.
         var brokenPath = false
 
@@ -22,6 +26,7 @@ extension PolicyCompiler {
             var level = self
             level.ownCertificates = false
             level.ownKeys = false
+            level.ownConfCommands = false
             return level
         }
     }
@@ -105,6 +110,8 @@ extension PolicyCompiler {
                 error("invalid number of arguments in \"ssl_conf_command\"; expected NAME VALUE", at: d)
                 return true
             }
+            // nginx: a level with its own ssl_conf_command list inherits none.
+            if !level.ownConfCommands { level.server.confCommands = []; level.ownConfCommands = true }
             level.server.confCommands.append((argument.text, d.arguments[1].text))
         case "ssl_preread": if let v = flag(argument, in: d) { level.prereadOn = v }
         case "proxy_ssl":
@@ -114,10 +121,23 @@ extension PolicyCompiler {
             }
         case "proxy_ssl_server_name": if let v = flag(argument, in: d) { level.upstream.sendServerName = v }
         case "proxy_ssl_name": level.upstream.name = template(argument, in: d)
-        case "proxy_ssl_verify": if let v = flag(argument, in: d) { level.upstream.verify = v }
+        case "proxy_ssl_verify":
+            if let v = flag(argument, in: d) {
+                level.upstream.verify = v
+                level.verifySite = d
+            }
         case "proxy_ssl_trusted_certificate": level.upstream.trustedCertificate = argument.text
-        case "proxy_ssl_certificate": level.upstream.certificate = argument.text
-        case "proxy_ssl_certificate_key": level.upstream.certificateKey = argument.text
+        case "proxy_ssl_certificate", "proxy_ssl_certificate_key":
+            guard !argument.text.contains("$") else {
+                error("variables in \"\(d.name)\" are not supported yet; name one file", at: argument)
+                return true
+            }
+            if d.name == "proxy_ssl_certificate" {
+                level.upstream.certificate = argument.text
+                level.clientCertificateSite = d
+            } else {
+                level.upstream.certificateKey = argument.text
+            }
         case "proxy_ssl_session_reuse": if let v = flag(argument, in: d) { level.upstream.sessionReuse = v }
         default: return false
         }
@@ -170,6 +190,15 @@ extension PolicyCompiler {
         if level.prereadOn, let sslListen {
             diagnostics.error("\"ssl_preread on\" cannot be used with \"listen … ssl\" in the same server: preread reads the ClientHello that termination consumes; route by $ssl_server_name instead",
                               at: sslListen.location, length: sslListen.writtenLength)
+        }
+        if level.upstream.enabled {
+            // nginx -t's checks, here so that `check` says them too.
+            if level.upstream.verify && level.upstream.trustedCertificate == nil, let site = level.verifySite {
+                error("no \"proxy_ssl_trusted_certificate\" for \"proxy_ssl_verify\"", at: site)
+            }
+            if level.upstream.certificate != nil && level.upstream.certificateKey == nil, let site = level.clientCertificateSite {
+                error("no \"proxy_ssl_certificate_key\" is defined for certificate \"\(site.arguments[0].text)\"", at: site)
+            }
         }
         guard let sslListen, !level.brokenPath else {
             return (nil, level.upstream)

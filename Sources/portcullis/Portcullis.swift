@@ -146,8 +146,10 @@ final class SignalHandlers: @unchecked Sendable {
         // Rule reloading is not built yet (issue #15): HUP reloads the TLS certificates (new
         // handshakes use them) and says the rules stay, instead of dying (HUP's default).
         on(SIGHUP) { [gateway] in
-            gateway.reloadCertificates()
-            gateway.errorLog.warning("SIGHUP received: TLS certificates were reloaded; reloading rule files is not supported yet, restart to apply rule changes")
+            let (reloaded, failures) = gateway.reloadCertificates()
+            let what = reloaded + failures.count == 0 ? "no server has TLS certificates"
+                : "TLS certificates reloaded for \(reloaded) server(s)" + (failures.isEmpty ? "" : ", \(failures.count) kept their old ones (see above)")
+            gateway.errorLog.warning("SIGHUP received: \(what); reloading rule files is not supported yet, restart to apply rule changes")
         }
         on(SIGUSR2) { [gateway] in gateway.errorLog.warning("SIGUSR2 received: binary upgrade is not supported, ignored") }
     }

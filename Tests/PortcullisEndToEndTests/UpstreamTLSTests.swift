@@ -238,7 +238,7 @@ struct UpstreamTLSTests {
         #expect(sub[0x21] == "TLSv1.3")
         #expect(sub[0x22] == "alice")
         #expect(sub[0x23] == "TLS_AES_256_GCM_SHA384")
-        #expect(sub[0x24] == "SHA256", "\(sub)")
+        #expect(sub[0x24] == "ecdsa-with-SHA256", "\(sub)")
         #expect(sub[0x25] == "EC256", "\(sub)")
         // Without a client certificate: SSL only, verify non-zero, no CN.
         _ = try sClient(port: gateway.port, ["-servername", "gateway.test"])

@@ -308,4 +308,22 @@ private struct NoHostsForTLSCompiler: HostResolver {
                 == ["rules.conf:5:34: error: unknown variable \"$ssl_sever_name\" in \"ssl_certificate_key\"; did you mean \"$ssl_server_name\"?"])
         #expect(key.snapshot == nil)
     }
+
+    @Test("proxy_ssl checks nginx -t makes: verify without trusted CAs, a certificate without its key, variables in the client certificate path")
+    func upstreamChecks() {
+        let verify = Self.compile("stream {\n    server {\n        listen 127.0.0.1:8443;\n        proxy_ssl on;\n        proxy_ssl_verify on;\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n")
+        #expect(verify.diagnostics.map(\.description) == ["rules.conf:5:9: error: no \"proxy_ssl_trusted_certificate\" for \"proxy_ssl_verify\""])
+        let key = Self.compile("stream {\n    server {\n        listen 127.0.0.1:8443;\n        proxy_ssl on;\n        proxy_ssl_certificate /etc/c.pem;\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n")
+        #expect(key.diagnostics.map(\.description) == ["rules.conf:5:9: error: no \"proxy_ssl_certificate_key\" is defined for certificate \"/etc/c.pem\""])
+        let variable = Self.compile("stream {\n    server {\n        listen 127.0.0.1:8443;\n        proxy_ssl on;\n        proxy_ssl_certificate /etc/$server_port.pem;\n        proxy_ssl_certificate_key /etc/c.key;\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n")
+        #expect(variable.diagnostics.map(\.description) == ["rules.conf:5:31: error: variables in \"proxy_ssl_certificate\" are not supported yet; name one file"])
+    }
+
+    @Test("ssl_conf_command: a server with its own list inherits none of the stream's, as nginx")
+    func confCommandsReplace() throws {
+        let text = "stream {\n    ssl_conf_command Options -SessionTicket;\n    server {\n        listen 127.0.0.1:8443 ssl;\n\(Self.certificates)        ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n        proxy_pass 127.0.0.1:9000;\n    }\n    server {\n        listen 127.0.0.1:8444 ssl;\n\(Self.certificates)        proxy_pass 127.0.0.1:9000;\n    }\n}\n"
+        let servers = try Self.servers(text)
+        #expect(servers[0].tls?.confCommands.map { "\($0.0) \($0.1)" } == ["Ciphersuites TLS_AES_128_GCM_SHA256"])
+        #expect(servers[1].tls?.confCommands.map { "\($0.0) \($0.1)" } == ["Options -SessionTicket"])
+    }
 }

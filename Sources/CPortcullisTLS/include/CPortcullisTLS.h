@@ -69,7 +69,7 @@ const char *portcullis_tls_cipher_name(const SSL *ssl);
 /// $ssl_client_s_dn) and common name; 0 if none. Texts are cut to the buffers.
 int portcullis_tls_peer_subject(const SSL *ssl, char *dn, size_t dn_size, char *cn, size_t cn_size);
 
-/// The local certificate's signature algorithm ("SHA256" style short name) and key
+/// The local certificate's signature algorithm ("ecdsa-with-SHA256", OpenSSL's short name) and key
 /// algorithm with bits ("RSA2048", "EC256"), for the PROXY v2 SSL sub-TLVs (HAProxy's words).
 void portcullis_tls_local_algorithms(const SSL *ssl, char *sig, size_t sig_size, char *key, size_t key_size);
 

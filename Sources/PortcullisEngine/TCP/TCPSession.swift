@@ -298,8 +298,13 @@ final class TCPSession: LoopSession {
             }
             let count = receive(side, into: loop.scratch.baseAddress!, readSize)
             if count > 0 {
-                // A TLS read returns one record, whatever is waiting: only EAGAIN says empty.
-                if count < readSize && !self[side].peerClosing && self[side].tls == nil { self[side].readable = false }
+                // TLS: its reads say whether the socket ran dry (a short read may just be the
+                // last record OpenSSL had buffered).
+                if let tls = self[side].tls {
+                    if tls.drained { self[side].readable = false }
+                } else if count < readSize && !self[side].peerClosing {
+                    self[side].readable = false
+                }
                 machine.relayed(count, from: side, now: loop.now)
                 send(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), to: to)
                 reads += 1

@@ -137,7 +137,7 @@ public final class TLSClientContext: @unchecked Sendable {
                 guard SSL_CTX_use_certificate_chain_file(context, certificate) == 1 else {
                     throw TLSSetupError(location: location, message: "cannot load certificate \"\(certificate)\": \(openSSLErrors())")
                 }
-                let key = settings.certificateKey ?? certificate
+                let key = settings.certificateKey ?? certificate  // (the compiler requires a key)
                 guard SSL_CTX_use_PrivateKey_file(context, key, SSL_FILETYPE_PEM) == 1 else {
                     throw TLSSetupError(location: location, message: "cannot load certificate key \"\(key)\": \(openSSLErrors())")
                 }

@@ -70,12 +70,35 @@ final class TLSStream {
 
     // MARK: Relay
 
-    /// Like recv: the count, 0 at the peer's close_notify (or its EOF), -1 with errno.
+    /// The last `read` ended because the socket had nothing more (OpenSSL wants to read):
+    /// nothing is buffered, wait for the next edge.
+    private(set) var drained = false
+
+    /// Like recv: the count, 0 at the peer's close_notify (or its EOF), -1 with errno. Takes
+    /// as many records as fit (SSL_read returns one at a time), so one write passes them on:
+    /// an end or an error after some bytes is said by the next call (OpenSSL repeats it).
     func read(_ buffer: UnsafeMutableRawPointer, _ size: Int) -> Int {
-        var count = 0
+        var total = 0
         readWantsWrite = false
-        if SSL_read_ex(ssl, buffer, size, &count) == 1 { return count }
-        return failed(SSL_get_error(ssl, 0), call: "SSL_read")
+        drained = false
+        while total < size {
+            var count = 0
+            if SSL_read_ex(ssl, buffer + total, size - total, &count) == 1 {
+                total += count
+                continue
+            }
+            let code = SSL_get_error(ssl, 0)
+            if total > 0 {
+                if code == SSL_ERROR_WANT_READ { drained = true }
+                if code == SSL_ERROR_WANT_WRITE { readWantsWrite = true }
+                _ = openSSLErrors()
+                return total
+            }
+            let result = failed(code, call: "SSL_read")
+            if result < 0 && errno == EAGAIN && !readWantsWrite { drained = true }
+            return result
+        }
+        return total
     }
 
     /// Like send: the count written (a partial write is a whole record), -1 with errno.
@@ -176,6 +199,12 @@ final class TLSStream {
     static func loadCertificates(_ ssl: OpaquePointer?) -> Int32 {
         guard let ssl, let stream = stream(of: ssl), let paths = stream.certificatePaths else { return 1 }
         let serverName = SSL_get_servername(ssl, Int32(TLSEXT_NAMETYPE_host_name)).map { String(cString: $0) } ?? ""
+        // The client chooses the name and it goes into a file path: only host-name bytes, no
+        // "..", no "/" or "\\" (nginx 1.25's ngx_stream_validate_host refuses the same).
+        guard Self.isSafeHostName(serverName) else {
+            stream.certificateError = "invalid server name \"\(serverName.prefix(64))\" for a certificate path"
+            return 0
+        }
         for (certificate, key) in paths(serverName) {
             guard SSL_use_certificate_chain_file(ssl, certificate) == 1 else {
                 stream.certificateError = "cannot load certificate \"\(certificate)\": \(openSSLErrors())"
@@ -187,6 +216,15 @@ final class TLSStream {
             }
         }
         return 1
+    }
+
+    /// Letters, digits, "-", "_", "." and ":" only, no "..", at most 253 bytes.
+    static func isSafeHostName(_ name: String) -> Bool {
+        guard name.utf8.count <= 253, !name.contains("..") else { return false }
+        return name.utf8.allSatisfy { byte in
+            (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x30 && byte <= 0x39)
+                || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".") || byte == UInt8(ascii: ":")
+        }
     }
 
     /// SSL_CTX_sess_set_new_cb (client side): keeps the upstream's session for the next
