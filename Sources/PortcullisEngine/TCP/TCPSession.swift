@@ -238,14 +238,8 @@ final class TCPSession: LoopSession {
                 if !machine.readingForMachine { earlyBytes += count }
                 if count < size && !client.peerClosing && client.tls == nil { client.readable = false }
                 perform(machine.received(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now))
-            } else if count == 0 {
-                client.readable = false
-                client.inputClosed = true
-                perform(machine.inputClosed(.client, now: loop.now))
-            } else if errno == EAGAIN || errno == EWOULDBLOCK {
-                client.readable = false
-            } else if errno != EINTR {
-                fail(.client, "recv")
+            } else {
+                clientReadGaveNothing(count)
             }
         }
     }
@@ -263,15 +257,23 @@ final class TCPSession: LoopSession {
                 if consumed > 0 { _ = recv(client.fd, loop.scratch.baseAddress, consumed, 0) }
                 if !machine.readingProxyHeader { client.readable = true }  // the rest is the handshake's
                 perform(action)
-            } else if count == 0 {
-                client.readable = false
-                client.inputClosed = true
-                perform(machine.inputClosed(.client, now: loop.now))
-            } else if errno == EAGAIN || errno == EWOULDBLOCK {
-                client.readable = false
-            } else if errno != EINTR {
-                fail(.client, "recv")
+            } else {
+                clientReadGaveNothing(count)
             }
+        }
+    }
+
+    /// A read of the client before the relay returned 0 (its EOF, for the machine) or -1 (no
+    /// more for now, or an error).
+    private func clientReadGaveNothing(_ count: Int) {
+        if count == 0 {
+            client.readable = false
+            client.inputClosed = true
+            perform(machine.inputClosed(.client, now: loop.now))
+        } else if errno == EAGAIN || errno == EWOULDBLOCK {
+            client.readable = false
+        } else if errno != EINTR {
+            fail(.client, "recv")
         }
     }
 
