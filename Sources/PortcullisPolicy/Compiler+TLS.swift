@@ -226,24 +226,54 @@ extension PolicyCompiler {
         return (server, level.upstream)
     }
 
+    static let prereadVariables: Set<LogVariable> = [.sslPrereadServerName, .sslPrereadALPNProtocols, .sslPrereadProtocol]
+    static let handshakeVariables: Set<LogVariable> = [.sslProtocol, .sslCipher, .sslServerName, .sslALPNProtocol,
+                                                        .sslSessionReused, .sslClientSubjectDN, .sslClientVerify]
+
     /// Whether `server`'s allow/deny rules or limit keys read a `$ssl_preread_*` variable,
     /// directly or through map, geo or set.
     func accessReadsClientHello(_ server: ServerPolicy) -> Bool {
-        var roots: [Variable] = server.access.rules.compactMap {
-            if case .variable(let variable) = $0.match { variable } else { nil }
-        }
-        roots += server.limits.conn.flatMap(\.zone.key.variables) + server.limits.rate.flatMap(\.zone.key.variables)
-        let preread: Set<LogVariable> = [.sslPrereadServerName, .sslPrereadALPNProtocols, .sslPrereadProtocol]
-        var seen = Set<Int>()
+        !accessRulesReading(Self.prereadVariables, in: server).isEmpty
+    }
+
+    /// The access rules and limits of `server` that read one of `wanted` (directly or through
+    /// map, geo or set), with where they are written.
+    func accessRulesReading(_ wanted: Set<LogVariable>, in server: ServerPolicy) -> [RuleReference] {
+        var seen: [Int: Bool] = [:]
         func reads(_ variable: Variable) -> Bool {
             switch variable {
-            case .fixed(let fixed): return preread.contains(fixed)
+            case .fixed(let fixed): return wanted.contains(fixed)
             case .defined(let index):
-                guard seen.insert(index).inserted else { return false }
-                return variables.definitions[index].templates.contains { $0.variables.contains(where: reads) }
+                if let known = seen[index] { return known }
+                seen[index] = false  // a cycle is reported elsewhere
+                let result = variables.definitions[index].templates.contains { $0.variables.contains(where: reads) }
+                seen[index] = result
+                return result
             default: return false
             }
         }
-        return roots.contains(where: reads)
+        var found: [RuleReference] = []
+        for rule in server.access.rules {
+            if case .variable(let variable) = rule.match, reads(variable) { found.append(rule.reference) }
+        }
+        for rule in server.limits.conn where rule.zone.key.variables.contains(where: reads) { found.append(rule.reference) }
+        for rule in server.limits.rate where rule.zone.key.variables.contains(where: reads) { found.append(rule.reference) }
+        return found
+    }
+
+    /// Rules that can never see what they read: `$ssl_*` of a handshake comes after the access
+    /// phases; `$ssl_preread_*` without `ssl_preread on` is never set. Warnings, at the rule.
+    /// `warned`: rules already warned about (a stream-level rule is every server's).
+    mutating func warnAboutUnknowableTLSVariables(_ server: ServerPolicy, warned: inout Set<RuleReference>) {
+        for reference in accessRulesReading(Self.handshakeVariables, in: server) where warned.insert(reference).inserted {
+            diagnostics.warning("\"\(reference.text)\" reads $ssl_* variables of the TLS handshake, which happens after the access phases: they have no value here (use ssl_preread and $ssl_preread_server_name to decide by SNI)",
+                                at: SourceLocation(file: reference.file, line: reference.line, column: 1))
+        }
+        if !server.preread {
+            for reference in accessRulesReading(Self.prereadVariables, in: server) where warned.insert(reference).inserted {
+                diagnostics.warning("\"\(reference.text)\" reads $ssl_preread_* variables, but this server has no \"ssl_preread on\": they have no value",
+                                    at: SourceLocation(file: reference.file, line: reference.line, column: 1))
+            }
+        }
     }
 }

@@ -315,9 +315,11 @@ struct PolicyCompiler {
         checkVariableCycles()
         // Servers were compiled while `set` definitions were still being added: give every
         // server the finished table.
+        var warnedTLSRules = Set<RuleReference>()
         for i in servers.indices {
             servers[i].variables = variables
             servers[i].prereadBeforeAccess = servers[i].preread && accessReadsClientHello(servers[i])
+            warnAboutUnknowableTLSVariables(servers[i], warned: &warnedTLSRules)
         }
         return PolicySnapshot(main: main, servers: servers, upstreams: upstreams, auditLog: auditLog, logFormats: formats,
                               variables: variables, geoipDatabases: geoipDatabases, logBuffers: logBuffers,

@@ -326,4 +326,42 @@ private struct NoHostsForTLSCompiler: HostResolver {
         #expect(servers[0].tls?.confCommands.map { "\($0.0) \($0.1)" } == ["Ciphersuites TLS_AES_128_GCM_SHA256"])
         #expect(servers[1].tls?.confCommands.map { "\($0.0) \($0.1)" } == ["Options -SessionTicket"])
     }
+
+    @Test("warnings for access rules and limit keys that can never see their value: $ssl_* of the handshake (it comes after access) and $ssl_preread_* without ssl_preread on; none where the value is known")
+    func unknowableVariablesWarn() {
+        let text = """
+            stream {
+                map $ssl_server_name $bad_name { evil.test 1; default ""; }
+                map $ssl_preread_server_name $bad_sni { evil.test 1; default ""; }
+                limit_conn_zone $ssl_client_s_dn zone=by_dn:1m;
+                server {
+                    listen 127.0.0.1:8443 ssl;
+                    ssl_certificate /etc/a.pem;
+                    ssl_certificate_key /etc/a.key;
+                    deny $bad_name;
+                    limit_conn by_dn 1;
+                    proxy_pass 127.0.0.1:9000;
+                }
+                server {
+                    listen 127.0.0.1:8444;
+                    deny $bad_sni;
+                    proxy_pass 127.0.0.1:9000;
+                }
+                server {
+                    listen 127.0.0.1:8445;
+                    ssl_preread on;
+                    deny $bad_sni;
+                    proxy_pass 127.0.0.1:9000;
+                }
+            }
+
+            """
+        let result = Self.compile(text)
+        #expect(result.snapshot != nil)
+        #expect(result.diagnostics.map(\.description) == [
+            "rules.conf:9:1: warning: \"deny $bad_name;\" reads $ssl_* variables of the TLS handshake, which happens after the access phases: they have no value here (use ssl_preread and $ssl_preread_server_name to decide by SNI)",
+            "rules.conf:10:1: warning: \"limit_conn by_dn 1;\" reads $ssl_* variables of the TLS handshake, which happens after the access phases: they have no value here (use ssl_preread and $ssl_preread_server_name to decide by SNI)",
+            "rules.conf:15:1: warning: \"deny $bad_sni;\" reads $ssl_preread_* variables, but this server has no \"ssl_preread on\": they have no value",
+        ])
+    }
 }
