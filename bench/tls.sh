@@ -5,7 +5,8 @@
 #   - handshakes per second, full and resumed (TLS 1.3 tickets), with an ECDSA P-256 and an
 #     RSA 2048 certificate, and the server's CPU per handshake (utime+stime from /proc);
 #   - bulk TLS throughput, 1 and 4 streams, client → server (decrypt) → plain sink, and the
-#     server's CPU-seconds per GB.
+#     server's CPU-seconds per GB;
+#   - memory per idle TLS connection (IDLE, default 2000, held open through to the sink).
 # Each server runs one worker (worker_processes 1) pinned to CPU 1, the client to CPU 0, so the
 # server's CPU is what limits it (on fewer than 2 cores nothing is pinned, and the figures say
 # less). Usage: bash bench/tls.sh [SECONDS per run, default 5] [REPS, default 3]
@@ -96,8 +97,8 @@ handshakes() {  # handshakes SERVER KIND MODE -> appends "rate cpu_us" to RESULT
 
 printf "TLS handshakes: %s threads, %s s per run, median of %s runs; %s\n" "$THREADS" "$SECONDS_PER_RUN" "$REPS" "$PINNED"
 printf "%-22s %14s %14s %8s %16s %16s %8s\n" case "nginx hs/s" "Portcullis" "ratio" "nginx µs CPU/hs" "Portcullis µs" "ratio"
-for kind in ${KINDS:-ec rsa}; do
-    for mode in ${MODES:-full resumed}; do
+for kind in ${KINDS-ec rsa}; do
+    for mode in ${MODES-full resumed}; do
         : > "$WORK/nginx.r"; : > "$WORK/portcullis.r"
         for _ in $(seq 1 "$REPS"); do
             for server in nginx portcullis; do handshakes $server $kind $mode >> "$WORK/$server.r"; done
@@ -120,7 +121,7 @@ bulk() {  # bulk SERVER STREAMS MB_PER_STREAM -> "gbit cpu_s_per_gb"
 echo
 printf "TLS bulk (TLS 1.3, AES-256-GCM, client → server → plain sink), median of %s runs\n" "$REPS"
 printf "%-22s %14s %14s %8s %16s %16s %8s\n" case "nginx Gbit/s" "Portcullis" "ratio" "nginx CPU-s/GB" "Portcullis" "ratio"
-for streams in 1 4; do
+for streams in ${STREAMS-1 4}; do
     mb=$((2048 / streams))
     : > "$WORK/nginx.b"; : > "$WORK/portcullis.b"
     for _ in $(seq 1 "$REPS"); do
@@ -131,4 +132,24 @@ for streams in 1 4; do
     printf "%-22s %14.2f %14.2f %8.2f %16.3f %16.3f %8.2f\n" "$streams stream(s), 2 GiB" "$ng" "$pg" \
         "$(awk -v a=$pg -v b=$ng 'BEGIN{print a/b}')" "$nc" "$pc" "$(awk -v a=$pc -v b=$nc 'BEGIN{print a/b}')"
 done
+# Memory per idle TLS connection: IDLE connections handshaken through to the sink (which
+# holds them), PSS of the server before and after, per connection.
+pss_kib() { for p in "$@"; do echo "/proc/$p/smaps_rollup"; done | xargs awk '/^Pss:/ { s += $2 } END { print s + 0 }'; }
+IDLE=${IDLE:-2000}
+idle_bytes() {  # idle_bytes SERVER -> bytes of PSS per idle TLS connection
+    local pids before after
+    pids=$(pids_of "$1" ec); before=$(pss_kib $pids)
+    coproc HOLD { python3 "$ROOT/bench/tls/idle-tls.py" $(port_of "$1" ec bulk) "$IDLE"; }
+    local line; read -r line <&"${HOLD[0]}"
+    sleep 1
+    after=$(pss_kib $pids)
+    exec {HOLD[1]}>&-
+    wait "$HOLD_PID" 2>/dev/null || true
+    [ "$line" = "ready $IDLE" ] || fail "idle $1: $line"
+    echo $(( (after - before) * 1024 / IDLE ))
+}
+echo
+nb=$(idle_bytes nginx); pb=$(idle_bytes portcullis)
+printf "memory per idle TLS connection (%s held, PSS): nginx %s B, Portcullis %s B, ratio %s\n" "$IDLE" "$nb" "$pb" \
+    "$(awk -v a=$pb -v b=$nb 'BEGIN{printf "%.2f", a/b}')"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), $(openssl version | cut -d' ' -f1-2) for both"
