@@ -16,6 +16,9 @@ public final class Engine: Sendable {
 
     /// Starts `loopCount` loop threads (at least one).
     public init(loopCount: Int) throws {
+        // OpenSSL writes TLS sockets with write(2), not send(MSG_NOSIGNAL): a peer that reset
+        // would kill the process with SIGPIPE. Ignored process-wide, as nginx does.
+        signal(SIGPIPE, SIG_IGN)
         var loops: [EventLoop] = []
         for index in 0..<max(loopCount, 1) { loops.append(try EventLoop(index: index)) }
         self.loops = loops

@@ -253,6 +253,44 @@ struct TLSTerminationTests {
         await gateway.stop()
     }
 
+    @Test("portcullis run: a TLS client killed while the upstream streams to it (its socket resets) costs one session, not the process (SIGPIPE from OpenSSL's writes is ignored)")
+    func resetTLSClientDoesNotKill() throws {
+        let pki = try TestPKI.shared()
+        let streamer = try TestServer { connection in
+            let chunk = [UInt8](repeating: 0x61, count: 64 * 1024)
+            let end = Date().addingTimeInterval(3)
+            while Date() < end, (try? connection.send(chunk)) != nil {}
+            connection.close()
+        }
+        defer { streamer.stop() }
+        let folder = try makeTemporaryDirectory("portcullis-sigpipe")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let port = try freePort()
+        let rules = folder.appendingPathComponent("gateway.conf")
+        try """
+            stream {
+                server {
+                    listen 127.0.0.1:\(port) ssl;
+                    ssl_certificate \(pki.path("server-ec.crt"));
+                    ssl_certificate_key \(pki.path("server-ec.key"));
+                    proxy_pass 127.0.0.1:\(streamer.port);
+                }
+            }
+            """.write(to: rules, atomically: true, encoding: .utf8)
+        let running = try PortcullisBinary.launch(["run", "-c", rules.path])
+        defer { running.signal(SIGTERM); _ = running.wait(timeout: 5) }
+        #expect(waitUntilListening(port: port))
+        for _ in 0..<3 {
+            let client = try InteractiveTLSClient(port: port)
+            usleep(300_000)
+            client.kill()
+        }
+        usleep(500_000)
+        #expect(running.process.isRunning, "the gateway survived: \(running.process.isRunning ? "" : running.stderr())")
+        let report = try sClientReport(port: port)
+        #expect(report.all.contains("subject=CN = gateway.test"), "\(report.all)")
+    }
+
     @Test("TLS offload to a plain upstream: curl gets the page, and 4 MiB each way arrive intact (s_client)")
     func offloadCarriesBytes() async throws {
         let pki = try TestPKI.shared()

@@ -93,8 +93,53 @@ struct UpstreamTLSTests {
         let lines = await gateway.waitForLines(of: "access.log") { $0.count >= 5 }
         #expect(lines.filter { $0 == "\(ourPorts[0]) 200" }.count == 2, "\(lines)")
         #expect(lines.contains("\(ourPorts[1]) 502"), "\(lines)")
+        // nginx's words for a name the certificate lacks, in both error logs.
+        let mismatch = "upstream SSL certificate does not match \"wrong.test\" while SSL handshaking to upstream"
         let errors = gateway.lines(of: "error.log")
-        #expect(errors.contains { $0.contains("upstream SSL certificate verify error: (62:hostname mismatch)") }, "\(errors)")
+        #expect(errors.contains { $0.contains(mismatch) }, "\(errors)")
+        #expect(nginx.lines(of: "error.log").contains { $0.contains(mismatch) }, "\(nginx.lines(of: "error.log"))")
+        await gateway.stop()
+    }
+
+    @Test("proxy_ssl_verify with proxy_ssl_name from a variable: a session verified for one name is never resumed for another on the same address (the name is checked on every handshake)")
+    func verifiedSessionsStayWithTheirName() async throws {
+        let pki = try TestPKI.shared()
+        let upstream = try ExternalPeer.nginx("""
+            stream {
+                server {
+                    listen 127.0.0.1:{PORT} ssl;
+                    ssl_protocols TLSv1.2 TLSv1.3;
+                    ssl_certificate \(pki.path("a.test.crt"));
+                    ssl_certificate_key \(pki.path("a.test.key"));
+                    return "reused=$ssl_session_reused\\n";
+                }
+            }
+            """)
+        defer { upstream.stop() }
+        let second = try freePort()
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                error_log {DIR}/error.log info;
+                map $server_port $upstream_name {
+                    \(second)  b.test;
+                    default   a.test;
+                }
+                server {
+                    listen 127.0.0.1:{PORT};
+                    listen 127.0.0.1:\(second);
+                    proxy_pass 127.0.0.1:\(upstream.port);
+                    proxy_ssl on;
+                    proxy_ssl_name $upstream_name;
+                    proxy_ssl_verify on;
+                    proxy_ssl_trusted_certificate \(pki.path("ca.crt"));
+                }
+            }
+            """)
+        #expect(Self.ask(gateway.port) == "reused=.\n")
+        #expect(Self.ask(gateway.port) == "reused=r\n", "a.test's session is resumed for a.test")
+        #expect(Self.ask(second) == "", "b.test gets no session of a.test's, and the certificate does not name it")
+        let errors = gateway.lines(of: "error.log")
+        #expect(errors.contains { $0.contains("upstream SSL certificate does not match \"b.test\"") }, "\(errors)")
         await gateway.stop()
     }
 

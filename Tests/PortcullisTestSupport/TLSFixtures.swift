@@ -180,6 +180,12 @@ public final class InteractiveTLSClient: @unchecked Sendable {
         return nil
     }
 
+    /// Kills the client at once (its socket closes with unread bytes: a reset).
+    public func kill() {
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
     public func stop() {
         try? input.fileHandleForWriting.close()
         if process.isRunning { process.terminate() }

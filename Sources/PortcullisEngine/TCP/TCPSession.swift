@@ -185,9 +185,12 @@ final class TCPSession: LoopSession {
         }
         if !ended && connectDeadline != 0 && now >= connectDeadline {
             connectDeadline = 0
-            upstreamHandshaking = false
-            closeDial()
-            perform(machine.dialFailed(.timedOut, now: now))
+            if upstreamHandshaking {
+                upstreamTLSFailed("upstream timed out (110: Connection timed out) while SSL handshaking to upstream")
+            } else {
+                closeDial()
+                perform(machine.dialFailed(.timedOut, now: now))
+            }
         }
         for side in [Side.client, .upstream] where !ended && self[side].resumeAt != 0 && now >= self[side].resumeAt {
             self[side].resumeAt = 0
@@ -227,7 +230,7 @@ final class TCPSession: LoopSession {
         while client.readable && !ended && !client.inputClosed {
             let size: Int
             if machine.readingForMachine {
-                size = machine.readingClientHello ? min(readSize, runtime.policy.proxy.prereadBufferSize) : readSize
+                size = machine.readingClientHello ? max(min(readSize, machine.clientHelloRoom), 1) : readSize
             } else if client.peerClosing && upstream.isOpen && !upstreamConnected && earlyBytes < Self.earlyLimit {
                 size = min(readSize, Self.earlyLimit - earlyBytes)
             } else {
@@ -250,8 +253,16 @@ final class TCPSession: LoopSession {
         while client.readable && !ended && machine.readingProxyHeader {
             let count = recv(client.fd, loop.scratch.baseAddress, readSize, Int32(MSG_PEEK))
             if count > 0 {
-                // Nothing new since the last peek: wait for the next edge.
-                if count == peeked { client.readable = false; return }
+                // Nothing new since the last peek: the client's FIN came after it (a peek never
+                // says 0 while bytes wait), or wait for the next edge.
+                if count == peeked {
+                    client.readable = false
+                    if client.peerClosing {
+                        client.inputClosed = true
+                        perform(machine.inputClosed(.client, now: loop.now))
+                    }
+                    return
+                }
                 peeked = count
                 let (action, consumed) = machine.peekedHeader(UnsafeRawBufferPointer(rebasing: loop.scratch[0..<count]), now: loop.now)
                 if consumed > 0 { _ = recv(client.fd, loop.scratch.baseAddress, consumed, 0) }
@@ -340,7 +351,7 @@ final class TCPSession: LoopSession {
         guard let tls = self[side].tls else { return Glibc.send(self[side].fd, buffer, size, Int32(MSG_NOSIGNAL)) }
         var sent = 0
         while sent < size {
-            let count = tls.write(buffer + sent, size - sent)
+            let count = tls.write(buffer + sent, size - sent)  // never 0
             if count < 0 {
                 if errno == EAGAIN && sent > 0 { break }
                 return sent > 0 ? sent : -1
@@ -549,14 +560,17 @@ final class TCPSession: LoopSession {
             return
         }
         if let name = start.serverName { _ = portcullis_tls_set_server_name(tls.ssl, name) }
-        if let name = start.verifyName {
-            portcullis_tls_set_verify_peer(tls.ssl, Int32(context.settings.verifyDepth), IPAddress(name) == nil ? name : nil)
-            if IPAddress(name) != nil { X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(tls.ssl), name) }
-        }
         verifyUpstream = start.verifyName != nil
+        if let name = start.verifyName {
+            // The chain here; the name after the handshake (upstreamVerifyError), every time.
+            portcullis_tls_set_verify_peer(tls.ssl, Int32(context.settings.verifyDepth), nil)
+            tls.verifyName = name
+            tls.sessionTrusted = false
+        }
+        let key = TLSClientContext.SessionKey(endpoint: start.endpoint, name: start.verifyName ?? start.serverName ?? "")
         tls.clientContext = context
-        tls.upstreamEndpoint = start.endpoint
-        context.resume(tls.ssl, for: start.endpoint)
+        tls.sessionKey = key
+        context.resume(tls.ssl, for: key)
         upstream.tls = tls
         upstreamPreface = start.preface
         connectDeadline = loop.now &+ UInt64(max(runtime.policy.proxy.connectTimeoutMilliseconds, 1)) * 1_000_000
@@ -579,7 +593,7 @@ final class TCPSession: LoopSession {
         switch tls.handshake() {
         case .done:
             if verifyUpstream, let error = tls.upstreamVerifyError() {
-                upstreamTLSFailed(error)
+                upstreamTLSFailed(error + " while SSL handshaking to upstream")
                 return
             }
             connectDeadline = 0

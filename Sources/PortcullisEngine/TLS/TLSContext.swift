@@ -112,7 +112,14 @@ public final class TLSServerContext: @unchecked Sendable {
 public final class TLSClientContext: @unchecked Sendable {
     let context: OpaquePointer
     public let settings: UpstreamTLSSettings
-    private let sessions = Mutex<[SocketEndpoint: SessionBox]>([:])
+    private let sessions = Mutex<[SessionKey: SessionBox]>([:])
+
+    /// Sessions are kept per upstream address and name: a session verified for one name is
+    /// never offered for another on the same address.
+    struct SessionKey: Hashable {
+        var endpoint: SocketEndpoint
+        var name: String
+    }
 
     /// An `SSL_SESSION` reference, freed when replaced.
     private final class SessionBox: @unchecked Sendable {
@@ -159,21 +166,21 @@ public final class TLSClientContext: @unchecked Sendable {
 
     deinit { SSL_CTX_free(context) }
 
-    /// The last session of `endpoint`, set on `ssl` before its handshake.
-    func resume(_ ssl: OpaquePointer, for endpoint: SocketEndpoint) {
+    /// The last session for `key`, set on `ssl` before its handshake.
+    func resume(_ ssl: OpaquePointer, for key: SessionKey) {
         guard settings.sessionReuse else { return }
         sessions.withLock { sessions in
-            if let box = sessions[endpoint] { SSL_set_session(ssl, box.session) }
+            if let box = sessions[key] { SSL_set_session(ssl, box.session) }
         }
     }
 
-    /// A new session from `endpoint`: kept (the reference is ours now), replacing the last.
-    func store(_ session: OpaquePointer, for endpoint: SocketEndpoint) {
+    /// A new session for `key`: kept (the reference is ours now), replacing the last.
+    func store(_ session: OpaquePointer, for key: SessionKey) {
         let box = SessionBox(session)
-        // Bounded: one per upstream address, and at most 10,000 addresses (resolved names).
+        // Bounded: one per upstream address and name, at most 10,000 of them.
         sessions.withLock { sessions in
-            if sessions.count >= 10_000 && sessions[endpoint] == nil { sessions.removeAll() }
-            sessions[endpoint] = box
+            if sessions.count >= 10_000 && sessions[key] == nil { sessions.removeAll() }
+            sessions[key] = box
         }
     }
 }

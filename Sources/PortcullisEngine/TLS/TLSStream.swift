@@ -16,6 +16,11 @@ final class TLSStream {
     var readWantsWrite = false
     /// Why the last call returned -1 with errno EPROTO: OpenSSL's words.
     private(set) var failure = ""
+    /// A fatal error, or the peer's end, came after bytes a read returned: said by every
+    /// later call without asking OpenSSL again (in its error state it returns -1 with an empty
+    /// error queue and a stale errno, which would read as EAGAIN or a clean end).
+    private var stickyEnd: StickyEnd?
+    private enum StickyEnd { case closed, failed(Int32) }
 
     // For OpenSSL's callbacks, which get only the SSL pointer.
     /// Renders the `ssl_certificate`/`_key` paths that have variables for this handshake
@@ -23,9 +28,15 @@ final class TLSStream {
     var certificatePaths: ((String) -> [(certificate: String, key: String)])?
     /// What the certificate callback could not load, for the handshake's error line.
     var certificateError: String?
-    /// `proxy_ssl_session_reuse`: where new sessions are kept.
+    /// `proxy_ssl_session_reuse`: where new sessions are kept, under which key.
     var clientContext: TLSClientContext?
-    var upstreamEndpoint: SocketEndpoint?
+    var sessionKey: TLSClientContext.SessionKey?
+    /// `proxy_ssl_verify`: the name the upstream's certificate must carry; sessions arriving
+    /// before the check passed wait in `unverifiedSession` (a resumed session skips the chain
+    /// check, so only a verified one may be kept).
+    var verifyName: String?
+    var sessionTrusted = true
+    private var unverifiedSession: OpaquePointer?
 
     enum Progress: Equatable {
         case done, wantRead, wantWrite
@@ -41,7 +52,10 @@ final class TLSStream {
         portcullis_tls_set_app_data(ssl, Unmanaged.passUnretained(self).toOpaque())
     }
 
-    deinit { SSL_free(ssl) }
+    deinit {
+        if let unverifiedSession { SSL_SESSION_free(unverifiedSession) }
+        SSL_free(ssl)
+    }
 
     // MARK: Handshake
 
@@ -81,6 +95,7 @@ final class TLSStream {
         var total = 0
         readWantsWrite = false
         drained = false
+        if let sticky = stickyEnd { return replay(sticky) }
         while total < size {
             var count = 0
             if SSL_read_ex(ssl, buffer + total, size - total, &count) == 1 {
@@ -88,15 +103,14 @@ final class TLSStream {
                 continue
             }
             let code = SSL_get_error(ssl, 0)
-            if total > 0 {
-                if code == SSL_ERROR_WANT_READ { drained = true }
-                if code == SSL_ERROR_WANT_WRITE { readWantsWrite = true }
-                _ = openSSLErrors()
-                return total
-            }
             let result = failed(code, call: "SSL_read")
-            if result < 0 && errno == EAGAIN && !readWantsWrite { drained = true }
-            return result
+            if result < 0 && errno == EAGAIN {
+                if !readWantsWrite { drained = true }
+                return total > 0 ? total : -1
+            }
+            // The end or an error: kept for the next call when bytes came first.
+            stickyEnd = result == 0 ? .closed : .failed(errno)
+            return total > 0 ? total : result
         }
         return total
     }
@@ -104,9 +118,27 @@ final class TLSStream {
     /// Like send: the count written (a partial write is a whole record), -1 with errno.
     /// After EAGAIN the same bytes must be offered again (OpenSSL holds the record).
     func write(_ buffer: UnsafeRawPointer, _ size: Int) -> Int {
+        if let sticky = stickyEnd {
+            errno = { if case .failed(let error) = sticky { error } else { EPIPE } }()
+            return -1
+        }
         var count = 0
         if SSL_write_ex(ssl, buffer, size, &count) == 1 { return count }
-        return failed(SSL_get_error(ssl, 0), call: "SSL_write")
+        let result = failed(SSL_get_error(ssl, 0), call: "SSL_write")
+        if result < 0 && errno == EAGAIN { return -1 }
+        // A write never returns 0: the connection is gone.
+        if result == 0 { errno = EPIPE }
+        stickyEnd = .failed(errno)
+        return -1
+    }
+
+    private func replay(_ sticky: StickyEnd) -> Int {
+        switch sticky {
+        case .closed: return 0
+        case .failed(let error):
+            errno = error
+            return -1
+        }
     }
 
     /// Bytes OpenSSL already decrypted that no read has taken: read again without an edge.
@@ -136,8 +168,10 @@ final class TLSStream {
         }
     }
 
-    /// Sends close_notify (once, without waiting for the peer's), before a shutdown or close.
+    /// Sends close_notify (once, without waiting for the peer's), before a shutdown or close;
+    /// not after a fatal error (OpenSSL would write to a dead connection).
     func sendCloseNotify() {
+        if case .failed = stickyEnd { return }
         guard SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN == 0 else { return }
         _ = SSL_shutdown(ssl)
         _ = openSSLErrors()
@@ -175,12 +209,31 @@ final class TLSStream {
         return (info, SessionMachine.ClientCertificateCheck(presented: presented, code: code, text: text, caUnknown: caUnknown))
     }
 
-    /// `proxy_ssl_verify`: the upstream's chain and name, after the handshake; nil if good.
+    /// `proxy_ssl_verify`: the upstream's chain, then its name (checked on every handshake,
+    /// resumed ones too, as nginx's ngx_ssl_check_host), in nginx's words; nil if good. Once
+    /// good, the sessions it brought may be kept.
     func upstreamVerifyError() -> String? {
-        guard SSL_get0_peer_certificate(ssl) != nil else { return "upstream sent no SSL certificate" }
+        guard let certificate = SSL_get0_peer_certificate(ssl) else { return "upstream sent no SSL certificate" }
         let code = SSL_get_verify_result(ssl)
-        guard code != 0 else { return nil }
-        return "upstream SSL certificate verify error: (\(code):\(String(cString: X509_verify_cert_error_string(code))))"
+        if code != 0 {
+            return "upstream SSL certificate verify error: (\(code):\(String(cString: X509_verify_cert_error_string(code))))"
+        }
+        let name = verifyName ?? ""
+        let matches = !name.isEmpty && (IPAddress(name) != nil
+            ? X509_check_ip_asc(certificate, name, 0) == 1
+            : X509_check_host(certificate, name, name.utf8.count, UInt32(X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS), nil) == 1)
+        guard matches else { return "upstream SSL certificate does not match \"\(name)\"" }
+        trustSessions()
+        return nil
+    }
+
+    /// The upstream is verified: the session that came during the handshake is kept now.
+    func trustSessions() {
+        sessionTrusted = true
+        if let session = unverifiedSession, let context = clientContext, let key = sessionKey {
+            unverifiedSession = nil
+            context.store(session, for: key)
+        }
     }
 
     /// A NUL-terminated buffer the shim filled.
@@ -231,8 +284,13 @@ final class TLSStream {
     /// connection to the same address. 1: the reference is kept.
     static func clientSessionArrived(_ ssl: OpaquePointer?, _ session: OpaquePointer?) -> Int32 {
         guard let session, let stream = stream(of: ssl), let context = stream.clientContext,
-              let endpoint = stream.upstreamEndpoint else { return 0 }
-        context.store(session, for: endpoint)
+              let key = stream.sessionKey else { return 0 }
+        if stream.sessionTrusted {
+            context.store(session, for: key)
+        } else {
+            if let older = stream.unverifiedSession { SSL_SESSION_free(older) }
+            stream.unverifiedSession = session
+        }
         return 1
     }
 }

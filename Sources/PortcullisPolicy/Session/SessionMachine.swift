@@ -226,6 +226,8 @@ public struct SessionMachine: Sendable {
     public var readingClientHello: Bool { stage == .prereading }
     /// The engine reads the client for the machine (PROXY header, ClientHello), not for the relay.
     public var readingForMachine: Bool { stage == .readingProxyHeader || stage == .prereading }
+    /// `ssl_preread`: how many more bytes the ClientHello may take (preread_buffer_size).
+    public var clientHelloRoom: Int { max(proxy.prereadBufferSize - earlyPayload.count, 0) }
     public var handshaking: Bool { stage == .handshaking }
     public var relaying: Bool { stage == .relaying }
     public var ended: Bool { stage == .ended }
