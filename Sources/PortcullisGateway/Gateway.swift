@@ -184,6 +184,22 @@ public final class Gateway: Service, Sendable {
         errorLogFile.close()
     }
 
+    /// What `check` does with TLS, as `nginx -t`: every server's contexts built (certificates,
+    /// keys and CA files read, ciphers, curves and ssl_conf_command handed to OpenSSL) and
+    /// dropped. The located errors, in order; empty when all load.
+    public static func checkTLS(_ snapshot: PolicySnapshot) -> [String] {
+        var errors: [String] = []
+        for server in snapshot.servers {
+            do throws(TLSSetupError) {
+                if let settings = server.tls { _ = try TLSServerContext(settings: settings, serverLocation: server.location) }
+                if server.upstreamTLS.enabled { _ = try TLSClientContext(settings: server.upstreamTLS) }
+            } catch {
+                errors.append("\(error)")
+            }
+        }
+        return errors
+    }
+
     /// SIGHUP, until rule reloading lands (issue #15): every server's certificates and keys
     /// are read again and new handshakes use them; live sessions keep the context they began
     /// with (OpenSSL holds it). A server whose files do not load keeps its current ones, with

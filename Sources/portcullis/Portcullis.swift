@@ -22,6 +22,7 @@ struct Portcullis: AsyncParsableCommand {
             default 5s, to finish), QUIT stops gracefully (waits for every session unless \
             worker_shutdown_timeout is set), USR1 reopens log files.
             """,
+        version: "portcullis \(ProductVersion.portcullis) (nginx \(ProductVersion.nginxCompatible) stream decisions)",
         subcommands: [Check.self, Run.self])
 }
 
@@ -45,6 +46,13 @@ struct Check: ParsableCommand {
         guard let snapshot = result.snapshot else {
             let count = result.diagnostics.filter { $0.severity == .error }.count
             FileHandle.standardError.write(Data("portcullis: \(options.config): \(count) error\(count == 1 ? "" : "s"), test failed\n".utf8))
+            throw ExitCode(1)
+        }
+        // As nginx -t: certificates and keys are loaded, OpenSSL takes the settings.
+        let tlsErrors = Gateway.checkTLS(snapshot)
+        if !tlsErrors.isEmpty {
+            for error in tlsErrors { FileHandle.standardError.write(Data("\(error)\n".utf8)) }
+            FileHandle.standardError.write(Data("portcullis: \(options.config): \(tlsErrors.count) TLS error\(tlsErrors.count == 1 ? "" : "s"), test failed\n".utf8))
             throw ExitCode(1)
         }
         let listens = snapshot.servers.reduce(0) { $0 + $1.listens.count }

@@ -50,6 +50,40 @@ struct CommandLineTests {
         #expect(output.stderr.contains("3 errors, test failed"))
     }
 
+    @Test("--version says the version and the nginx whose decisions it makes")
+    func version() throws {
+        let output = try PortcullisBinary.run(["--version"])
+        #expect(output.status == 0)
+        #expect(output.stdout == "portcullis \(ProductVersion.portcullis) (nginx \(ProductVersion.nginxCompatible) stream decisions)\n")
+    }
+
+    @Test("check loads TLS certificates as nginx -t: a missing certificate is a located error and exit 1; a good one passes")
+    func checkLoadsCertificates() throws {
+        let pki = try TestPKI.shared()
+        let directory = try makeTemporaryDirectory()
+        let path = directory.appendingPathComponent("tls.conf").path
+        func write(_ certificate: String) throws {
+            try """
+                stream {
+                    server {
+                        listen 127.0.0.1:8443 ssl;
+                        ssl_certificate \(certificate);
+                        ssl_certificate_key \(pki.path("server-ec.key"));
+                        return "ok";
+                    }
+                }
+                """.write(toFile: path, atomically: true, encoding: .utf8)
+        }
+        try write(pki.path("server-ec.crt"))
+        let good = try PortcullisBinary.run(["check", "-c", path])
+        #expect(good.status == 0, "\(good.stderr)")
+        try write(directory.appendingPathComponent("missing.crt").path)
+        let bad = try PortcullisBinary.run(["check", "-c", path])
+        #expect(bad.status == 1)
+        #expect(bad.stderr.contains("\(path):4:25: cannot load certificate \"\(directory.path)/missing.crt\""), "\(bad.stderr)")
+        #expect(bad.stderr.contains("1 TLS error, test failed"), "\(bad.stderr)")
+    }
+
     @Test("run: an address that cannot be bound is a clear error and a non-zero exit")
     func bindFailure() throws {
         let occupied = try TestServer.echo()
