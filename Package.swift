@@ -82,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "portcullis",
             dependencies: [
-                "PortcullisRules", "PortcullisPolicy", "PortcullisGateway", "PortcullisGeoIP",
+                "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway", "PortcullisGeoIP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),

@@ -3,6 +3,7 @@ import ArgumentParser
 import Glibc
 #endif
 import Foundation
+import PortcullisCore
 import PortcullisGateway
 import PortcullisGeoIP
 import PortcullisPolicy
@@ -23,7 +24,7 @@ struct Portcullis: AsyncParsableCommand {
             worker_shutdown_timeout is set), USR1 reopens log files.
             """,
         version: "portcullis \(ProductVersion.portcullis) (nginx \(ProductVersion.nginxCompatible) stream decisions)",
-        subcommands: [Check.self, Run.self])
+        subcommands: [Check.self, Run.self, Explain.self])
 }
 
 struct RuleFileOption: ParsableArguments {
@@ -180,3 +181,104 @@ func malloc_trim(_ pad: Int) -> Int32
 #else
 func malloc_trim(_ pad: Int) -> Int32 { 0 }
 #endif
+
+struct Explain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Say what the rules decide for one client, phase by phase (no other gateway has this).",
+        discussion: """
+            Runs the session machine the gateway runs, without connecting anything: realip, \
+            preread or the TLS handshake (with --sni), access, limit_conn, limit_rate, and the \
+            upstream it would connect to, with every geo/map/geoip2/set variable evaluated. \
+            Limit zones start empty, as after a start. Exits 0 if the client would be let \
+            through (or answered by return), 2 if refused, 1 for a rule file with errors.
+            """)
+
+    @OptionGroup var options: RuleFileOption
+    @ArgumentParser.Argument(help: "The client: ADDRESS or ADDRESS:PORT ([V6]:PORT).") var client: String
+    @Option(help: "The listen it connects to: ADDRESS:PORT or PORT as written in a listen (default: the first listen).")
+    var server: String?
+    @Option(help: "The server name its ClientHello or handshake sends.") var sni: String?
+    @Option(name: .customLong("proxy-from"), help: "The TCP peer that sent a PROXY header naming the client (proxy_protocol listens).")
+    var proxyFrom: String?
+    @Flag(help: "Print JSON, for scripts.") var json = false
+
+    func run() throws {
+        let result = RuleLoader.load(path: options.config, geoip: MaxMindOpener())
+        guard let snapshot = result.snapshot else {
+            FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
+            throw ExitCode(1)
+        }
+        guard let clientEndpoint = Self.endpoint(client) else { throw ValidationError("not an address: \(client)") }
+        let peer = try proxyFrom.map { text -> SocketEndpoint in
+            guard let endpoint = Self.endpoint(text) else { throw ValidationError("not an address: \(text)") }
+            return endpoint
+        }
+        let pairs = snapshot.servers.flatMap { server in server.listens.map { (server, $0) } }
+        let chosen = server.map { wanted in
+            pairs.first { _, listen in
+                listen.endpoint.description == wanted || listen.description == wanted || String(listen.port) == wanted
+            }
+        } ?? pairs.first
+        guard let (policy, listen) = chosen else {
+            throw ValidationError("no listen \(server ?? "") in \(options.config); the listens are: "
+                + pairs.map { $0.1.description }.joined(separator: ", "))
+        }
+        let explanation = Explainer.explain(policy, listen: listen, client: clientEndpoint, peer: peer, serverName: sni,
+                                            wallClock: Date().timeIntervalSince1970)
+        print(json ? Self.json(explanation) : Self.text(explanation))
+        if explanation.outcome.refused { throw ExitCode(2) }
+    }
+
+    /// ADDRESS or ADDRESS:PORT; a bare address gets port 0.
+    static func endpoint(_ text: String) -> SocketEndpoint? {
+        if let address = IPAddress(text) { return SocketEndpoint(address: address, port: 0) }
+        return SocketEndpoint(text)
+    }
+
+    static func value(_ bytes: [UInt8]?) -> String {
+        bytes.map { "\"" + String(decoding: $0, as: UTF8.self) + "\"" } ?? "(not found)"
+    }
+
+    static func text(_ e: Explanation) -> String {
+        var lines = ["client \(e.client.hostText) (peer \(e.peer)) on listen \(e.listen) (\(e.listenLocation))"]
+        for step in e.steps {
+            let rule = step.rule.map { "  [\($0.position) \($0.text)]" } ?? ""
+            lines.append("  " + step.phase.padding(toLength: 18, withPad: " ", startingAt: 0) + step.text + rule)
+        }
+        if !e.variables.isEmpty {
+            lines.append("  variables")
+            for (name, bytes) in e.variables { lines.append("    $\(name) = \(value(bytes))") }
+        }
+        for line in e.errorLog { lines.append("  error log: \(line)") }
+        let outcome = e.outcome
+        var verdict = "  verdict           \(outcome.status.rawValue)"
+        if outcome.refused {
+            verdict += ", refused in \(outcome.phase.rawValue): \(outcome.cause.reason ?? "")"
+            if let rule = outcome.rule { verdict += " [\(rule.position) \(rule.text)]" }
+        } else if let upstream = e.upstream {
+            verdict += ", let through to \(upstream)"
+        } else {
+            verdict += ", let through"
+        }
+        lines.append(verdict)
+        return lines.joined(separator: "\n")
+    }
+
+    static func json(_ e: Explanation) -> String {
+        func rule(_ reference: RuleReference?) -> Any {
+            reference.map { ["file": $0.file, "line": $0.line, "text": $0.text] as [String: Any] } ?? NSNull()
+        }
+        var variables: [String: Any] = [:]
+        for (name, value) in e.variables { variables[name] = value.map { String(decoding: $0, as: UTF8.self) } ?? NSNull() }
+        let object: [String: Any] = [
+            "client": e.client.description, "peer": e.peer.description, "listen": e.listen,
+            "steps": e.steps.map { ["phase": $0.phase, "text": $0.text, "rule": rule($0.rule)] as [String: Any] },
+            "variables": variables,
+            "status": e.outcome.status.rawValue, "phase": e.outcome.phase.rawValue, "refused": e.outcome.refused,
+            "reason": e.outcome.cause.reason ?? NSNull(), "rule": rule(e.outcome.rule),
+            "upstream": e.upstream ?? NSNull(), "error_log": e.errorLog,
+        ]
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data()
+        return String(decoding: data, as: UTF8.self)
+    }
+}

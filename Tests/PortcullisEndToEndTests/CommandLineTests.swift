@@ -84,6 +84,91 @@ struct CommandLineTests {
         #expect(bad.stderr.contains("1 TLS error, test failed"), "\(bad.stderr)")
     }
 
+    /// A rule file for `explain`: geo + map, deny by variable, a limit, a PROXY listen with
+    /// realip, and an SNI router.
+    static func explainRules(_ directory: URL) throws -> String {
+        let path = directory.appendingPathComponent("explain.conf").path
+        try """
+            stream {
+                geo $office {
+                    default        0;
+                    192.0.2.0/24   1;
+                }
+                map $office $not_office {
+                    1       "";
+                    default yes;
+                }
+                map $ssl_preread_server_name $site {
+                    a.test   127.0.0.1:9001;
+                    default  127.0.0.1:9009;
+                }
+                map $ssl_preread_server_name $blocked_sni {
+                    evil.test  1;
+                    default    "";
+                }
+                limit_conn_zone $remote_addr zone=per_ip:1m;
+                server {
+                    listen 127.0.0.1:8080;
+                    listen 127.0.0.1:8081 proxy_protocol;
+                    set_real_ip_from 10.0.0.1;
+                    deny $not_office;
+                    limit_conn per_ip 5;
+                    proxy_pass 127.0.0.1:9000;
+                }
+                server {
+                    listen 127.0.0.1:8443;
+                    ssl_preread on;
+                    deny $blocked_sni;
+                    proxy_pass $site;
+                }
+            }
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    @Test("explain: the phases, the rule that decided (file:line and text), the variables and the upstream, for an allowed, a refused, a PROXY-header and an SNI client; exit 0 or 2")
+    func explainText() throws {
+        let directory = try makeTemporaryDirectory()
+        let path = try Self.explainRules(directory)
+        let allowed = try PortcullisBinary.run(["explain", "-c", path, "192.0.2.7:5000"])
+        #expect(allowed.status == 0, "\(allowed.stderr)")
+        #expect(allowed.stdout == """
+            client 192.0.2.7 (peer 192.0.2.7:5000) on listen 127.0.0.1:8080 (\(path):20:16)
+              access            allowed: no rule matched
+              limit_conn        counted: key "192.0.2.7" in zone "per_ip", limit 5 (zones start empty here)  [\(path):24 limit_conn per_ip 5;]
+              upstream_pick     connect to 127.0.0.1:9000
+              variables
+                $office = "1"
+                $not_office = ""
+                $site = "127.0.0.1:9009"
+                $blocked_sni = ""
+              verdict           200, let through to 127.0.0.1:9000
+
+            """, "\(allowed.stdout)")
+        let refused = try PortcullisBinary.run(["explain", "-c", path, "198.51.100.1"])
+        #expect(refused.status == 2)
+        #expect(refused.stdout.contains("  access            denied by $not_office = \"yes\"  [\(path):23 deny $not_office;]"), "\(refused.stdout)")
+        #expect(refused.stdout.contains("verdict           403, refused in access: access forbidden by rule [\(path):23 deny $not_office;]"), "\(refused.stdout)")
+        // Through a trusted PROXY sender, the header's client is the one decided on.
+        let proxied = try PortcullisBinary.run(["explain", "-c", path, "--server", "8081", "--proxy-from", "10.0.0.1:4000", "192.0.2.9:6000"])
+        #expect(proxied.status == 0, "\(proxied.stdout)")
+        #expect(proxied.stdout.contains("proxy_header_read the PROXY header from 10.0.0.1 names 192.0.2.9:6000; set_real_ip_from trusts the sender: $remote_addr is 192.0.2.9"), "\(proxied.stdout)")
+        let untrusted = try PortcullisBinary.run(["explain", "-c", path, "--server", "8081", "--proxy-from", "10.0.0.2:4000", "192.0.2.9:6000"])
+        #expect(untrusted.status == 2, "the sender is not trusted: 10.0.0.2 is decided on, and refused")
+        // SNI: routed by the map, refused by deny $var before access (preread first).
+        let routed = try PortcullisBinary.run(["explain", "-c", path, "--server", "127.0.0.1:8443", "--sni", "a.test", "192.0.2.1"])
+        #expect(routed.status == 0)
+        #expect(routed.stdout.contains("preread           a ClientHello with SNI \"a.test\""), "\(routed.stdout)")
+        #expect(routed.stdout.contains("verdict           200, let through to 127.0.0.1:9001"), "\(routed.stdout)")
+        let evil = try PortcullisBinary.run(["explain", "-c", path, "--server", "8443", "--sni", "evil.test", "192.0.2.1", "--json"])
+        #expect(evil.status == 2)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(evil.stdout.utf8)) as? [String: Any])
+        #expect(object["status"] as? Int == 403 && object["phase"] as? String == "access" && object["refused"] as? Bool == true)
+        #expect((object["rule"] as? [String: Any])?["text"] as? String == "deny $blocked_sni;")
+        #expect((object["variables"] as? [String: Any])?["blocked_sni"] as? String == "1")
+        #expect((object["steps"] as? [[String: Any]])?.first?["phase"] as? String == "preread")
+    }
+
     @Test("run: an address that cannot be bound is a clear error and a non-zero exit")
     func bindFailure() throws {
         let occupied = try TestServer.echo()
