@@ -83,6 +83,7 @@ let package = Package(
             name: "portcullis",
             dependencies: [
                 "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway", "PortcullisGeoIP",
+                "PortcullisTelemetry",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
@@ -95,6 +96,7 @@ let package = Package(
             name: "PortcullisTestSupport",
             dependencies: [
                 "PortcullisCore", "PortcullisRules", "PortcullisPolicy", "PortcullisGateway", "PortcullisGeoIP",
+                "PortcullisTelemetry",
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             path: "Tests/PortcullisTestSupport",

@@ -9,4 +9,9 @@ static inline int portcullis_deflate_init_gzip(z_stream *stream, int level) {
     return deflateInit2(stream, level, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY);
 }
 
+/* inflateInit2 with windowBits 15 + 32: zlib or gzip, told apart by the header. */
+static inline int portcullis_inflate_init_auto(z_stream *stream) {
+    return inflateInit2(stream, 15 + 32);
+}
+
 #endif

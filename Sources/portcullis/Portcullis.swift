@@ -8,6 +8,7 @@ import PortcullisGateway
 import PortcullisGeoIP
 import PortcullisPolicy
 import PortcullisRules
+import PortcullisTelemetry
 import ServiceLifecycle
 import Logging
 import NIOCore
@@ -24,7 +25,7 @@ struct Portcullis: AsyncParsableCommand {
             worker_shutdown_timeout is set), USR1 reopens log files.
             """,
         version: "portcullis \(ProductVersion.portcullis) (nginx \(ProductVersion.nginxCompatible) stream decisions)",
-        subcommands: [Check.self, Run.self, Explain.self])
+        subcommands: [Check.self, Run.self, Explain.self, Audit.self])
 }
 
 struct RuleFileOption: ParsableArguments {
@@ -281,4 +282,113 @@ struct Explain: ParsableCommand {
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data()
         return String(decoding: data, as: UTF8.self)
     }
+}
+
+struct Audit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Summarise the JSON audit log: who was refused, by which rule, from where, when.",
+        discussion: """
+            Reads the files given (plain or gzip: rotated files too), or, without files, the \
+            audit_log files of the rule file (-c) with their rotated siblings (FILE.1, FILE.2.gz, …). \
+            --by country looks clients up in --geoip (default: the rule file's first geoip2 database).
+            """)
+
+    @OptionGroup var options: RuleFileOption
+    @ArgumentParser.Argument(help: "Audit log files (default: the rule file's).") var files: [String] = []
+    @Option(help: "Only refusals since then: an ISO 8601 time, or an age such as 30m, 2h, 7d.") var since: String?
+    @Option(help: "Group by client, rule, country, phase or server.") var by: String = "client"
+    @Option(help: "How many groups to show.") var top: Int = 10
+    @Option(help: "A MaxMind database for --by country.") var geoip: String?
+    @Flag(help: "Print JSON, for scripts.") var json = false
+
+    func run() throws {
+        guard let grouping = AuditSummary.Grouping(rawValue: by) else {
+            throw ValidationError("--by must be one of \(AuditSummary.Grouping.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        let now = Date().timeIntervalSince1970
+        let start = try since.map { text -> Double in
+            guard let time = AuditSummary.since(text, now: now) else { throw ValidationError("--since: not a time or an age: \(text)") }
+            return time
+        }
+        var paths = files
+        var databasePath = geoip
+        if paths.isEmpty || (grouping == .country && databasePath == nil) {
+            let result = RuleLoader.load(path: options.config, geoip: MaxMindOpener())
+            if let snapshot = result.snapshot {
+                if paths.isEmpty { paths = Self.auditFiles(snapshot) }
+                if databasePath == nil {
+                    databasePath = snapshot.geoipDatabases.compactMap { ($0 as? ReloadableGeoIPDatabase)?.path }.first
+                }
+            } else if paths.isEmpty {
+                FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
+                throw ExitCode(1)
+            }
+        }
+        var summary = AuditSummary()
+        for path in paths {
+            guard let data = FileManager.default.contents(atPath: path) else {
+                FileHandle.standardError.write(Data("portcullis: cannot read \(path)\n".utf8))
+                continue
+            }
+            if !summary.add(file: [UInt8](data)) {
+                FileHandle.standardError.write(Data("portcullis: \(path) is not a whole gzip file; skipped\n".utf8))
+            }
+        }
+        var lookup: (String) -> String? = { _ in nil }
+        if grouping == .country {
+            guard let databasePath, let database = try? MaxMindDatabase(path: databasePath) else {
+                throw ValidationError("--by country needs a readable --geoip database")
+            }
+            let countryPath = GeoPath(["country", "iso_code"])
+            lookup = { client in
+                guard let address = IPAddress(client), case .string(let code)? = database.lookup(address, path: countryPath) else { return nil }
+                return code
+            }
+        }
+        let rows = summary.rows(by: grouping, since: start, top: top, country: lookup)
+        let total = summary.count(since: start)
+        if json {
+            let object: [String: Any] = [
+                "by": grouping.rawValue, "refusals": total, "unreadable_lines": summary.unreadable,
+                "groups": rows.map { ["key": $0.key, "count": $0.count, "dry_runs": $0.dryRuns,
+                                      "first": Self.iso($0.first), "last": Self.iso($0.last)] as [String: Any] },
+            ]
+            let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data()
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        print("\(total) refusal\(total == 1 ? "" : "s") in \(paths.count) file\(paths.count == 1 ? "" : "s")"
+            + (since.map { " since \($0)" } ?? "") + ", by \(grouping.rawValue)"
+            + (summary.unreadable > 0 ? " (\(summary.unreadable) unreadable lines skipped)" : ""))
+        for row in rows {
+            let dry = row.dryRuns > 0 ? " (\(row.dryRuns) dry run)" : ""
+            print(String(row.count).leftPadded(to: 8) + "  " + row.key + dry + "  [\(Self.iso(row.first)) … \(Self.iso(row.last))]")
+        }
+    }
+
+    /// The rule file's audit logs and their rotated siblings (FILE.1, FILE.2.gz, …).
+    static func auditFiles(_ snapshot: PolicySnapshot) -> [String] {
+        var paths = Set<String>()
+        if let log = snapshot.auditLog { paths.insert(log.path) }
+        for server in snapshot.servers { if let log = server.auditLog { paths.insert(log.path) } }
+        var files: [String] = []
+        for path in paths.sorted() {
+            let url = URL(fileURLWithPath: path)
+            let folder = url.deletingLastPathComponent().path
+            let name = url.lastPathComponent
+            let siblings = ((try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? [])
+                .filter { $0 == name || $0.hasPrefix(name + ".") }.sorted()
+            files += siblings.map { folder + "/" + $0 }
+        }
+        return files
+    }
+
+    static func iso(_ time: Double) -> String {
+        let formatter = ISO8601DateFormatter()
+        return formatter.string(from: Date(timeIntervalSince1970: time))
+    }
+}
+
+extension String {
+    func leftPadded(to width: Int) -> String { String(repeating: " ", count: max(0, width - count)) + self }
 }

@@ -169,6 +169,65 @@ struct CommandLineTests {
         #expect((object["steps"] as? [[String: Any]])?.first?["phase"] as? String == "preread")
     }
 
+    @Test("audit: refusals counted by client, rule and phase over a plain and a gzipped (rotated) file, --since, --json; the fail2ban filter in dist/ matches every line and captures the client")
+    func auditSummaries() async throws {
+        let gateway = try await GatewayHarness.start("""
+            stream {
+                audit_log {DIR}/audit.log;
+                limit_conn_zone $remote_addr zone=one:1m;
+                server {
+                    listen 127.0.0.1:{PORT};
+                    deny 127.0.0.5;
+                    deny 127.0.0.6;
+                    allow all;
+                    proxy_pass 127.0.0.1:9;
+                }
+            }
+            """)
+        for client in ["127.0.0.5", "127.0.0.5", "127.0.0.5", "127.0.0.6"] {
+            let connection = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: client, timeout: 3)
+            connection.setTimeout(3)
+            _ = try? connection.receiveAll(limit: 16)
+            connection.close()
+        }
+        let lines = await gateway.waitForLines(of: "audit.log") { $0.count >= 4 }
+        #expect(lines.count == 4, "\(lines)")
+        await gateway.stop()
+        // A rotated copy, gzipped, as logrotate leaves it: the same 4 lines again.
+        let directory = try makeTemporaryDirectory()
+        let current = directory.appendingPathComponent("audit.log").path
+        try (lines.joined(separator: "\n") + "\n").write(toFile: current, atomically: true, encoding: .utf8)
+        try (lines.joined(separator: "\n") + "\n").write(toFile: current + ".1", atomically: true, encoding: .utf8)
+        #expect(try runTool("gzip", [current + ".1"]).status == 0)
+
+        let byClient = try PortcullisBinary.run(["audit", current, current + ".1.gz"])
+        #expect(byClient.status == 0, "\(byClient.stderr)")
+        let rows = byClient.stdout.split(separator: "\n").map(String.init)
+        #expect(rows.first == "8 refusals in 2 files, by client", "\(byClient.stdout)")
+        #expect(rows.dropFirst().first?.hasPrefix("       6  127.0.0.5  [") == true, "\(byClient.stdout)")
+        #expect(rows.dropFirst(2).first?.hasPrefix("       2  127.0.0.6  [") == true, "\(byClient.stdout)")
+        let byRule = try PortcullisBinary.run(["audit", current, "--by", "rule", "--top", "1"])
+        #expect(byRule.stdout.contains("       3  \(gateway.rulePath):6 deny 127.0.0.5;"), "\(byRule.stdout)")
+        #expect(!byRule.stdout.contains("127.0.0.6;"), "--top 1")
+        let old = try PortcullisBinary.run(["audit", current, "--since", "2000-01-01T00:00:00Z", "--by", "phase", "--json"])
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(old.stdout.utf8)) as? [String: Any])
+        #expect(object["refusals"] as? Int == 4)
+        #expect((object["groups"] as? [[String: Any]])?.first?["key"] as? String == "access")
+        let none = try PortcullisBinary.run(["audit", current, "--since", "0s"])
+        #expect(none.stdout.hasPrefix("0 refusals"), "\(none.stdout)")
+
+        // fail2ban's filter: <ADDR> is its address pattern.
+        let filter = try String(contentsOf: packageRoot.appendingPathComponent("dist/fail2ban/filter.d/portcullis.conf"), encoding: .utf8)
+        let failregex = try #require(filter.split(separator: "\n").first { $0.hasPrefix("failregex = ") }).dropFirst("failregex = ".count)
+        let pattern = String(failregex).replacingOccurrences(of: "<ADDR>", with: "([0-9A-Fa-f.:]+)")
+        let regex = try NSRegularExpression(pattern: pattern)
+        for line in lines {
+            let match = try #require(regex.firstMatch(in: line, range: NSRange(line.startIndex..., in: line)), "\(line)")
+            let client = (line as NSString).substring(with: match.range(at: 1))
+            #expect(client == "127.0.0.5" || client == "127.0.0.6", "\(line)")
+        }
+    }
+
     @Test("run: an address that cannot be bound is a clear error and a non-zero exit")
     func bindFailure() throws {
         let occupied = try TestServer.echo()
