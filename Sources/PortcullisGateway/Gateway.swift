@@ -65,10 +65,7 @@ public final class Gateway: Service, Sendable {
         for server in snapshot.servers {
             // One TLS context per server, shared by its listens and loops; a certificate that
             // does not load stops the start here (docs/decisions/0013-tls-library.md).
-            let tlsServer = try server.tls.map { settings throws(TLSSetupError) in
-                try TLSServerContext(settings: settings, serverLocation: server.location)
-            }
-            let tlsClient = server.upstreamTLS.enabled ? try TLSClientContext(settings: server.upstreamTLS) : nil
+            let (tlsServer, tlsClient) = try Self.tlsContexts(for: server)
             for listen in server.listens {
                 boxes.append(RuntimeBox(ServerRuntime(policy: server, listen: listen, sessionLogger: sessionLogger,
                                                       errorLog: errorLog, registry: registry, lookups: lookups,
@@ -191,13 +188,21 @@ public final class Gateway: Service, Sendable {
         var errors: [String] = []
         for server in snapshot.servers {
             do throws(TLSSetupError) {
-                if let settings = server.tls { _ = try TLSServerContext(settings: settings, serverLocation: server.location) }
-                if server.upstreamTLS.enabled { _ = try TLSClientContext(settings: server.upstreamTLS) }
+                _ = try tlsContexts(for: server)
             } catch {
                 errors.append("\(error)")
             }
         }
         return errors
+    }
+
+    /// `server`'s TLS contexts: termination (`listen … ssl`) and `proxy_ssl`, nil where unused.
+    static func tlsContexts(for server: ServerPolicy) throws(TLSSetupError) -> (TLSServerContext?, TLSClientContext?) {
+        let tlsServer = try server.tls.map { settings throws(TLSSetupError) in
+            try TLSServerContext(settings: settings, serverLocation: server.location)
+        }
+        let tlsClient = server.upstreamTLS.enabled ? try TLSClientContext(settings: server.upstreamTLS) : nil
+        return (tlsServer, tlsClient)
     }
 
     /// SIGHUP, until rule reloading lands (issue #15): every server's certificates and keys
@@ -210,11 +215,7 @@ public final class Gateway: Service, Sendable {
         var failures: [String] = []
         for server in snapshot.servers where server.tls != nil || server.upstreamTLS.enabled {
             do throws(TLSSetupError) {
-                let tlsServer = try server.tls.map { settings throws(TLSSetupError) in
-                    try TLSServerContext(settings: settings, serverLocation: server.location)
-                }
-                let tlsClient = server.upstreamTLS.enabled ? try TLSClientContext(settings: server.upstreamTLS) : nil
-                fresh[server.ordinal] = (tlsServer, tlsClient)
+                fresh[server.ordinal] = try Self.tlsContexts(for: server)
             } catch {
                 failures.append("\(error)")
                 errorLog.error("certificates of the server at \(server.location) were not reloaded, the loaded ones stay in use: \(error)")
