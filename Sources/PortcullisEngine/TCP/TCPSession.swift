@@ -76,10 +76,6 @@ final class TCPSession: LoopSession {
     /// `proxy_ssl on`: the connected upstream's TLS handshake is under way (its socket is still
     /// the dial's, not the session's upstream, until it succeeds).
     private var upstreamHandshaking = false
-    /// What of the PROXY header is still to go to the upstream, in the clear, before its TLS.
-    private var upstreamPreface: [UInt8] = []
-    /// `proxy_ssl_verify on` for this attempt.
-    private var verifyUpstream = false
 
     // Deadlines in the loop's monotonic nanoseconds; 0: none.
     private var headerDeadline: UInt64 = 0
@@ -498,7 +494,6 @@ final class TCPSession: LoopSession {
         Glibc.close(upstream.fd)
         upstream = Peer()
         upstreamHandshaking = false
-        upstreamPreface = []
     }
 
     // MARK: TLS
@@ -560,7 +555,6 @@ final class TCPSession: LoopSession {
             return
         }
         if let name = start.serverName { _ = portcullis_tls_set_server_name(tls.ssl, name) }
-        verifyUpstream = start.verifyName != nil
         if let name = start.verifyName {
             // The chain here; the name after the handshake (upstreamVerifyError), every time.
             portcullis_tls_set_verify_peer(tls.ssl, Int32(context.settings.verifyDepth), nil)
@@ -572,7 +566,7 @@ final class TCPSession: LoopSession {
         tls.sessionKey = key
         context.resume(tls.ssl, for: key)
         upstream.tls = tls
-        upstreamPreface = start.preface
+        tls.preface = start.preface
         connectDeadline = loop.now &+ UInt64(max(runtime.policy.proxy.connectTimeoutMilliseconds, 1)) * 1_000_000
         armTimer()
         continueUpstreamHandshake()
@@ -580,19 +574,19 @@ final class TCPSession: LoopSession {
 
     private func continueUpstreamHandshake() {
         guard upstreamHandshaking, let tls = upstream.tls else { return }
-        while !upstreamPreface.isEmpty {
-            let count = upstreamPreface.withUnsafeBytes { Glibc.send(upstream.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        while !tls.preface.isEmpty {
+            let count = tls.preface.withUnsafeBytes { Glibc.send(upstream.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if count < 0 {
                 if errno == EINTR { continue }
                 if errno == EAGAIN || errno == EWOULDBLOCK { return }
                 upstreamTLSFailed("\(SystemCallError("send")) while sending PROXY header to upstream")
                 return
             }
-            upstreamPreface.removeFirst(count)
+            tls.preface.removeFirst(count)
         }
         switch tls.handshake() {
         case .done:
-            if verifyUpstream, let error = tls.upstreamVerifyError() {
+            if tls.verifyName != nil, let error = tls.upstreamVerifyError() {
                 upstreamTLSFailed(error + " while SSL handshaking to upstream")
                 return
             }

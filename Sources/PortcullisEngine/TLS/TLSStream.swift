@@ -35,6 +35,9 @@ final class TLSStream {
     /// before the check passed wait in `unverifiedSession` (a resumed session skips the chain
     /// check, so only a verified one may be kept).
     var verifyName: String?
+    /// An upstream's: what of the PROXY header is still to go, in the clear, before the
+    /// handshake (kept here, not in every session: only upstream TLS has it).
+    var preface: [UInt8] = []
     var sessionTrusted = true
     private var unverifiedSession: OpaquePointer?
 

@@ -256,7 +256,8 @@ public struct SessionMachine: Sendable {
             return .none
         }
         headerBytes.append(contentsOf: bytes)
-        return decodeHeader(restIsPayload: true, now: now)
+        var length = 0
+        return decodeHeader(restIsPayload: true, length: &length, now: now)
     }
 
     /// `listen … ssl proxy_protocol`: everything the client's socket holds so far, peeked, not
@@ -266,17 +267,15 @@ public struct SessionMachine: Sendable {
     public mutating func peekedHeader(_ bytes: UnsafeRawBufferPointer, now: UInt64) -> (action: Action, consumed: Int) {
         guard stage == .readingProxyHeader else { return (.none, 0) }
         headerBytes = Array(bytes)
-        let before = headerBytes.count
-        let action = decodeHeader(restIsPayload: false, now: now)
-        return (action, stage == .readingProxyHeader || headerBytes.count == before ? 0 : decodedHeaderLength)
+        var length = 0
+        let action = decodeHeader(restIsPayload: false, length: &length, now: now)
+        return (action, length)
     }
 
-    /// The PROXY header's length, once decoded.
-    private var decodedHeaderLength = 0
-
     /// Decodes `headerBytes`: more needed, a refusal, or realip and on. `restIsPayload`: the
-    /// bytes after the header are the client's payload (kept for the upstream).
-    private mutating func decodeHeader(restIsPayload: Bool, now: UInt64) -> Action {
+    /// bytes after the header are the client's payload (kept for the upstream). `length`: the
+    /// header's, once decoded (0 otherwise).
+    private mutating func decodeHeader(restIsPayload: Bool, length decodedLength: inout Int, now: UInt64) -> Action {
         let decoded = headerBytes.withUnsafeBytes { raw in
             Result { () throws(ProxyHeaderError) in try ProxyHeaderDecoder.decode(raw) }
         }
@@ -288,7 +287,7 @@ public struct SessionMachine: Sendable {
             return refuse(SessionOutcome(phase: .proxyHeaderRead, cause: .proxyHeaderBroken("\(error)")))
         case .success(let (header, length)?):
             if restIsPayload { earlyPayload = Array(headerBytes[length...]) }
-            decodedHeaderLength = length
+            decodedLength = length
             headerBytes = []
             var header = header
             if header.transport != .stream {
