@@ -49,14 +49,19 @@ public struct AuditSummary: Sendable {
                      dryRun: object["dry_run"] as? Bool ?? false)
     }
 
-    /// The audit log's time, `2026-12-07T12:27:10.265+00:00`, as seconds since 1970.
+    /// The audit log's time, `2026-12-07T12:27:10.265+00:00`, as seconds since 1970 (one pair of
+    /// formatters for every line: making one costs more than parsing with it).
     static func time(_ text: String) -> Double? {
+        (withFraction.date(from: text) ?? withoutFraction.date(from: text))?.timeIntervalSince1970
+    }
+
+    // ISO8601DateFormatter is thread-safe once configured.
+    nonisolated(unsafe) private static let withFraction: ISO8601DateFormatter = {
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        if let date = formatter.date(from: text) { return date.timeIntervalSince1970 }
-        formatter.formatOptions = [.withInternetDateTime]
-        return formatter.date(from: text)?.timeIntervalSince1970
-    }
+        return formatter
+    }()
+    nonisolated(unsafe) private static let withoutFraction = ISO8601DateFormatter()
 
     /// `--since`: an ISO 8601 time, or an age (`90s`, `30m`, `2h`, `7d`) before `now`.
     public static func since(_ text: String, now: Double) -> Double? {

@@ -209,9 +209,10 @@ struct Explain: ParsableCommand {
             FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
             throw ExitCode(1)
         }
-        guard let clientEndpoint = Self.endpoint(client) else { throw ValidationError("not an address: \(client)") }
+        // ADDRESS (port 0) or ADDRESS:PORT, as proxy_bind reads addresses.
+        guard let clientEndpoint = SocketEndpoint.local(client) else { throw ValidationError("not an address: \(client)") }
         let peer = try proxyFrom.map { text -> SocketEndpoint in
-            guard let endpoint = Self.endpoint(text) else { throw ValidationError("not an address: \(text)") }
+            guard let endpoint = SocketEndpoint.local(text) else { throw ValidationError("not an address: \(text)") }
             return endpoint
         }
         let pairs = snapshot.servers.flatMap { server in server.listens.map { (server, $0) } }
@@ -228,12 +229,6 @@ struct Explain: ParsableCommand {
                                             wallClock: Date().timeIntervalSince1970)
         print(json ? Self.json(explanation) : Self.text(explanation))
         if explanation.outcome.refused { throw ExitCode(2) }
-    }
-
-    /// ADDRESS or ADDRESS:PORT; a bare address gets port 0.
-    static func endpoint(_ text: String) -> SocketEndpoint? {
-        if let address = IPAddress(text) { return SocketEndpoint(address: address, port: 0) }
-        return SocketEndpoint(text)
     }
 
     static func value(_ bytes: [UInt8]?) -> String {
@@ -383,10 +378,9 @@ struct Audit: ParsableCommand {
         return files
     }
 
-    static func iso(_ time: Double) -> String {
-        let formatter = ISO8601DateFormatter()
-        return formatter.string(from: Date(timeIntervalSince1970: time))
-    }
+    nonisolated(unsafe) static let formatter = ISO8601DateFormatter()  // thread-safe for formatting
+
+    static func iso(_ time: Double) -> String { formatter.string(from: Date(timeIntervalSince1970: time)) }
 }
 
 extension String {
