@@ -105,5 +105,13 @@ pin_gateway_and_load() {
     fi
 }
 
+# CPU ticks (utime+stime, all threads) and PSS of processes, from /proc.
+cpu_ticks() {  # cpu_ticks PID... -> utime+stime summed (all threads of each process)
+    [ $# -gt 0 ] || { echo 0; return; }
+    for p in "$@"; do echo "/proc/$p/stat"; done | xargs awk '{ sub(/.*\) /, ""); s += $12 + $13 } END { print s + 0 }'
+}
+pss_kib() {  # pss_kib PID...
+    for p in "$@"; do echo "/proc/$p/smaps_rollup"; done | xargs awk '/^Pss:/ { s += $2 } END { print s + 0 }'
+}
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 minmax() { sort -g | awk 'NR==1{min=$1} {max=$1} END {printf "%s–%s", min, max}'; }

@@ -150,13 +150,6 @@ proxy_pids() {  # proxy_pids TARGET
         haproxy) echo "$H_PID" ;;
     esac
 }
-cpu_ticks() {  # cpu_ticks PID... -> utime+stime summed (all threads of each process)
-    [ $# -gt 0 ] || { echo 0; return; }
-    for p in "$@"; do echo "/proc/$p/stat"; done | xargs awk '{ sub(/.*\) /, ""); s += $12 + $13 } END { print s + 0 }'
-}
-pss_kib() {  # pss_kib PID...
-    for p in "$@"; do echo "/proc/$p/smaps_rollup"; done | xargs awk '/^Pss:/ { s += $2 } END { print s + 0 }'
-}
 
 # --- Rule lists ----------------------------------------------------------------------------
 mkdir -p "$WORK/rules"

@@ -28,9 +28,6 @@ SINK=19480
 "$WORK/tls-load" sink $SINK & PIDS+=($!)
 wait_port $SINK
 
-cpu_ticks() {  # cpu_ticks PID... -> utime+stime summed
-    for p in "$@"; do echo "/proc/$p/stat"; done | xargs awk '{ sub(/.*\) /, ""); s += $12 + $13 } END { print s + 0 }'
-}
 HZ=$(getconf CLK_TCK)
 
 # The servers' rule text, identical for both: $1 = key kind, $2 = handshake port, $3 = bulk port.
@@ -134,7 +131,6 @@ for streams in ${STREAMS-1 4}; do
 done
 # Memory per idle TLS connection: IDLE connections handshaken through to the sink (which
 # holds them), PSS of the server before and after, per connection.
-pss_kib() { for p in "$@"; do echo "/proc/$p/smaps_rollup"; done | xargs awk '/^Pss:/ { s += $2 } END { print s + 0 }'; }
 IDLE=${IDLE:-2000}
 idle_bytes() {  # idle_bytes SERVER -> bytes of PSS per idle TLS connection
     local pids before after
