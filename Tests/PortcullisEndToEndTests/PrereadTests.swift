@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import PortcullisTestSupport
+import PortcullisWire
 import Testing
 
 /// Issue #14 part 3: `ssl_preread on` — SNI routing as nginx does it (same rule file, same
@@ -10,17 +11,9 @@ import Testing
 /// and limit keys on `$ssl_preread_*` (nginx/nginx#872).
 @Suite("ssl_preread", .serialized)
 struct PrereadTests {
-    /// A TLS 1.2/1.3-style ClientHello record with an SNI (nil: none) and ALPN names.
+    /// A ClientHello record with an SNI (nil: none) and ALPN names: explain's builder.
     static func hello(sni: String?, alpn: [String] = []) -> [UInt8] {
-        func u16(_ n: Int) -> [UInt8] { [UInt8(n >> 8), UInt8(n & 0xFF)] }
-        func vec16(_ b: [UInt8]) -> [UInt8] { u16(b.count) + b }
-        var extensions: [UInt8] = []
-        if let sni { extensions += u16(0) + vec16(vec16([0] + vec16(Array(sni.utf8)))) }
-        if !alpn.isEmpty { extensions += u16(16) + vec16(vec16(alpn.flatMap { [UInt8($0.utf8.count)] + Array($0.utf8) })) }
-        extensions += u16(43) + vec16([4, 0x03, 0x04, 0x03, 0x03])
-        let body: [UInt8] = [0x03, 0x03] + Array(repeating: 7, count: 32) + [0] + vec16([0x13, 0x01]) + [1, 0] + vec16(extensions)
-        let handshake: [UInt8] = [1, 0, UInt8(body.count >> 8), UInt8(body.count & 0xFF)] + body
-        return [0x16, 0x03, 0x01] + u16(handshake.count) + handshake
+        ClientHelloBuilder.record(serverName: sni, alpn: alpn)
     }
 
     /// An upstream that reads what comes, then answers its name and closes.
@@ -54,13 +47,7 @@ struct PrereadTests {
         """
     }
 
-    static func send(_ bytes: [UInt8], to port: UInt16) -> String {
-        guard let connection = try? TestConnection.connect(to: "127.0.0.1", port: port, timeout: 3) else { return "no connect" }
-        connection.setTimeout(5)
-        defer { connection.close() }
-        try? connection.send(bytes)
-        return String(decoding: (try? connection.receiveAll(limit: 4096)) ?? [], as: UTF8.self)
-    }
+    static func send(_ bytes: [UInt8], to port: UInt16) -> String { TestConnection.reply(from: port, sending: bytes) }
 
     static let cases: [(String, [UInt8])] = [
         ("a", hello(sni: "a.test", alpn: ["h2", "http/1.1"])),
@@ -69,7 +56,8 @@ struct PrereadTests {
         ("http", Array("GET / HTTP/1.0\r\n\r\n".utf8)),
         ("three-bytes", Array("GET".utf8)),
         ("partial-hello", Array(hello(sni: "a.test").prefix(20))),
-        ("too-big", hello(sni: String(repeating: "x", count: 1500) + ".test")),
+        // Over preread_buffer_size (1k): eight 200-byte ALPN names.
+        ("too-big", hello(sni: "big.test", alpn: Array(repeating: String(repeating: "x", count: 200), count: 8))),
     ]
 
     @Test("SNI routing with map and proxy_pass $var: replies and log lines (status, the three variables, the upstream) are nginx's for hellos, no SNI, plain HTTP, three bytes, half a hello, a hello over preread_buffer_size")

@@ -280,6 +280,11 @@ struct TLSTerminationTests {
         let running = try PortcullisBinary.launch(["run", "-c", rules.path])
         defer { running.signal(SIGTERM); _ = running.wait(timeout: 5) }
         #expect(waitUntilListening(port: port))
+        // The mechanism itself, which the resets below need not reach: SIGPIPE is ignored.
+        let status = try String(contentsOfFile: "/proc/\(running.pid)/status", encoding: .utf8)
+        let ignored = status.split(separator: "\n").first { $0.hasPrefix("SigIgn:") }
+            .flatMap { UInt64($0.split(separator: "\t").last ?? "", radix: 16) } ?? 0
+        #expect(ignored & (1 << (UInt64(SIGPIPE) - 1)) != 0, "SigIgn: \(String(ignored, radix: 16))")
         for _ in 0..<3 {
             let client = try InteractiveTLSClient(port: port)
             usleep(300_000)

@@ -63,12 +63,7 @@ struct UpstreamTLSTests {
         """
     }
 
-    static func ask(_ port: UInt16) -> String {
-        guard let connection = try? TestConnection.connect(to: "127.0.0.1", port: port, timeout: 3) else { return "no connect" }
-        connection.setTimeout(5)
-        defer { connection.close() }
-        return String(decoding: (try? connection.receiveAll(limit: 4096)) ?? [], as: UTF8.self)
-    }
+    static func ask(_ port: UInt16) -> String { TestConnection.reply(from: port) }
 
     @Test("proxy_ssl to nginx: SNI from proxy_ssl_name, the upstream verified, a client certificate, the session reused on the next connection; a name the certificate lacks fails (502); the same replies as nginx proxying")
     func toNginxSameAsNginx() async throws {

@@ -4,10 +4,6 @@ import PortcullisRules
 import PortcullisWire
 @testable import PortcullisPolicy
 
-private struct NoHostsForTLS: HostResolver {
-    func addresses(of host: String) -> [IPAddress] { [] }
-}
-
 /// Builds TLS ClientHello records for the preread tests: a TLS 1.3 hello (supported_versions
 /// 0x0304, 0x0303) or a TLS 1.2 one (no supported_versions), with SNI and ALPN when given.
 enum TestClientHello {
@@ -66,26 +62,15 @@ enum TestClientHello {
     static let certificates = "ssl_certificate /etc/portcullis/a.pem; ssl_certificate_key /etc/portcullis/a.key;"
     static let place = "client: 10.0.0.1, server: 127.0.0.1:8080"
 
+    // The rule-file and machine set-up of the plain session-machine tests.
     static func listener(_ server: String, stream: String = "") throws -> ListenerPolicy {
-        let text = """
-            stream {
-                \(stream)
-                server {
-                    \(server)
-                }
-            }
-            """
-        let result = RuleLoader.load(text: text, file: "rules.conf", resolver: NoHostsForTLS())
-        let snapshot = try #require(result.snapshot, "\(result.rendered)")
-        let policy = try #require(snapshot.servers.first)
-        return ListenerPolicy(server: policy, listen: try #require(policy.listens.first))
+        try SessionMachineTests.listener(server, stream: stream)
     }
 
-    static func endpoint(_ text: String) -> SocketEndpoint { SocketEndpoint(text)! }
+    static func endpoint(_ text: String) -> SocketEndpoint { SessionMachineTests.endpoint(text) }
 
     static func machine(_ listener: ListenerPolicy, client: String = "10.0.0.1:40000", connection: UInt64 = 1) -> SessionMachine {
-        SessionMachine(listener: listener, connection: connection, client: endpoint(client),
-                       server: endpoint("127.0.0.1:8080"), now: t0, wallClock: 1_764_000_000)
+        SessionMachineTests.machine(listener, client: client, connection: connection, now: t0)
     }
 
     /// The actions, in short words, so each step is one exact comparison.

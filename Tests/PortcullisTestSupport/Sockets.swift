@@ -149,6 +149,16 @@ public final class TestConnection: @unchecked Sendable {
 
     public func shutdownWrite() { shutdown(fd, Int32(SHUT_WR)) }
 
+    /// Connects to 127.0.0.1:`port`, sends `bytes`, and returns what comes back until the other
+    /// side closes (5 s at most) as text: "no connect" if the connect fails.
+    public static func reply(from port: UInt16, sending bytes: [UInt8] = []) -> String {
+        guard let connection = try? connect(to: "127.0.0.1", port: port, timeout: 3) else { return "no connect" }
+        connection.setTimeout(5)
+        defer { connection.close() }
+        if !bytes.isEmpty { try? connection.send(bytes) }
+        return String(decoding: (try? connection.receiveAll(limit: 4096)) ?? [], as: UTF8.self)
+    }
+
     /// Closes with a TCP reset instead of a FIN.
     public func reset() {
         var value = linger(l_onoff: 1, l_linger: 0)
