@@ -53,6 +53,12 @@ public final class Engine: Sendable {
         return listeners[0].endpoint
     }
 
+    /// Stops accepting on `box`'s listen and closes its sockets (a reload removed it). TCP
+    /// sessions go on; a UDP listen's sessions end with it, as no datagram can reach them.
+    public func unbind(_ box: RuntimeBox) async {
+        for loop in loops { await loop.submit { $0.closeListeners(of: box) } }
+    }
+
     /// Stops accepting on every listener (sessions go on).
     public func closeListeners() async {
         for loop in loops { await loop.submit { $0.closeListeners() } }

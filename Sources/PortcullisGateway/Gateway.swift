@@ -12,29 +12,53 @@ import PortcullisTelemetry
 public import ServiceLifecycle
 import Synchronization
 
-/// The running gateway: the epoll engine's loops (TCP and UDP), listeners, logs. A `Service`,
-/// so it runs inside a swift-service-lifecycle `ServiceGroup` and stops when graceful shutdown
-/// is triggered.
+/// The running gateway: the epoll engine's loops (TCP and UDP), listeners, logs, and the rules
+/// they run on, which `reload` replaces without closing a kept listener
+/// (docs/decisions/0014-hot-reload.md). A `Service`, so it runs inside a
+/// swift-service-lifecycle `ServiceGroup` and stops when graceful shutdown is triggered.
 public final class Gateway: Service, Sendable {
-    public let snapshot: PolicySnapshot
+    /// The rules running now (a reload replaces them; live sessions keep theirs).
+    public var snapshot: PolicySnapshot { current.withLock { $0.snapshot } }
     public let errorLog: Logger
-    private let errorLogFile: LogFile
-    private let sessionLogger: SessionLogger
-    private let registry = SessionRegistry()
+    let errorLogFile: LogFile
+    /// Access and audit log files, shared by the rules running and the rules replaced.
+    let logFiles = LogFilePool()
+    let registry = SessionRegistry()
     /// Every session's relay: the epoll engine (docs/decisions/0012-relay-engine.md).
-    private let engine: Engine
-    private let boxes: [RuntimeBox]
-    private let addresses = Mutex<[SocketEndpoint]>([])
+    let engine: Engine
+    /// Each bound listen's key (`ListenSpec.description`) and the address it got.
+    let addresses = Mutex<[(key: String, endpoint: SocketEndpoint)]>([])
     /// How long a stop waits for sessions; nil = until they end. Set by the signal that stops us.
-    private let drainTimeout = Mutex<TimeAmount?>(.seconds(5))
-    /// `geoip2 … { auto_reload T; }` timers, on their own queue so that opening and checking a
-    /// new database never stalls an event loop.
-    private let reloadTimers = Mutex<[ReloadTimer]>([])
-    /// `health_check`s, on a thread of their own; nil when the rules have none.
-    private let healthChecker: HealthChecker?
-    /// DNS lookups (`server NAME resolve`, `proxy_pass $var` with a host name) on a thread of
-    /// their own; nil when the rules have no `resolver`.
-    private let nameResolver: NameResolver?
+    let drainTimeout = Mutex<TimeAmount?>(.seconds(5))
+    /// `geoip2 … { auto_reload T; }` timers by database, on their own queue so that opening and
+    /// checking a new database never stalls an event loop.
+    private let reloadTimers = Mutex<[ObjectIdentifier: ReloadTimer]>([:])
+    private let geoipQueue = DispatchQueue(label: "portcullis.geoip-reload")
+    /// What the running rules run on.
+    let current: Mutex<Generation>
+    /// Reloads one at a time (the signal queue and tests may both ask): each waits for the
+    /// one before it.
+    let lastReload = Mutex<Task<ReloadReport, Never>?>(nil)
+    /// Reload attempts so far (`portcullis reload` waits for the number to move on).
+    let reloadAttempts = Atomic<Int>(0)
+    /// Resolvers a reload replaced: they answer the lookups of sessions begun before it for a
+    /// while, and are stopped at the latest with the gateway.
+    let retiredResolvers = Mutex<[NameResolver]>([])
+
+    /// One compiled rule file and what runs it.
+    struct Generation: Sendable {
+        /// 1 at start, one more for every reload that took.
+        var number: Int
+        var snapshot: PolicySnapshot
+        var sessionLogger: SessionLogger
+        /// Every listen's box, in the file's order, by `ListenSpec.description` (address, port, udp).
+        var boxes: [(key: String, box: RuntimeBox)]
+        /// `health_check`s, on a thread of their own; nil when the rules have none.
+        var healthChecker: HealthChecker?
+        /// DNS lookups (`server NAME resolve`, `proxy_pass $var` with a host name) on a thread
+        /// of their own; nil when the rules have no `resolver`.
+        var nameResolver: NameResolver?
+    }
 
     /// The last reload failure logged for one database; touched only on the reload queue.
     private final class LastFailure: @unchecked Sendable {
@@ -47,86 +71,94 @@ public final class Gateway: Service, Sendable {
     }
 
     public init(snapshot: PolicySnapshot) throws {
-        self.snapshot = snapshot
         errorLogFile = try LogFile(path: snapshot.main.errorLog.path)
         let file = errorLogFile
         let level = snapshot.main.errorLog.level
         errorLog = Logger(label: "portcullis") { _ in ErrorLogHandler(file: file, level: level) }
-        let sessionLogger = try SessionLogger(snapshot: snapshot)
-        self.sessionLogger = sessionLogger
         let threads = snapshot.main.workerProcesses ?? System.coreCount
         engine = try Engine(loopCount: threads)
-        let errorLog = self.errorLog
-        let registry = self.registry
-        let needsLookups = !snapshot.resolutions.isEmpty || snapshot.servers.contains { $0.resolver != nil }
-        let lookups = needsLookups ? NameResolver(resolutions: snapshot.resolutions, errorLog: errorLog) : nil
-        nameResolver = lookups
-        var boxes: [RuntimeBox] = []
+        let sessionLogger = try SessionLogger(snapshot: snapshot, pool: logFiles)
+        let lookups = Self.nameResolver(for: snapshot, errorLog: errorLog)
+        var boxes: [(key: String, box: RuntimeBox)] = []
         for server in snapshot.servers {
             // One TLS context per server, shared by its listens and loops; a certificate that
             // does not load stops the start here (docs/decisions/0013-tls-library.md).
             let (tlsServer, tlsClient) = try Self.tlsContexts(for: server)
             for listen in server.listens {
-                boxes.append(RuntimeBox(ServerRuntime(policy: server, listen: listen, sessionLogger: sessionLogger,
-                                                      errorLog: errorLog, registry: registry, lookups: lookups,
-                                                      tlsServer: tlsServer, tlsClient: tlsClient)))
+                let runtime = ServerRuntime(policy: server, listen: listen, sessionLogger: sessionLogger, errorLog: errorLog,
+                                            registry: registry, lookups: lookups, tlsServer: tlsServer, tlsClient: tlsClient)
+                boxes.append((listen.description, RuntimeBox(runtime)))
             }
         }
-        self.boxes = boxes
-        healthChecker = snapshot.healthChecks.isEmpty ? nil : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog)
+        let checker = snapshot.healthChecks.isEmpty ? nil : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog)
+        current = Mutex(Generation(number: 1, snapshot: snapshot, sessionLogger: sessionLogger, boxes: boxes,
+                                   healthChecker: checker, nameResolver: lookups))
         if let timeout = snapshot.main.workerShutdownTimeoutMilliseconds {
             drainTimeout.withLock { $0 = .milliseconds(Int64(timeout)) }
         }
     }
 
+    static func nameResolver(for snapshot: PolicySnapshot, errorLog: Logger) -> NameResolver? {
+        let needsLookups = !snapshot.resolutions.isEmpty || snapshot.servers.contains { $0.resolver != nil }
+        return needsLookups ? NameResolver(resolutions: snapshot.resolutions, errorLog: errorLog) : nil
+    }
+
     /// Binds every listener. Throws `ListenError` (and binds nothing) if one cannot be bound.
     public func start() async throws {
-        var bound: [SocketEndpoint] = []
+        let generation = current.withLock { $0 }
+        var bound: [(key: String, endpoint: SocketEndpoint)] = []
         do {
-            for box in boxes { bound.append(try await engine.bind(box)) }
+            for (key, box) in generation.boxes { bound.append((key, try await engine.bind(box))) }
         } catch {
             await engine.closeListeners()
             throw error
         }
         addresses.withLock { $0 = bound }
-        startGeoIPReloads()
-        healthChecker?.start()
-        nameResolver?.start()
-        errorLog.notice("portcullis started, listening on \(boxes.map(\.runtime.listen.description).joined(separator: ", "))")
+        scheduleGeoIPReloads(generation.snapshot)
+        generation.healthChecker?.start()
+        generation.nameResolver?.start()
+        errorLog.notice("portcullis started, listening on \(generation.boxes.map(\.key).joined(separator: ", "))")
     }
 
-    private func startGeoIPReloads() {
-        let queue = DispatchQueue(label: "portcullis.geoip-reload")
+    /// Starts the `auto_reload` timer of every database of `snapshot` that has none yet, and
+    /// stops those of databases it no longer uses.
+    func scheduleGeoIPReloads(_ snapshot: PolicySnapshot) {
         let errorLog = self.errorLog
-        var timers: [ReloadTimer] = []
-        for case let database as ReloadableGeoIPDatabase in snapshot.geoipDatabases {
-            guard let interval = database.autoReloadMilliseconds else { continue }
-            errorLog.info("geoip2 \"\(database.path)\" loaded, build epoch \(database.metadata(.buildEpoch)), checked every \(interval) ms")
-            let timer = DispatchSource.makeTimerSource(queue: queue)
-            timer.schedule(deadline: .now() + .milliseconds(interval), repeating: .milliseconds(interval))
-            let lastFailure = LastFailure()
-            timer.setEventHandler {
-                switch database.reloadIfChanged() {
-                case .unchanged: break
-                case .reloaded(let epoch):
-                    lastFailure.message = nil
-                    errorLog.notice("geoip2 \"\(database.path)\" reloaded, build epoch \(epoch)")
-                case .failed(let message):
-                    // A file that stays broken is said once, not every interval.
-                    guard lastFailure.message != message else { return }
-                    lastFailure.message = message
-                    errorLog.error("geoip2 \"\(database.path)\" was not reloaded, the loaded database stays in use: \(message)")
-                }
+        let databases = snapshot.geoipDatabases.compactMap { $0 as? ReloadableGeoIPDatabase }
+        let wanted = Set(databases.map { ObjectIdentifier($0) })
+        reloadTimers.withLock { timers in
+            for (id, timer) in timers where !wanted.contains(id) {
+                timer.source.cancel()
+                timers[id] = nil
             }
-            timer.resume()
-            timers.append(ReloadTimer(source: timer))
+            for database in databases where timers[ObjectIdentifier(database)] == nil {
+                guard let interval = database.autoReloadMilliseconds else { continue }
+                errorLog.info("geoip2 \"\(database.path)\" loaded, build epoch \(database.metadata(.buildEpoch)), checked every \(interval) ms")
+                let timer = DispatchSource.makeTimerSource(queue: geoipQueue)
+                timer.schedule(deadline: .now() + .milliseconds(interval), repeating: .milliseconds(interval))
+                let lastFailure = LastFailure()
+                timer.setEventHandler {
+                    switch database.reloadIfChanged() {
+                    case .unchanged: break
+                    case .reloaded(let epoch):
+                        lastFailure.message = nil
+                        errorLog.notice("geoip2 \"\(database.path)\" reloaded, build epoch \(epoch)")
+                    case .failed(let message):
+                        // A file that stays broken is said once, not every interval.
+                        guard lastFailure.message != message else { return }
+                        lastFailure.message = message
+                        errorLog.error("geoip2 \"\(database.path)\" was not reloaded, the loaded database stays in use: \(message)")
+                    }
+                }
+                timer.resume()
+                timers[ObjectIdentifier(database)] = ReloadTimer(source: timer)
+            }
         }
-        reloadTimers.withLock { $0 = timers }
     }
 
     /// The addresses actually bound (tests listen on ephemeral ports).
     public var boundAddresses: [SocketAddress] {
-        addresses.withLock { $0.map(\.socketAddress) }
+        addresses.withLock { $0.map(\.endpoint.socketAddress) }
     }
 
     /// How the next stop drains: `nil` waits for every session (SIGQUIT without
@@ -147,15 +179,20 @@ public final class Gateway: Service, Sendable {
     }
 
     private let stopRequested = Atomic<Bool>(false)
+    let stopping = Atomic<Bool>(false)
 
     /// Stops accepting, lets sessions finish up to the drain timeout, closes the rest, and
     /// writes every pending log line.
     public func stop() async {
+        // A reload under way finishes first; none begins after this.
+        stopping.store(true, ordering: .relaxed)
+        _ = await lastReload.withLock { $0 }?.value
+        let generation = current.withLock { $0 }
         // (A UDP listener's sessions end with it: no more datagrams can reach them.)
         await engine.closeListeners()
         reloadTimers.withLock { timers in
-            timers.forEach { $0.source.cancel() }
-            timers = []
+            timers.values.forEach { $0.source.cancel() }
+            timers = [:]
         }
         let drainStart = NIODeadline.now()
         if registry.count > 0 {
@@ -168,8 +205,9 @@ public final class Gateway: Service, Sendable {
         }
         // Lookups and health checks serve the draining sessions too; stopping the resolver
         // answers any lookup still pending with a failure, so no session waits for it.
-        nameResolver?.stop()
-        healthChecker?.stop()
+        generation.nameResolver?.stop()
+        retiredResolvers.withLock { $0 }.forEach { $0.stop() }
+        generation.healthChecker?.stop()
         if registry.count > 0 {
             await engine.closeAllSessions()
             // Give the closes a moment to run their log phase.
@@ -177,7 +215,7 @@ public final class Gateway: Service, Sendable {
         }
         await engine.shutdown()
         errorLog.notice("exiting")
-        sessionLogger.closeAll()
+        generation.sessionLogger.closeAll()
         errorLogFile.close()
     }
 
@@ -205,44 +243,15 @@ public final class Gateway: Service, Sendable {
         return (tlsServer, tlsClient)
     }
 
-    /// SIGHUP, until rule reloading lands (issue #15): every server's certificates and keys
-    /// are read again and new handshakes use them; live sessions keep the context they began
-    /// with (OpenSSL holds it). A server whose files do not load keeps its current ones, with
-    /// an error line. Returns how many servers took new certificates, and the failures.
-    @discardableResult
-    public func reloadCertificates() -> (reloaded: Int, failures: [String]) {
-        var fresh: [Int: (TLSServerContext?, TLSClientContext?)] = [:]
-        var failures: [String] = []
-        for server in snapshot.servers where server.tls != nil || server.upstreamTLS.enabled {
-            do throws(TLSSetupError) {
-                fresh[server.ordinal] = try Self.tlsContexts(for: server)
-            } catch {
-                failures.append("\(error)")
-                errorLog.error("certificates of the server at \(server.location) were not reloaded, the loaded ones stay in use: \(error)")
-            }
-        }
-        for box in boxes {
-            let old = box.runtime
-            guard let (tlsServer, tlsClient) = fresh[old.policy.ordinal] else { continue }
-            box.replace(with: ServerRuntime(policy: old.policy, listen: old.listen, sessionLogger: old.sessionLogger,
-                                            errorLog: old.errorLog, registry: old.registry, lookups: old.lookups,
-                                            tlsServer: tlsServer, tlsClient: tlsClient))
-        }
-        if !fresh.isEmpty || !failures.isEmpty {
-            errorLog.notice("certificates reloaded for \(fresh.count) server(s)\(failures.isEmpty ? "" : ", \(failures.count) kept their old ones")")
-        }
-        return (fresh.count, failures)
-    }
-
     public func reopenLogs() {
         errorLog.notice("reopening logs")
-        sessionLogger.reopenAll()
+        logFiles.reopenAll()
         errorLogFile.reopen()
     }
 
     /// Test hook: wait until every queued log line is written.
     public func flushLogs() {
-        sessionLogger.flushAll()
+        current.withLock { $0 }.sessionLogger.flushAll()
         errorLogFile.flush()
     }
 

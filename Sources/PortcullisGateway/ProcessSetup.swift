@@ -52,5 +52,41 @@ public enum ProcessSetup {
     public static func removePidFile(_ main: MainSettings) {
         guard let path = main.pidFile else { return }
         unlink(path)
+        if let status = reloadStatusPath(main) { unlink(status) }
+    }
+
+    /// Where the running gateway says how its last reload went, beside the pid file
+    /// (`portcullis reload` waits for it): nil without `pid`.
+    public static func reloadStatusPath(_ main: MainSettings) -> String? {
+        main.pidFile.map { $0 + ".reload" }
+    }
+
+    /// Writes the reload status: a first line `ATTEMPT GENERATION ok|failed`, then the errors.
+    /// Created at start (attempt 0) before privileges are dropped and given to `user`, so the
+    /// process can still rewrite it afterwards.
+    public static func writeReloadStatus(_ main: MainSettings, attempt: Int, generation: Int, errors: [String],
+                                         log: Logger) {
+        guard let path = reloadStatusPath(main) else { return }
+        let text = "\(attempt) \(generation) \(errors.isEmpty ? "ok" : "failed")\n" + errors.map { $0 + "\n" }.joined()
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            log.warning("cannot write the reload status file \"\(path)\": \(String(cString: strerror(errno)))")
+            return
+        }
+        defer { close(fd) }
+        if attempt == 0, geteuid() == 0, let user = main.user, let entry = getpwnam(user) {
+            _ = fchown(fd, entry.pointee.pw_uid, entry.pointee.pw_gid)
+        }
+        _ = text.withCString { write(fd, $0, strlen($0)) }
+    }
+
+    /// The status file's first line: (attempt, generation, succeeded), nil if unreadable.
+    public static func readReloadStatus(_ path: String) -> (attempt: Int, generation: Int, succeeded: Bool, errors: [String])? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        let lines = text.split(separator: "\n").map(String.init)
+        guard let first = lines.first else { return nil }
+        let fields = first.split(separator: " ")
+        guard fields.count == 3, let attempt = Int(fields[0]), let generation = Int(fields[1]) else { return nil }
+        return (attempt, generation, fields[2] == "ok", Array(lines.dropFirst()))
     }
 }

@@ -144,3 +144,24 @@ public struct MaxMindOpener: GeoIPOpener {
         }
     }
 }
+
+/// The opener of a reload: a database the running rules opened at the same path (with the
+/// same `auto_reload`) is taken as it is — not read again, its `auto_reload` checks going on —
+/// and only a new path is opened (docs/decisions/0014-hot-reload.md).
+public struct CarryingOpener: GeoIPOpener {
+    private let running: [ReloadableGeoIPDatabase]
+    private let base: any GeoIPOpener
+
+    public init(running: [any GeoIPDatabase], base: any GeoIPOpener = MaxMindOpener()) {
+        self.running = running.compactMap { $0 as? ReloadableGeoIPDatabase }
+        self.base = base
+    }
+
+    public func open(path: String, autoReloadMilliseconds: Int?) throws(GeoIPOpenFailure) -> any GeoIPDatabase {
+        let interval = autoReloadMilliseconds.flatMap { $0 > 0 ? $0 : nil }
+        if let database = running.first(where: { $0.path == path && $0.autoReloadMilliseconds == interval }) {
+            return database
+        }
+        return try base.open(path: path, autoReloadMilliseconds: autoReloadMilliseconds)
+    }
+}

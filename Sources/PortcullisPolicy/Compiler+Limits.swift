@@ -11,7 +11,7 @@ extension PolicyCompiler {
             if d.arguments.count != 2 { error("invalid number of arguments in \"limit_conn_zone\": expected KEY zone=NAME:SIZE", at: d) }
             return nil
         }
-        return LimitConnZone(name: name, key: key, size: size, location: d.nameLocation)
+        return carried.carry(LimitConnZone(name: name, key: key, size: size, location: d.nameLocation))
     }
 
     /// `limit_rate_zone KEY zone=NAME:SIZE rate=R [burst=B];`
@@ -53,8 +53,8 @@ extension PolicyCompiler {
         }
         // burst defaults to one second's worth (at least one session).
         let defaultBurst = rate.kind == .sessions ? max(1, rate.perSecond.rounded(.up)) : rate.perSecond
-        return LimitRateZone(name: name, key: key, kind: rate.kind, rate: rate.perSecond, burst: burst ?? defaultBurst,
-                             size: size, rateText: rate.text, location: d.nameLocation)
+        return carried.carry(LimitRateZone(name: name, key: key, kind: rate.kind, rate: rate.perSecond,
+                                           burst: burst ?? defaultBurst, size: size, rateText: rate.text, location: d.nameLocation))
     }
 
     /// `10r/s`, `100r/m` (sessions); `512k`, `1m`, `1m/s` (bytes per second).

@@ -16,25 +16,26 @@ public struct CompileResult: Sendable {
 /// Parses and compiles rule files. `check`, `run` and the tests all go through here.
 public enum RuleLoader {
     /// `geoip`: opens the databases of `geoip2` blocks (the gateway passes libmaxminddb's);
-    /// without one, a `geoip2` block is an error.
+    /// without one, a `geoip2` block is an error. `carrying`: on a reload, the running rules'
+    /// zones and upstream groups, taken over where their definitions did not change.
     public static func load(path: String, resolver: any HostResolver = SystemHostResolver(),
-                            geoip: (any GeoIPOpener)? = nil) -> CompileResult {
+                            geoip: (any GeoIPOpener)? = nil, carrying: CarriedState = CarriedState()) -> CompileResult {
         var parser = RuleParser()
         let file = parser.parse(file: path)
-        return compile(file, parseDiagnostics: parser.diagnostics.all, resolver: resolver, geoip: geoip)
+        return compile(file, parseDiagnostics: parser.diagnostics.all, resolver: resolver, geoip: geoip, carrying: carrying)
     }
 
     public static func load(text: String, file: String = "test.conf",
                             resolver: any HostResolver = SystemHostResolver(),
-                            geoip: (any GeoIPOpener)? = nil) -> CompileResult {
+                            geoip: (any GeoIPOpener)? = nil, carrying: CarriedState = CarriedState()) -> CompileResult {
         var parser = RuleParser()
         let parsed = parser.parse(text: text, file: file)
-        return compile(parsed, parseDiagnostics: parser.diagnostics.all, resolver: resolver, geoip: geoip)
+        return compile(parsed, parseDiagnostics: parser.diagnostics.all, resolver: resolver, geoip: geoip, carrying: carrying)
     }
 
     static func compile(_ file: RuleFile, parseDiagnostics: [Diagnostic], resolver: any HostResolver,
-                        geoip: (any GeoIPOpener)?) -> CompileResult {
-        var compiler = PolicyCompiler(resolver: resolver, geoip: geoip)
+                        geoip: (any GeoIPOpener)?, carrying: CarriedState) -> CompileResult {
+        var compiler = PolicyCompiler(resolver: resolver, geoip: geoip, carried: carrying)
         compiler.diagnostics.append(contentsOf: parseDiagnostics)
         let snapshot = compiler.compile(file.directives)
         let diagnostics = compiler.diagnostics.all
@@ -67,10 +68,13 @@ struct PolicyCompiler {
     var streamResolver: ResolverSpec?
     var streamResolverTimeout: Int?
     var resolutions: [Resolution] = []
+    /// On a reload, the running rules' zones and groups (CarriedState).
+    var carried: CarriedState
 
-    init(resolver: any HostResolver, geoip: (any GeoIPOpener)?) {
+    init(resolver: any HostResolver, geoip: (any GeoIPOpener)?, carried: CarriedState = CarriedState()) {
         self.resolver = resolver
         self.geoip = geoip
+        self.carried = carried
     }
 
     // MARK: Structure
@@ -897,7 +901,7 @@ struct PolicyCompiler {
         }
         guard let endpoints = endpoints(argument, text: text, in: "proxy_pass") else { return nil }
         let servers = endpoints.map { UpstreamServer(endpoint: $0, name: text) }
-        return UpstreamGroup(name: text, servers: servers, location: argument.location)
+        return carried.carry(UpstreamGroup(name: text, servers: servers, location: argument.location))
     }
 
     mutating func upstream(_ block: Directive) -> UpstreamGroup? {
@@ -1039,8 +1043,8 @@ struct PolicyCompiler {
             if !diagnostics.hasErrors { error("no servers are inside upstream \"\(name)\"", at: block) }
             return nil
         }
-        let group = UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location, method: method,
-                                  resolvable: resolvable.map(\.server))
+        let group = carried.carry(UpstreamGroup(name: name, servers: servers, location: block.arguments[0].location,
+                                                method: method, resolvable: resolvable.map(\.server)))
         if let resolver {
             for (index, entry) in resolvable.enumerated() {
                 resolutions.append(Resolution(group: group, template: index, host: entry.host, port: entry.port, resolver: resolver))

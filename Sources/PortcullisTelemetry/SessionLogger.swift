@@ -8,6 +8,7 @@ import Synchronization
 /// written by each log file's own thread.
 public final class SessionLogger: Sendable {
     private let files: [String: LogFile]
+    private let pool: LogFilePool
     /// Each audit file with its flood cap (`audit_log … sample=N/s`): the stream's and those
     /// of servers with an `audit_log` of their own.
     private let audits: [String: AuditFile]
@@ -21,11 +22,18 @@ public final class SessionLogger: Sendable {
         }
     }
 
-    /// Opens every log file the snapshot names. Throws on the first that cannot be opened.
-    public init(snapshot: PolicySnapshot) throws {
+    /// Opens every log file the snapshot names, or takes it from `pool` where it is open
+    /// already (a reload). Throws on the first that cannot be opened, holding none.
+    public init(snapshot: PolicySnapshot, pool: LogFilePool = LogFilePool()) throws {
+        self.pool = pool
         var files: [String: LogFile] = [:]
-        for path in snapshot.logPaths {
-            files[path] = try LogFile(path: path, buffer: snapshot.logBuffers[path])
+        do {
+            for path in snapshot.logPaths {
+                files[path] = try pool.acquire(path, buffer: snapshot.logBuffers[path])
+            }
+        } catch {
+            for (path, file) in files { pool.release(path, file) }
+            throw error
         }
         self.files = files
         var audits: [String: AuditFile] = [:]
@@ -35,6 +43,12 @@ public final class SessionLogger: Sendable {
             if let file = files[spec.path] { audits[spec.path] = AuditFile(file: file, linesPerSecond: spec.linesPerSecond) }
         }
         self.audits = audits
+    }
+
+    /// The last session of replaced rules has ended: files only they named are closed.
+    deinit {
+        writePendingSummaries()
+        for (path, file) in files { pool.release(path, file) }
     }
 
     /// Logs a finished session to the access logs of its server and, if refused, its audit log.
@@ -83,13 +97,71 @@ public final class SessionLogger: Sendable {
         }
     }
 
-    public func reopenAll() { files.values.forEach { $0.reopen() } }
     public func flushAll() {
         writePendingSummaries()
         files.values.forEach { $0.flush() }
     }
+    /// Writes what is pending and closes every file of the pool (the gateway's stop).
     public func closeAll() {
         writePendingSummaries()
-        files.values.forEach { $0.close() }
+        pool.closeAll()
+    }
+}
+
+/// Every access and audit log file the gateway has open, shared by the session loggers of
+/// the running rules and of rules a reload replaced, whose sessions may still be writing
+/// (docs/decisions/0014-hot-reload.md). A reload opens only paths not open yet; a file is
+/// closed when the last logger naming it goes, that is when the last session that could write
+/// to it has ended.
+public final class LogFilePool: Sendable {
+    private struct Entry {
+        let file: LogFile
+        var users: Int
+    }
+
+    /// By path and buffer settings: a changed `buffer=` gets a file of its own (both append).
+    private let entries = Mutex<[String: Entry]>([:])
+
+    public init() {}
+
+    private static func key(_ path: String, _ buffer: LogBuffer?) -> String {
+        guard let buffer else { return path }
+        return path + " \(buffer.size) \(buffer.flushMilliseconds ?? -1) \(buffer.gzipLevel ?? -1)"
+    }
+
+    func acquire(_ path: String, buffer: LogBuffer?) throws(LogFile.OpenError) -> LogFile {
+        let key = Self.key(path, buffer)
+        if let file = entries.withLock({ entries -> LogFile? in
+            entries[key]?.users += 1
+            return entries[key]?.file
+        }) { return file }
+        let file = try LogFile(path: path, buffer: buffer)
+        entries.withLock { $0[key] = Entry(file: file, users: 1) }
+        return file
+    }
+
+    func release(_ path: String, _ file: LogFile) {
+        let unused = entries.withLock { entries -> Bool in
+            guard let key = entries.first(where: { $0.value.file === file })?.key else { return false }
+            entries[key]!.users -= 1
+            guard entries[key]!.users == 0 else { return false }
+            entries[key] = nil
+            return true
+        }
+        // (Closing waits for the writer: not on the event loop that ended the last session.)
+        if unused { DispatchQueue.global().async { file.close() } }
+    }
+
+    /// Every open file reopens (SIGUSR1, and each reload, as nginx).
+    public func reopenAll() { entries.withLock { $0.values.map(\.file) }.forEach { $0.reopen() } }
+
+    public var openPaths: [String] { entries.withLock { $0.values.map(\.file.path) }.sorted() }
+
+    func closeAll() {
+        let files = entries.withLock { entries in
+            defer { entries = [:] }
+            return entries.values.map(\.file)
+        }
+        files.forEach { $0.close() }
     }
 }

@@ -22,10 +22,119 @@ struct Portcullis: AsyncParsableCommand {
             Rule files use nginx's stream syntax: see docs/directives.md.
             Signals while running: TERM/INT stop (sessions get up to worker_shutdown_timeout, \
             default 5s, to finish), QUIT stops gracefully (waits for every session unless \
-            worker_shutdown_timeout is set), USR1 reopens log files.
+            worker_shutdown_timeout is set), USR1 reopens log files, HUP reloads the rule file \
+            (see `portcullis reload`).
+            As nginx, `portcullis -s reload|reopen|quit|stop [-c FILE]` signals the running \
+            gateway named by the rule file's pid file (reload waits for its answer, as \
+            `portcullis reload`).
             """,
         version: "portcullis \(ProductVersion.portcullis) (nginx \(ProductVersion.nginxCompatible) stream decisions)",
-        subcommands: [Check.self, Run.self, Explain.self, Audit.self])
+        subcommands: [Check.self, Run.self, Reload.self, Signal.self, Explain.self, Audit.self])
+
+    /// nginx's `-s SIGNAL` is an option of the bare command, which ArgumentParser cannot give a
+    /// command with subcommands without taking their `-c` too: `portcullis -s reload -c FILE`
+    /// becomes the `signal` subcommand here.
+    static func main() async {
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        // (Only before any subcommand: `portcullis -c FILE -s reload` or `portcullis -s reload`.)
+        if arguments.first?.hasPrefix("-") == true, let index = arguments.firstIndex(of: "-s") {
+            arguments.remove(at: index)
+            arguments.insert("signal", at: 0)
+        }
+        await Self.main(arguments)
+    }
+}
+
+/// `portcullis -s reload|reopen|quit|stop` (as nginx -s); hidden, reached through `-s`.
+struct Signal: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Signal the running gateway named by the rule file's pid file: reload, reopen, quit or stop.",
+        shouldDisplay: false)
+
+    @ArgumentParser.Argument(help: "reload, reopen, quit or stop") var signal: String
+    @OptionGroup var options: RuleFileOption
+
+    func run() throws {
+        switch signal {
+        case "reload": try Reload.reload(config: options.config)
+        case "reopen": try Reload.send(SIGUSR1, config: options.config)
+        case "quit": try Reload.send(SIGQUIT, config: options.config)
+        case "stop": try Reload.send(SIGTERM, config: options.config)
+        default: throw ValidationError("invalid option: \"-s \(signal)\"; expected reload, reopen, quit or stop")
+        }
+    }
+}
+
+struct Reload: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Reload the running gateway's rules (as nginx -s reload), and say whether it took them.",
+        discussion: """
+            Checks the rule file first (as check: a file with errors is not sent), then sends \
+            HUP to the process in the rule file's pid file and waits for its answer in the \
+            status file beside it (PID_FILE.reload). Exits 0 when the gateway runs the new rules, \
+            1 when it refused them (its errors are printed; the old rules keep running) or \
+            could not be reached.
+            """)
+
+    @OptionGroup var options: RuleFileOption
+    @Option(help: "Seconds to wait for the gateway's answer.") var timeout: Double = 30
+
+    func run() throws { try Self.reload(config: options.config, timeout: timeout) }
+
+    static func fail(_ message: String) -> ExitCode {
+        FileHandle.standardError.write(Data("portcullis: [error] \(message)\n".utf8))
+        return ExitCode(1)
+    }
+
+    /// The pid file's path and the process in it, alive.
+    static func runningGateway(config: String) throws -> (main: MainSettings, pid: pid_t) {
+        let result = RuleLoader.load(path: config, geoip: MaxMindOpener())
+        guard let snapshot = result.snapshot else {
+            FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
+            throw fail("\(config) has errors; the running gateway was not signalled")
+        }
+        guard let pidFile = snapshot.main.pidFile else {
+            throw fail("\(config) has no \"pid\" directive, so the running gateway cannot be found; add e.g. \"pid /run/portcullis/portcullis.pid;\"")
+        }
+        guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else {
+            throw fail("cannot read the pid file \"\(pidFile)\": is portcullis running?")
+        }
+        guard kill(pid, 0) == 0 else {
+            throw fail("no process \(pid) (from \"\(pidFile)\"): \(String(cString: strerror(errno)))")
+        }
+        return (snapshot.main, pid)
+    }
+
+    static func send(_ signal: Int32, config: String) throws {
+        let (_, pid) = try runningGateway(config: config)
+        guard kill(pid, signal) == 0 else { throw fail("kill(\(pid)) failed: \(String(cString: strerror(errno)))") }
+    }
+
+    static func reload(config: String, timeout: Double = 30) throws {
+        let (main, pid) = try runningGateway(config: config)
+        let snapshotErrors = Gateway.checkTLS(RuleLoader.load(path: config, geoip: MaxMindOpener()).snapshot!)
+        if !snapshotErrors.isEmpty {
+            for error in snapshotErrors { FileHandle.standardError.write(Data("\(error)\n".utf8)) }
+            throw fail("\(config) has TLS errors; the running gateway was not signalled")
+        }
+        let statusPath = ProcessSetup.reloadStatusPath(main)!
+        let before = ProcessSetup.readReloadStatus(statusPath)?.attempt ?? 0
+        guard kill(pid, SIGHUP) == 0 else { throw fail("kill(\(pid), HUP) failed: \(String(cString: strerror(errno)))") }
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let status = ProcessSetup.readReloadStatus(statusPath), status.attempt > before {
+                if status.succeeded {
+                    print("portcullis: reloaded \(config): generation \(status.generation) is running (pid \(pid))")
+                    return
+                }
+                for line in status.errors { FileHandle.standardError.write(Data("\(line)\n".utf8)) }
+                throw fail("the gateway (pid \(pid)) refused the new rules; generation \(status.generation) keeps running")
+            }
+            usleep(50_000)
+        }
+        throw fail("no answer from the gateway (pid \(pid)) in \(Int(timeout)) s; see its error log")
+    }
 }
 
 struct RuleFileOption: ParsableArguments {
@@ -83,6 +192,7 @@ struct Run: AsyncParsableCommand {
             gateway = try Gateway(snapshot: snapshot)
             try await gateway.start()
             try ProcessSetup.writePidFile(snapshot.main)  // as root, like nginx's master
+            ProcessSetup.writeReloadStatus(snapshot.main, attempt: 0, generation: 1, errors: [], log: gateway.errorLog)
             try ProcessSetup.dropPrivileges(snapshot.main, log: gateway.errorLog)
         } catch {
             fail("\(error)")
@@ -94,7 +204,7 @@ struct Run: AsyncParsableCommand {
             gracefulShutdownSignals: [],
             cancellationSignals: [],
             logger: Logger(label: "portcullis.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })))
-        let signals = SignalHandlers(gateway: gateway, group: group)
+        let signals = SignalHandlers(gateway: gateway, group: group, config: options.config, main: snapshot.main)
         signals.install()
         try await group.run()
         signals.cancel()
@@ -124,10 +234,15 @@ final class SignalHandlers: @unchecked Sendable {
     private let gateway: Gateway
     private let group: ServiceGroup
     private let queue = DispatchQueue(label: "portcullis.signals")
+    /// The rule file HUP reloads, and the settings the process started with (the status file).
+    private let config: String
+    private let main: MainSettings
 
-    init(gateway: Gateway, group: ServiceGroup) {
+    init(gateway: Gateway, group: ServiceGroup, config: String, main: MainSettings) {
         self.gateway = gateway
         self.group = group
+        self.config = config
+        self.main = main
     }
 
     /// Like nginx at start: a blocked mask inherited from the parent must not silence us.
@@ -153,13 +268,15 @@ final class SignalHandlers: @unchecked Sendable {
             Task { await group.triggerGracefulShutdown() }
         }
         on(SIGUSR1) { [gateway] in gateway.reopenLogs() }
-        // Rule reloading is not built yet (issue #15): HUP reloads the TLS certificates (new
-        // handshakes use them) and says the rules stay, instead of dying (HUP's default).
-        on(SIGHUP) { [gateway] in
-            let (reloaded, failures) = gateway.reloadCertificates()
-            let what = reloaded + failures.count == 0 ? "no server has TLS certificates"
-                : "TLS certificates reloaded for \(reloaded) server(s)" + (failures.isEmpty ? "" : ", \(failures.count) kept their old ones (see above)")
-            gateway.errorLog.warning("SIGHUP received: \(what); reloading rule files is not supported yet, restart to apply rule changes")
+        // HUP: the rule file again (certificates included), as nginx's reload; the status file
+        // tells `portcullis reload` how it went.
+        on(SIGHUP) { [gateway, config, main] in
+            gateway.errorLog.notice("SIGHUP received, reloading \(config)")
+            Task {
+                let report = await gateway.reload(path: config)
+                ProcessSetup.writeReloadStatus(main, attempt: report.attempt, generation: report.generation,
+                                               errors: report.errors, log: gateway.errorLog)
+            }
         }
         on(SIGUSR2) { [gateway] in gateway.errorLog.warning("SIGUSR2 received: binary upgrade is not supported, ignored") }
     }

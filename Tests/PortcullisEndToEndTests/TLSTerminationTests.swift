@@ -341,9 +341,9 @@ struct TLSTerminationTests {
     }
 }
 
-/// Issue #14 part 5: certificates reloaded without a restart (SIGHUP until rule reloading
-/// lands): new handshakes get the new certificate, a live session is untouched, a file that
-/// does not load keeps the old one.
+/// Issue #14 part 5: certificates reloaded without a restart (a rule reload, SIGHUP): new
+/// handshakes get the new certificate, a live session is untouched, a file that does not load
+/// fails the reload and keeps the old one.
 @Suite("TLS certificate reload", .serialized)
 struct TLSCertificateReloadTests {
     static func install(_ name: String, from pki: TestPKI, into folder: URL) throws {
@@ -360,7 +360,7 @@ struct TLSCertificateReloadTests {
         return report.all.split(separator: "\n").first { $0.hasPrefix("subject=") }.map(String.init)
     }
 
-    @Test("reloadCertificates: new handshakes get the new certificate, a session opened before goes on, a broken file keeps the loaded one")
+    @Test("reload: new handshakes get the new certificate, a session opened before goes on, a broken file keeps the loaded one")
     func inProcess() async throws {
         let pki = try TestPKI.shared()
         let folder = try makeTemporaryDirectory("portcullis-certs")
@@ -385,21 +385,22 @@ struct TLSCertificateReloadTests {
         #expect(live.readLine() == "before")
 
         try Self.install("b.test", from: pki, into: folder)
-        let result = gateway.gateway.reloadCertificates()
-        #expect(result.reloaded == 1 && result.failures.isEmpty, "\(result)")
+        let result = await gateway.gateway.reload(path: gateway.rulePath)
+        #expect(result.succeeded && result.kept.count == 1, "\(result)")
         #expect(try Self.subject(gateway.port) == "subject=CN = b.test")
         live.send("after")
         #expect(live.readLine() == "after", "the session begun before the reload goes on")
 
         try "not a certificate".write(to: folder.appendingPathComponent("site.crt"), atomically: true, encoding: .utf8)
-        let broken = gateway.gateway.reloadCertificates()
-        #expect(broken.reloaded == 0 && broken.failures.count == 1 && broken.failures[0].contains("cannot load certificate"), "\(broken)")
+        let broken = await gateway.gateway.reload(path: gateway.rulePath)
+        #expect(!broken.succeeded && broken.errors.count == 1 && broken.errors[0].contains("cannot load certificate"), "\(broken)")
+        #expect(broken.generation == 2, "generation 2 keeps running")
         #expect(try Self.subject(gateway.port) == "subject=CN = b.test", "the loaded certificate stays")
         live.stop()
         await gateway.stop()
     }
 
-    @Test("portcullis run: SIGHUP reloads the certificates (and says the rules are not reloaded)")
+    @Test("portcullis run: SIGHUP reloads the rule file and with it the certificates")
     func sighup() throws {
         let pki = try TestPKI.shared()
         let folder = try makeTemporaryDirectory("portcullis-certs")
@@ -432,6 +433,6 @@ struct TLSCertificateReloadTests {
         }
         #expect(subject == "subject=CN = b.test")
         let log = (try? String(contentsOfFile: folder.appendingPathComponent("error.log").path, encoding: .utf8)) ?? ""
-        #expect(log.contains("certificates reloaded for 1 server(s)") && log.contains("reloading rule files is not supported yet"), "\(log)")
+        #expect(log.contains("SIGHUP received, reloading") && log.contains("reload 1: generation 2 running; listens kept 1"), "\(log)")
     }
 }

@@ -188,7 +188,9 @@ public final class InteractiveTLSClient: @unchecked Sendable {
 
     public func stop() {
         try? input.fileHandleForWriting.close()
-        if process.isRunning { process.terminate() }
+        // SIGKILL: s_client -quiet ignores the end of its input, and a SIGTERM would wait while
+        // the thread that launched it had signals blocked (a Dispatch worker passes its mask on).
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
     }
 

@@ -60,6 +60,8 @@ protocol LoopListener: AnyObject {
     /// The address it is bound to (the real port when the rule said 0).
     var endpoint: SocketEndpoint { get }
     var slot: UInt32 { get set }
+    /// The listen's current rules (a reload swaps what it holds).
+    var box: RuntimeBox { get }
     /// The socket is readable: accept, or read datagrams, a batch.
     func readable(on loop: EventLoop)
     func close()
@@ -117,7 +119,8 @@ final class EventLoop: @unchecked Sendable {
 
     var slab = SessionSlab()
     var timers = TimerHeap()
-    private var listeners: [any LoopListener] = []
+    /// By slot; a listen a reload removed leaves a hole the next listener fills.
+    private var listeners: [(any LoopListener)?] = []
     /// One-shot tasks at a deadline that are not a session's (a listener's once-a-second report).
     private var tasksAt: [(deadline: UInt64, run: () -> Void)] = []
     /// Sessions that stopped reading to let others have a turn (read cap, or one throttled read
@@ -207,8 +210,8 @@ final class EventLoop: @unchecked Sendable {
 
     /// Listening sockets are level-triggered: a batch of accepts or reads may stop before EAGAIN.
     func addListener(_ listener: any LoopListener) {
-        let slot = UInt32(listeners.count)
-        listeners.append(listener)
+        let slot = UInt32(listeners.firstIndex { $0 == nil } ?? listeners.count)
+        if slot == listeners.count { listeners.append(listener) } else { listeners[Int(slot)] = listener }
         listener.slot = slot
         watchListener(listener, reading: true, add: true)
     }
@@ -221,8 +224,16 @@ final class EventLoop: @unchecked Sendable {
     }
 
     func closeListeners() {
-        for listener in listeners { listener.close() }
+        for listener in listeners { listener?.close() }
         listeners = []
+    }
+
+    /// Closes the sockets of `box`'s listen (a reload removed it); its TCP sessions go on.
+    func closeListeners(of box: RuntimeBox) {
+        for index in listeners.indices where listeners[index]?.box === box {
+            listeners[index]?.close()
+            listeners[index] = nil
+        }
     }
 
     /// A listener out of descriptors (EMFILE) stops accepting for 100 ms instead of spinning on
@@ -277,8 +288,8 @@ final class EventLoop: @unchecked Sendable {
             }
             for task in pending { task() }
         case .listener:
-            guard Int(token.slot) < listeners.count else { return }
-            listeners[Int(token.slot)].readable(on: self)
+            guard Int(token.slot) < listeners.count, let listener = listeners[Int(token.slot)] else { return }
+            listener.readable(on: self)
         case .client, .upstream:
             guard let session = slab.session(slot: token.slot, generation: token.generation) else { return }
             session.handle(flags, side: token.tag == .client ? .client : .upstream, attempt: token.attempt)
@@ -303,7 +314,7 @@ final class EventLoop: @unchecked Sendable {
         }
         if acceptResumeAt != 0 && now >= acceptResumeAt {
             acceptResumeAt = 0
-            for case let listener as TCPListener in listeners where listener.paused {
+            for case let listener as TCPListener in listeners.compactMap({ $0 }) where listener.paused {
                 listener.paused = false
                 watchListener(listener, reading: true)
             }

@@ -45,34 +45,57 @@ public final class HealthChecker: @unchecked Sendable {
         var results = 0
     }
 
-    public init(checks: [HealthCheck], errorLog: Logger) {
+    /// Where each check's servers start: in rotation, or out (a `mandatory` check's
+    /// "checking", or a server a reload's carried group had out).
+    private let initialHealth: [[Int: Bool]]
+
+    /// `carried`: the groups a reload took over from the running rules. Their servers start as
+    /// they are now (a server that was out stays out until it passes), except that a
+    /// `mandatory` check without `persistent` starts "checking" again, as nginx Plus.
+    public init(checks: [HealthCheck], errorLog: Logger, carried: Set<ObjectIdentifier> = []) {
         self.checks = checks
         log = errorLog
-        // `mandatory`: out of rotation from the start, before any listener takes a session.
-        for check in checks where check.mandatory {
-            for server in check.checkedServers { check.group.setHealth(server, healthy: false) }
+        initialHealth = checks.map { check in
+            var start: [Int: Bool] = [:]
+            let keepsState = carried.contains(ObjectIdentifier(check.group)) && (!check.mandatory || check.persistent)
+            for server in check.checkedServers {
+                start[server] = keepsState ? check.group.isHealthy(server) : !check.mandatory
+            }
+            return start
+        }
+        // Out of rotation from the start, before any listener takes a session; a carried
+        // group's old checker gives its own votes back when it stops.
+        for (check, start) in zip(checks, initialHealth) {
+            for (server, healthy) in start where !healthy { check.group.setHealth(server, healthy: false) }
         }
     }
 
-    /// Starts probing (the first probe of every server now, as nginx Plus). A `mandatory`
-    /// check holds its servers out of rotation until they first pass.
+    /// Starts probing (the first probe of every server now, as nginx Plus). A server that
+    /// starts out of rotation stays out until it passes.
     public func start() {
         var targets: [Target] = []
         let now = Clock.monotonic()
         for (index, check) in checks.enumerated() {
             for server in check.checkedServers {
-                targets.append(Target(check: index, server: server, tracker: HealthTracker(check: check), nextAt: now))
+                let tracker = HealthTracker(check: check, healthy: initialHealth[index][server])
+                targets.append(Target(check: index, server: server, tracker: tracker, nextAt: now))
             }
         }
         let initial = targets
+        let checks = self.checks
         thread.start(name: "health checks") { [self] in
             var targets = initial
             run(&targets)
-            for target in targets { if let probe = target.probe { Glibc.close(probe.fd) } }
+            for target in targets {
+                if let probe = target.probe { Glibc.close(probe.fd) }
+                // The votes of this checker go with it: after a reload the new one holds its own.
+                if !target.tracker.healthy { checks[target.check].group.setHealth(target.server, healthy: true) }
+            }
         }
     }
 
-    /// Stops the thread and waits for it (in-flight probes are abandoned).
+    /// Stops the thread and waits for it (in-flight probes are abandoned, and the servers it
+    /// held out of rotation are let go).
     public func stop() { thread.stop() }
 
     // MARK: The loop

@@ -103,8 +103,9 @@ public struct HealthTracker: Sendable, Equatable {
     let passes: Int
     let fails: Int
 
-    public init(check: HealthCheck) {
-        healthy = !check.mandatory
+    /// `healthy`: where it starts (nil: in rotation, or "checking" with `mandatory`).
+    public init(check: HealthCheck, healthy: Bool? = nil) {
+        self.healthy = healthy ?? !check.mandatory
         passes = check.passes
         fails = check.fails
     }

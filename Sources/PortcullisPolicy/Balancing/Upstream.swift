@@ -60,6 +60,10 @@ public final class UpstreamGroup: Sendable {
     public let method: BalancingMethod
     /// `server NAME resolve` lines: what the resolver turns into servers (`resolvedFrom`).
     public let resolvable: [UpstreamServer]
+    /// The servers as the block lists them (before `resolve` adds any): with `method` and
+    /// `resolvable`, the definition a reload compares to decide whether this group's state
+    /// carries over (docs/decisions/0014-hot-reload.md).
+    public let configured: [UpstreamServer]
 
     private struct PeerState {
         var currentWeight = 0
@@ -88,8 +92,15 @@ public final class UpstreamGroup: Sendable {
         self.location = location
         self.method = method
         self.resolvable = resolvable
+        configured = servers
         state = Mutex(State(balancer: Balancer(servers: servers, method: method),
                             peers: Array(repeating: PeerState(), count: servers.count)))
+    }
+
+    /// Whether `other` is the same block as far as its state goes: same name, servers,
+    /// method and `resolve` lines (where it was written does not matter).
+    public func hasSameDefinition(as other: UpstreamGroup) -> Bool {
+        name == other.name && configured == other.configured && method == other.method && resolvable == other.resolvable
     }
 
     /// Every server, in order (addresses that left through `resolve` too, `removed`).
