@@ -3,7 +3,8 @@ import PackageDescription
 
 // Layers (see docs/decisions/0001-target-layout.md). A target may only depend on a lower layer.
 //   0 pure:      PortcullisCore, PortcullisRules, PortcullisWire (PROXY codec), PortcullisPolicy
-//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers; zlib for gzip logs),
+//   1 adapters:  PortcullisGeoIP (libmaxminddb), PortcullisTelemetry (log writers; zlib for gzip logs;
+//                metrics through swift-metrics and swift-prometheus),
 //                PortcullisEngine (the epoll engine for TCP and UDP, session runtime;
 //                CPortcullisLinux for epoll and the datagram calls; CPortcullisTLS for OpenSSL)
 //   2 compose:   PortcullisGateway (listeners, lifecycle, signals)
@@ -33,6 +34,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // Layer 0
@@ -52,7 +55,12 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"]), .brew(["zlib"])]),
         .target(
             name: "PortcullisTelemetry",
-            dependencies: ["CZlib", "PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "CZlib", "PortcullisCore", "PortcullisPolicy", .product(name: "Logging", package: "swift-log"),
+                // Metrics: swift-metrics' types, exposed by swift-prometheus (decision 0015).
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
             swiftSettings: strictSettings
         ),
         .target(name: "CPortcullisLinux"),

@@ -154,6 +154,36 @@ public struct SessionOutcome: Sendable, Equatable {
             case .hostNotResolved(let host): "host not resolved: \"\(host)\""
             }
         }
+
+        /// The cause without what varies (a zone, a host, OpenSSL's words): a metrics label,
+        /// one of a fixed few (docs/metrics.md).
+        public var name: String {
+            switch self {
+            case .completed: "completed"
+            case .returned: "returned"
+            case .idleTimeout: "idle_timeout"
+            case .proxyHeaderTimedOut: "proxy_header_timed_out"
+            case .proxyHeaderBroken: "proxy_header_broken"
+            case .proxyHeaderIncomplete: "proxy_header_incomplete"
+            case .accessDenied: "access_denied"
+            case .connectionLimit: "connection_limit"
+            case .connectionZoneFull: "connection_zone_full"
+            case .sessionRateLimit: "session_rate_limit"
+            case .noSuchUpstream: "no_such_upstream"
+            case .noLiveUpstreams: "no_live_upstreams"
+            case .upstreamUnreachable: "upstream_unreachable"
+            case .upstreamRefusedDatagrams: "upstream_refused_datagrams"
+            case .upstreamTimedOut: "upstream_timed_out"
+            case .localAddressUnusable: "local_address_unusable"
+            case .hostNotResolved: "host_not_resolved"
+            case .prereadTimedOut: "preread_timed_out"
+            case .prereadIncomplete: "preread_incomplete"
+            case .prereadBufferFull: "preread_buffer_full"
+            case .tlsHandshakeFailed: "tls_handshake_failed"
+            case .tlsHandshakeTimedOut: "tls_handshake_timed_out"
+            case .clientCertificateRejected: "client_certificate_rejected"
+            }
+        }
     }
 
     /// The phase that decided: the refusing phase, or `.relay` for a session that was let through.

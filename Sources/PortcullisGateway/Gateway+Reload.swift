@@ -69,6 +69,7 @@ extension Gateway {
             for line in errors { errorLog.error("\(line)") }
             let report = ReloadReport(attempt: attempt, generation: old.number, errors: errors)
             errorLog.error("\(report)")
+            metrics?.reloaded(succeeded: false, generation: old.number)
             return report
         }
         guard !stopping.load(ordering: .relaxed) else { return refuse(["the gateway is stopping"]) }
@@ -92,11 +93,17 @@ extension Gateway {
         guard tlsErrors.isEmpty else { return refuse(tlsErrors) }
         let sessionLogger: SessionLogger
         do {
-            sessionLogger = try SessionLogger(snapshot: snapshot, pool: logFiles)
+            sessionLogger = try SessionLogger(snapshot: snapshot, pool: logFiles, metrics: metrics)
         } catch {
             return refuse(["\(error)"])
         }
         let lookups = Self.nameResolver(for: snapshot, errorLog: errorLog)
+        // The new health checks hold their servers out before any listen can hand the new
+        // rules a session (a `mandatory` check's servers start "checking"); started after the swap.
+        let oldGroups = Set(Self.groups(of: old.snapshot).map(ObjectIdentifier.init))
+        let carriedGroups = Set(Self.groups(of: snapshot).map(ObjectIdentifier.init)).intersection(oldGroups)
+        let checker = snapshot.healthChecks.isEmpty ? nil
+            : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog, carried: carriedGroups)
 
         // 3. Each listen's new runtime, in a kept box or a new one; new listens bound now.
         let oldBoxes = Dictionary(old.boxes.map { ($0.key, $0.box) }, uniquingKeysWith: { first, _ in first })
@@ -104,6 +111,7 @@ extension Gateway {
         var keptRuntimes: [(RuntimeBox, ServerRuntime)] = []
         var bound: [(key: String, box: RuntimeBox, endpoint: SocketEndpoint)] = []
         var report = ReloadReport(attempt: attempt, generation: old.number + 1, errors: [])
+        report.carried = carriedGroups.count + Self.zones(of: snapshot).intersection(Self.zones(of: old.snapshot)).count
         for server in snapshot.servers {
             let (tlsServer, tlsClient) = contexts[server.ordinal] ?? (nil, nil)
             for listen in server.listens {
@@ -121,6 +129,7 @@ extension Gateway {
                     bound.append((key, box, try await engine.bind(box)))
                 } catch {
                     for (_, box, _) in bound { await engine.unbind(box) }
+                    checker?.abandon()
                     return refuse(["\(error)"])
                 }
                 boxes.append((key, box))
@@ -130,12 +139,6 @@ extension Gateway {
 
         // 4. The swap. From here on nothing fails.
         for (box, runtime) in keptRuntimes { box.replace(with: runtime) }
-        let oldGroups = Set(Self.groups(of: old.snapshot).map(ObjectIdentifier.init))
-        let newGroups = Self.groups(of: snapshot)
-        let carriedGroups = Set(newGroups.map(ObjectIdentifier.init)).intersection(oldGroups)
-        report.carried = carriedGroups.count + Self.zones(of: snapshot).intersection(Self.zones(of: old.snapshot)).count
-        let checker = snapshot.healthChecks.isEmpty ? nil
-            : HealthChecker(checks: snapshot.healthChecks, errorLog: errorLog, carried: carriedGroups)
         checker?.start()
         old.healthChecker?.stop()  // (after the new one holds its votes: no server slips back in)
         lookups?.start()
@@ -160,6 +163,7 @@ extension Gateway {
         logFiles.reopenAll()
         errorLogFile.reopen()
         errorLog.notice("\(report)")
+        metrics?.reloaded(succeeded: true, generation: report.generation)
         return report
     }
 
@@ -174,7 +178,7 @@ extension Gateway {
     }
 
     /// `worker_shutdown_timeout` applies at once; the rest of the main context (threads,
-    /// user, pid file, error log, descriptor limit) only at a restart, with a warning.
+    /// user, pid file, error log, descriptor limit, metrics_listen) only at a restart, with a warning.
     private func applyMainSettings(from old: MainSettings, to new: MainSettings, report: inout ReloadReport) {
         if old.workerShutdownTimeoutMilliseconds != new.workerShutdownTimeoutMilliseconds,
            let timeout = new.workerShutdownTimeoutMilliseconds {
@@ -186,6 +190,7 @@ extension Gateway {
             ("user", old.user != new.user || old.group != new.group),
             ("pid", old.pidFile != new.pidFile),
             ("error_log", old.errorLog != new.errorLog),
+            ("metrics_listen", old.metricsListen != new.metricsListen),
         ]
         for (name, changed) in checks where changed {
             report.needsRestart.append(name)

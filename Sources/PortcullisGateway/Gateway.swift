@@ -21,6 +21,9 @@ public final class Gateway: Service, Sendable {
     public var snapshot: PolicySnapshot { current.withLock { $0.snapshot } }
     public let errorLog: Logger
     let errorLogFile: LogFile
+    /// `metrics_listen`: the counters every session adds to, and the endpoint that serves them.
+    let metrics: GatewayMetrics?
+    private let metricsEndpoint = Mutex<MetricsEndpoint?>(nil)
     /// Access and audit log files, shared by the rules running and the rules replaced.
     let logFiles = LogFilePool()
     let registry = SessionRegistry()
@@ -77,7 +80,8 @@ public final class Gateway: Service, Sendable {
         errorLog = Logger(label: "portcullis") { _ in ErrorLogHandler(file: file, level: level) }
         let threads = snapshot.main.workerProcesses ?? System.coreCount
         engine = try Engine(loopCount: threads)
-        let sessionLogger = try SessionLogger(snapshot: snapshot, pool: logFiles)
+        metrics = snapshot.main.metricsListen == nil ? nil : GatewayMetrics()
+        let sessionLogger = try SessionLogger(snapshot: snapshot, pool: logFiles, metrics: metrics)
         let lookups = Self.nameResolver(for: snapshot, errorLog: errorLog)
         var boxes: [(key: String, box: RuntimeBox)] = []
         for server in snapshot.servers {
@@ -112,6 +116,18 @@ public final class Gateway: Service, Sendable {
         } catch {
             await engine.closeListeners()
             throw error
+        }
+        if let metrics, let address = generation.snapshot.main.metricsListen {
+            do {
+                let endpoint = try MetricsEndpoint(endpoint: address, location: generation.snapshot.main.metricsListenLocation) { [weak self] in
+                    guard let self else { return [] }
+                    return metrics.exposition(snapshot: snapshot, liveSessions: registry.count)
+                }
+                metricsEndpoint.withLock { $0 = endpoint }
+            } catch {
+                await engine.closeListeners()
+                throw error
+            }
         }
         addresses.withLock { $0 = bound }
         scheduleGeoIPReloads(generation.snapshot)
@@ -156,6 +172,9 @@ public final class Gateway: Service, Sendable {
         }
     }
 
+    /// Where the metrics endpoint answers (nil without `metrics_listen`).
+    public var metricsAddress: SocketAddress? { metricsEndpoint.withLock { $0?.endpoint.socketAddress } }
+
     /// The addresses actually bound (tests listen on ephemeral ports).
     public var boundAddresses: [SocketAddress] {
         addresses.withLock { $0.map(\.endpoint.socketAddress) }
@@ -190,6 +209,7 @@ public final class Gateway: Service, Sendable {
         let generation = current.withLock { $0 }
         // (A UDP listener's sessions end with it: no more datagrams can reach them.)
         await engine.closeListeners()
+        metricsEndpoint.withLock { $0 }?.stop()
         reloadTimers.withLock { timers in
             timers.values.forEach { $0.source.cancel() }
             timers = [:]

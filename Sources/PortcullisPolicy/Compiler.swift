@@ -126,6 +126,23 @@ struct PolicyCompiler {
         return spec
     }
 
+    /// `metrics_listen ADDRESS:PORT | PORT;` (main or stream, once): a bare port is loopback.
+    mutating func metricsListen(_ d: Directive, into main: inout MainSettings) {
+        if let first = main.metricsListenLocation {
+            error("\"metrics_listen\" directive is duplicate; it was first set at \(first)", at: d)
+            return
+        }
+        let text = d.arguments[0].text
+        let endpoint = UInt16(text).flatMap { $0 > 0 ? SocketEndpoint(address: .v4(0x7F00_0001), port: $0) : nil }
+            ?? SocketEndpoint.local(text)
+        guard let endpoint, endpoint.port > 0 else {
+            error("invalid \"metrics_listen\" address \"\(text)\"; expected ADDRESS:PORT or PORT, such as 127.0.0.1:9145", at: d.arguments[0])
+            return
+        }
+        main.metricsListen = endpoint
+        main.metricsListenLocation = d.nameLocation
+    }
+
     private func expected(_ range: ClosedRange<Int>) -> String {
         if range.lowerBound == range.upperBound { return "expected \(range.lowerBound)" }
         if range.upperBound == DirectiveTable.unlimited { return "expected at least \(range.lowerBound)" }
@@ -162,6 +179,7 @@ struct PolicyCompiler {
             case "worker_rlimit_nofile": main.workerRlimitNofile = positiveInt(d.arguments[0], in: d)
             case "worker_shutdown_timeout": main.workerShutdownTimeoutMilliseconds = time(d.arguments[0], in: d)
             case "pid": main.pidFile = d.arguments[0].text == "off" ? nil : d.arguments[0].text
+            case "metrics_listen": metricsListen(d, into: &main)
             case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
             case "user":
                 main.user = d.arguments[0].text
@@ -267,6 +285,7 @@ struct PolicyCompiler {
             case "audit_log":
                 if let spec = auditLogSpec(d) { auditLog = spec }
             case "error_log": if let spec = errorLog(d) { main.errorLog = spec }
+            case "metrics_listen": metricsListen(d, into: &main)
             case "resolver": streamResolver = resolver(d)
             case "resolver_timeout": streamResolverTimeout = time(d.arguments[0], in: d)
             default:

@@ -61,6 +61,8 @@ enum DirectiveTable {
         t["worker_rlimit_nofile"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
         t["worker_shutdown_timeout"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
         t["pid"] = DirectiveSpec(contexts: [.main], arguments: 1...1)
+        // Extension: the Prometheus endpoint (docs/metrics.md).
+        t["metrics_listen"] = DirectiveSpec(contexts: [.main, .stream], arguments: 1...1, single: true)
         t["error_log"] = DirectiveSpec(contexts: [.main, .stream, .server], arguments: 1...2)
         t["user"] = DirectiveSpec(contexts: [.main], arguments: 1...2)
         t["daemon"] = DirectiveSpec(contexts: [.main], arguments: 1...1, support: .ignored(note: nil))

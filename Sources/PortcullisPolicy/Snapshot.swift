@@ -40,6 +40,9 @@ public struct MainSettings: Sendable, Equatable {
     public var errorLog: ErrorLogSpec = ErrorLogSpec(path: "stderr", level: .error)
     public var user: String?
     public var group: String?
+    /// `metrics_listen`: where the Prometheus endpoint answers; nil = no endpoint.
+    public var metricsListen: SocketEndpoint?
+    public var metricsListenLocation: SourceLocation?
 
     public init() {}
 }

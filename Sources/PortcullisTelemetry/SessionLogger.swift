@@ -9,6 +9,8 @@ import Synchronization
 public final class SessionLogger: Sendable {
     private let files: [String: LogFile]
     private let pool: LogFilePool
+    /// Every finished session is counted here too (`metrics_listen`); nil without one.
+    public let metrics: GatewayMetrics?
     /// Each audit file with its flood cap (`audit_log … sample=N/s`): the stream's and those
     /// of servers with an `audit_log` of their own.
     private let audits: [String: AuditFile]
@@ -24,8 +26,9 @@ public final class SessionLogger: Sendable {
 
     /// Opens every log file the snapshot names, or takes it from `pool` where it is open
     /// already (a reload). Throws on the first that cannot be opened, holding none.
-    public init(snapshot: PolicySnapshot, pool: LogFilePool = LogFilePool()) throws {
+    public init(snapshot: PolicySnapshot, pool: LogFilePool = LogFilePool(), metrics: GatewayMetrics? = nil) throws {
         self.pool = pool
+        self.metrics = metrics
         var files: [String: LogFile] = [:]
         do {
             for path in snapshot.logPaths {
@@ -53,7 +56,10 @@ public final class SessionLogger: Sendable {
 
     /// Logs a finished session to the access logs of its server and, if refused, its audit log.
     /// `audit`: false when the refusal's audit line was written already (`logRefusal`).
-    public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec], auditLog: AuditLogSpec?, audit: Bool = true) {
+    /// `upstream`: the server's upstream block name, for the metrics' labels.
+    public func log(_ record: SessionRecord, accessLogs: [AccessLogSpec], auditLog: AuditLogSpec?, audit: Bool = true,
+                    upstream: String? = nil) {
+        metrics?.recordSession(record, upstream: upstream)
         if let variables = record.variables {
             // Lines are formatted on the writers' threads: evaluate every rule-defined variable
             // they print here, on the session's thread, so the writers only read remembered values.
@@ -79,6 +85,8 @@ public final class SessionLogger: Sendable {
     /// `limit_rate_dry_run`): its outcome has the status the refusal would have had and says
     /// `.dryRun`, which the line prints as `"dry_run": true`.
     public func logRefusal(_ record: SessionRecord, to auditLog: AuditLogSpec?) {
+        // (An enforced refusal is counted when its session ends, with the rest of it.)
+        if record.outcome.enforcement == .dryRun { metrics?.recordRefusal(record) }
         writeAudit(record, to: auditLog)
     }
 
@@ -88,7 +96,7 @@ public final class SessionLogger: Sendable {
             $0.admit(phase: record.phase.rawValue, now: Date().timeIntervalSince1970)
         }
         if let summary { audit.file.write(summary) }
-        if write { audit.file.writeAudit(record) }
+        if write { audit.file.writeAudit(record) } else { metrics?.auditLinesSuppressed(1) }
     }
 
     private func writePendingSummaries() {

@@ -101,12 +101,12 @@ struct ReloadTests {
                 while !counters.stop.load(ordering: .relaxed) {
                     guard Self.roundTrip(client, &pattern, size: 4096, counters: counters) else { return }
                     if first { opened.wrappingAdd(1, ordering: .relaxed); first = false }
-                    usleep(20_000)
+                    usleep(100_000)  // 200 sessions, 2,000 round trips a second: busy, not saturating
                 }
             }.start()
         }
         // New sessions all along: connect, a round trip, close.
-        let churners = 4
+        let churners = 2
         for index in 0..<churners {
             Thread {
                 defer { counters.finished.wrappingAdd(1, ordering: .relaxed) }
@@ -118,7 +118,7 @@ struct ReloadTests {
                     }
                     if Self.roundTrip(client, &pattern, size: 1024, counters: counters) { counters.newSessions.wrappingAdd(1, ordering: .relaxed) }
                     client.close()
-                    usleep(2_000)
+                    usleep(5_000)
                 }
             }.start()
         }
@@ -152,7 +152,7 @@ struct ReloadTests {
         #expect(counters.finished.load(ordering: .relaxed) == long + churners)
         #expect(counters.failures.load(ordering: .relaxed) == 0, "\(counters.firstProblem.withLock { $0 } ?? "")")
         #expect(counters.bytesVerified.load(ordering: .relaxed) == counters.bytesSent.load(ordering: .relaxed), "bytes lost")
-        #expect(counters.newSessions.load(ordering: .relaxed) > 100, "new sessions were opened throughout")
+        #expect(counters.newSessions.load(ordering: .relaxed) > 50, "new sessions were opened throughout")
         #expect(gateway.gateway.snapshot.servers.count == 2)
         await gateway.stop()
     }

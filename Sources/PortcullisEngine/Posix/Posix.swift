@@ -40,7 +40,7 @@ extension SocketEndpoint {
     /// `length`: what the kernel said the address takes (accept, recvmsg), which is how an
     /// unnamed unix socket (no path) and an abstract name (NUL first, not NUL-terminated) are
     /// told apart; nil when only a terminated path can be there.
-    init?(_ storage: sockaddr_storage, length: socklen_t? = nil) {
+    public init?(_ storage: sockaddr_storage, length: socklen_t? = nil) {
         var storage = storage
         switch Int32(storage.ss_family) {
         case AF_INET:
@@ -65,7 +65,7 @@ extension SocketEndpoint {
         }
     }
 
-    var family: Int32 { isUnix ? AF_UNIX : address.isIPv4 ? AF_INET : AF_INET6 }
+    public var family: Int32 { isUnix ? AF_UNIX : address.isIPv4 ? AF_INET : AF_INET6 }
 
     /// This endpoint as a `sockaddr_in`; nil for IPv6. (Also SwiftNIO's `SocketAddress` is
     /// made from these, in PortcullisNIO.)
@@ -117,7 +117,7 @@ extension SocketEndpoint {
     }
 
     /// Calls `body` with this endpoint as a `sockaddr` and its length.
-    func withSockAddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+    public func withSockAddr<T>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
         var storage = sockaddr_storage()
         let length = store(into: &storage)
         return withUnsafePointer(to: &storage) {

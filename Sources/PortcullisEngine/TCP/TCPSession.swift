@@ -670,7 +670,8 @@ final class TCPSession: LoopSession {
             armTimer()
         case .end(let record, let audit):
             end()
-            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit)
+            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit,
+                                      upstream: runtime.policy.upstream?.name)
         }
     }
 

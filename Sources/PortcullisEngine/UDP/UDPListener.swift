@@ -4,6 +4,7 @@ import Logging
 import PortcullisCore
 import PortcullisPolicy
 import PortcullisWire
+import PortcullisTelemetry
 
 /// One socket of one `listen … udp`, on one event loop, and the sessions of the clients that
 /// send to it (docs/decisions/0008-udp-sessions.md).
@@ -197,10 +198,12 @@ final class UDPListener: LoopListener {
         lastReport = now
         if droppedHeaders > 0 {
             runtime.errorLog.error("dropped \(droppedHeaders) datagrams without a valid PROXY protocol v2 header on \(runtime.listen)")
+            runtime.sessionLogger.metrics?.udpDropped(droppedHeaders, listen: runtime.listen.description, reason: "proxy_header")
             droppedHeaders = 0
         }
         if droppedFull > 0 {
             runtime.errorLog.error("dropped \(droppedFull) datagrams: \(runtime.listen) already has \(Self.maximumSessions) UDP sessions")
+            runtime.sessionLogger.metrics?.udpDropped(droppedFull, listen: runtime.listen.description, reason: "session_table_full")
             droppedFull = 0
         }
     }

@@ -96,7 +96,8 @@ final class UDPSession: LoopSession {
             perform(machine.end(now: loop.now))
         case .end(let record, let audit):
             close()
-            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit)
+            runtime.sessionLogger.log(record, accessLogs: runtime.policy.accessLogs, auditLog: runtime.policy.auditLog, audit: audit,
+                                      upstream: runtime.policy.upstream?.name)
         case .none, .readProxyHeader, .readMore, .startRelay, .closeClient, .close, .closeBoth, .closeWhenWritten,
              .shutdownOutput, .readClientHello, .startTLS, .startUpstreamTLS:
             break  // TCP only, or nothing to do

@@ -94,6 +94,14 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
+    /// A reload that failed after this checker was made: the servers it held out from the
+    /// start are let go (it never started).
+    public func abandon() {
+        for (check, start) in zip(checks, initialHealth) {
+            for (server, healthy) in start where !healthy { check.group.setHealth(server, healthy: true) }
+        }
+    }
+
     /// Stops the thread and waits for it (in-flight probes are abandoned, and the servers it
     /// held out of rotation are let go).
     public func stop() { thread.stop() }

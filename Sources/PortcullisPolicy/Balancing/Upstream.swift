@@ -97,10 +97,11 @@ public final class UpstreamGroup: Sendable {
                             peers: Array(repeating: PeerState(), count: servers.count)))
     }
 
-    /// Whether `other` is the same block as far as its state goes: same name, servers,
-    /// method and `resolve` lines (where it was written does not matter).
+    /// Whether `other` is the same block as far as its state goes: same name (in any case, as
+    /// nginx compares upstream names), servers, method and `resolve` lines (where it was
+    /// written does not matter).
     public func hasSameDefinition(as other: UpstreamGroup) -> Bool {
-        name == other.name && configured == other.configured && method == other.method && resolvable == other.resolvable
+        name.lowercased() == other.name.lowercased() && configured == other.configured && method == other.method && resolvable == other.resolvable
     }
 
     /// Every server, in order (addresses that left through `resolve` too, `removed`).

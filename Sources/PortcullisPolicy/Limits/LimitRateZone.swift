@@ -53,6 +53,9 @@ public final class LimitRateZone: Sendable {
         }
     }
 
+    /// Keys a full shard let go to make room (metrics).
+    public var evictions: Int { shards.reduce(0) { total, shard in total + shard.withLock { $0.evictions } } }
+
     /// One new session for `key`: true if its bucket had a token.
     public func admit(_ key: [UInt8], now: UInt64) -> Bool {
         bucket(for: key, now: now).take(now: now)
@@ -75,6 +78,7 @@ public final class LimitRateZone: Sendable {
         init(capacity: Int) { self.capacity = Swift.max(1, capacity) }
 
         var count: Int { slots.count }
+        private(set) var evictions = 0
 
         mutating func bucket(for key: [UInt8], make: () -> SharedBucket) -> SharedBucket {
             if let slot = slots[key] {
@@ -90,6 +94,7 @@ public final class LimitRateZone: Sendable {
                 older.append(-1)
             } else {
                 // Full: the least recently used key makes way.
+                evictions += 1
                 slot = oldest
                 unlink(slot)
                 slots.removeValue(forKey: keys[Int(slot)])
