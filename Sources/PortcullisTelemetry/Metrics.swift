@@ -26,9 +26,8 @@ public final class GatewayMetrics: Sendable {
         let labels: [String]
     }
 
-    private let counters = Mutex<[Key: CoreMetrics.Counter]>([:])
-    private let gauges = Mutex<[Key: CoreMetrics.Gauge]>([:])
-    private let timers = Mutex<[Key: CoreMetrics.Timer]>([:])
+    /// Every counter, gauge and timer made so far (the key's name says which kind it is).
+    private let metrics = Mutex<[Key: any AnyObject & Sendable]>([:])
     /// Each rate zone's eviction total at the last scrape.
     private let seenEvictions = Mutex<[ObjectIdentifier: Int]>([:])
 
@@ -48,32 +47,27 @@ public final class GatewayMetrics: Sendable {
     // MARK: Recording
 
     public func counter(_ name: String, _ labels: KeyValuePairs<String, String> = [:]) -> CoreMetrics.Counter {
-        let key = Key(name: name, labels: labels.flatMap { [$0.key, $0.value] })
-        return counters.withLock { counters in
-            if let counter = counters[key] { return counter }
-            let counter = CoreMetrics.Counter(label: name, dimensions: labels.map { ($0.key, $0.value) }, factory: factory)
-            counters[key] = counter
-            return counter
-        }
+        cached(name, labels) { CoreMetrics.Counter(label: name, dimensions: $0, factory: factory) }
     }
 
     public func gauge(_ name: String, _ labels: KeyValuePairs<String, String> = [:]) -> CoreMetrics.Gauge {
-        let key = Key(name: name, labels: labels.flatMap { [$0.key, $0.value] })
-        return gauges.withLock { gauges in
-            if let gauge = gauges[key] { return gauge }
-            let gauge = CoreMetrics.Gauge(label: name, dimensions: labels.map { ($0.key, $0.value) }, factory: factory)
-            gauges[key] = gauge
-            return gauge
-        }
+        cached(name, labels) { CoreMetrics.Gauge(label: name, dimensions: $0, factory: factory) }
     }
 
     private func timer(_ name: String, _ labels: KeyValuePairs<String, String>) -> CoreMetrics.Timer {
+        cached(name, labels) { CoreMetrics.Timer(label: name, dimensions: $0, factory: factory) }
+    }
+
+    /// The metric of this name and labels, made on first use (swift-metrics' initialisers go
+    /// through the factory and allocate: once per label set, not once per session).
+    private func cached<Metric: AnyObject & Sendable>(_ name: String, _ labels: KeyValuePairs<String, String>,
+                                           make: ([(String, String)]) -> Metric) -> Metric {
         let key = Key(name: name, labels: labels.flatMap { [$0.key, $0.value] })
-        return timers.withLock { timers in
-            if let timer = timers[key] { return timer }
-            let timer = CoreMetrics.Timer(label: name, dimensions: labels.map { ($0.key, $0.value) }, factory: factory)
-            timers[key] = timer
-            return timer
+        return metrics.withLock { metrics in
+            if let metric = metrics[key] as? Metric { return metric }
+            let metric = make(labels.map { ($0.key, $0.value) })
+            metrics[key] = metric
+            return metric
         }
     }
 
