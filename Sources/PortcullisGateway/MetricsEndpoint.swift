@@ -94,7 +94,7 @@ final class MetricsEndpoint: @unchecked Sendable {
             let n = recv(client, &chunk, chunk.count, 0)
             guard n > 0 else { return }
             request += chunk[0..<n]
-            if Array(request.suffix(n + 3)).contains(subsequence: end) { break }
+            if request.suffix(n + 3).contains(end) { break }
         }
         let line = String(decoding: request.prefix { $0 != UInt8(ascii: "\r") && $0 != UInt8(ascii: "\n") }, as: UTF8.self)
         let parts = line.split(separator: " ")
@@ -119,15 +119,5 @@ final class MetricsEndpoint: @unchecked Sendable {
             guard n > 0 else { return }
             offset += n
         }
-    }
-}
-
-extension Array where Element == UInt8 {
-    func contains(subsequence: [UInt8]) -> Bool {
-        guard count >= subsequence.count else { return false }
-        for start in 0...(count - subsequence.count) where self[start..<(start + subsequence.count)].elementsEqual(subsequence) {
-            return true
-        }
-        return false
     }
 }

@@ -86,8 +86,8 @@ struct Reload: ParsableCommand {
         return ExitCode(1)
     }
 
-    /// The pid file's path and the process in it, alive.
-    static func runningGateway(config: String) throws -> (main: MainSettings, pid: pid_t) {
+    /// The compiled rules, and the process in their pid file, alive.
+    static func runningGateway(config: String) throws -> (snapshot: PolicySnapshot, pid: pid_t) {
         let result = RuleLoader.load(path: config, geoip: MaxMindOpener())
         guard let snapshot = result.snapshot else {
             FileHandle.standardError.write(Data((result.rendered + "\n").utf8))
@@ -103,7 +103,7 @@ struct Reload: ParsableCommand {
         guard kill(pid, 0) == 0 else {
             throw fail("no process \(pid) (from \"\(pidFile)\"): \(String(cString: strerror(errno)))")
         }
-        return (snapshot.main, pid)
+        return (snapshot, pid)
     }
 
     static func send(_ signal: Int32, config: String) throws {
@@ -112,13 +112,14 @@ struct Reload: ParsableCommand {
     }
 
     static func reload(config: String, timeout: Double = 30) throws {
-        let (main, pid) = try runningGateway(config: config)
-        let snapshotErrors = Gateway.checkTLS(RuleLoader.load(path: config, geoip: MaxMindOpener()).snapshot!)
-        if !snapshotErrors.isEmpty {
-            for error in snapshotErrors { FileHandle.standardError.write(Data("\(error)\n".utf8)) }
+        let (snapshot, pid) = try runningGateway(config: config)
+        // As check: certificates that do not load are said here, not only in the gateway's log.
+        let tlsErrors = Gateway.checkTLS(snapshot)
+        if !tlsErrors.isEmpty {
+            for error in tlsErrors { FileHandle.standardError.write(Data("\(error)\n".utf8)) }
             throw fail("\(config) has TLS errors; the running gateway was not signalled")
         }
-        let statusPath = ProcessSetup.reloadStatusPath(main)!
+        let statusPath = ProcessSetup.reloadStatusPath(snapshot.main)!
         let before = ProcessSetup.readReloadStatus(statusPath)?.attempt ?? 0
         guard kill(pid, SIGHUP) == 0 else { throw fail("kill(\(pid), HUP) failed: \(String(cString: strerror(errno)))") }
         let deadline = Date().addingTimeInterval(timeout)

@@ -51,15 +51,6 @@ struct ReloadHealthTests {
         var address: String { "127.0.0.1:\(port)" }
     }
 
-    /// One session: what the upstream answered ("" when the gateway closed it: no live upstreams).
-    static func ask(_ port: UInt16) -> String {
-        guard let connection = try? TestConnection.connect(to: "127.0.0.1", port: port, timeout: 3) else { return "(no connect)" }
-        connection.setTimeout(3)
-        try? connection.send("GET\r\n")
-        defer { connection.close() }
-        return String(decoding: (try? connection.receiveAll(limit: 100)) ?? [], as: UTF8.self)
-    }
-
     /// Polls `condition` every 20 ms for at most `seconds`.
     static func eventually(_ seconds: Double, _ condition: () -> Bool) async -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
@@ -123,7 +114,7 @@ struct ReloadHealthTests {
         #expect(!after.isHealthy(0), "the closed port is still out")
         #expect(!after.isHealthy(1), "the server whose probes time out is still out")
         var answers: [String] = []
-        for _ in 0..<8 { answers.append(Self.ask(gateway.port)) }
+        for _ in 0..<8 { answers.append(HealthCheckTests.ask(gateway.port)) }
         #expect(answers == Array(repeating: "L", count: 8), "\(answers)")
         let lines = await gateway.waitForLines(of: "access.log") { $0.count == 8 }
         #expect(lines == Array(repeating: live.address, count: 8), "no session was sent to a server out of rotation: \(lines)")
@@ -142,7 +133,7 @@ struct ReloadHealthTests {
         // can outlast that probe. The unit tests show a changed block is a new group.)
         // ... until the new checker takes it out again.
         #expect(await Self.eventually(12) { !fresh.isHealthy(1) && !fresh.isHealthy(0) })
-        #expect(Set((0..<4).map { _ in Self.ask(gateway.port) }) == ["L"])
+        #expect(Set((0..<4).map { _ in HealthCheckTests.ask(gateway.port) }) == ["L"])
         // The replaced group is let go by the checker that stopped (no vote left behind).
         #expect(before.isHealthy(0) && before.isHealthy(1), "the stopped checker gave its votes back")
         await gateway.stop()
@@ -174,7 +165,7 @@ struct ReloadHealthTests {
         let dir = gateway.directory.path, port = String(gateway.port)
         let group = try #require(gateway.gateway.snapshot.upstreams["app"])
         #expect(await Self.eventually(10) { group.isHealthy(0) }, "the first probe passes")
-        #expect(Self.ask(gateway.port) == "A")
+        #expect(HealthCheckTests.ask(gateway.port) == "A")
 
         // From now on a probe takes 5 s to pass (long: the suite runs beside others on 2 cores): the old checker's keep the server healthy
         // (a probe in flight changes nothing); the new checker's first one is slow to let it in.
@@ -184,13 +175,13 @@ struct ReloadHealthTests {
         #expect(report.succeeded && report.carried == 1, "\(report)")
         #expect(gateway.gateway.snapshot.upstreams["app"] === group)
         #expect(!group.isHealthy(0), "checking again: out of rotation at once")
-        #expect(Self.ask(gateway.port) == "", "no live upstreams while the server is checked again")
+        #expect(HealthCheckTests.ask(gateway.port) == "", "no live upstreams while the server is checked again")
         #expect(Date().timeIntervalSince(started) < 4.8, "(the checks above ran before the first probe could pass)")
 
         // Back at its first pass, about 5 s after the reload.
         #expect(await Self.eventually(12) { group.isHealthy(0) })
         #expect(Date().timeIntervalSince(started) >= 4.8, "let in by a probe, not by the reload")
-        #expect(Self.ask(gateway.port) == "A")
+        #expect(HealthCheckTests.ask(gateway.port) == "A")
         await gateway.stop()
     }
 
@@ -207,7 +198,7 @@ struct ReloadHealthTests {
         #expect(report.succeeded && report.carried == 1, "\(report)")
         #expect(gateway.gateway.snapshot.upstreams["app"] === group)
         #expect(group.isHealthy(0), "persistent: the server stays in")
-        #expect(Self.ask(gateway.port) == "A")
+        #expect(HealthCheckTests.ask(gateway.port) == "A")
         await gateway.stop()
     }
 }
