@@ -52,12 +52,13 @@ struct LogInjectionTests {
         var value: [UInt8]
     }
 
-    /// Checks the three access logs, the audit log and the error log for `sent` (by client port).
+    /// Checks the three access logs, the audit log and the error log for `sent` (by the TCP
+    /// peer, `ip:port`: each session comes from its own source address, so no two share one).
     /// `fields` are the variables each format logs, in order; `absent` is how escape=default
     /// writes the ones a session does not have: `-` for a TLV that is not there (not found),
     /// "" for the preread variables (an empty value, as nginx).
-    static func checkLogs(_ gateway: GatewayHarness, sent: [UInt16: Sent], fields: [String], noneField: String,
-                          client: String, absent: String) async throws {
+    static func checkLogs(_ gateway: GatewayHarness, sent: [String: Sent], fields: [String], noneField: String,
+                          client: String?, absent: String) async throws {
         let count = sent.count
         let defaultLines = await gateway.waitForLines(of: "default.log") { $0.count >= count }
         let jsonLines = await gateway.waitForLines(of: "json.log") { $0.count >= count }
@@ -71,7 +72,8 @@ struct LogInjectionTests {
             // `"` is always escaped in a value, so the format's own quotes delimit the fields
             // (a value may hold spaces): `PORT "v1" "v2" 403`.
             let parts = line.split(separator: "\"", omittingEmptySubsequences: false).map(String.init)
-            guard parts.count == 2 * fields.count + 1, let port = UInt16(parts[0].dropLast()), let s = sent[port] else {
+            let port = String(parts[0].dropLast())
+            guard parts.count == 2 * fields.count + 1, let s = sent[port] else {
                 Issue.record("escape=default line: \(line.prefix(200))"); continue
             }
             for (i, name) in fields.enumerated() {
@@ -84,7 +86,7 @@ struct LogInjectionTests {
         // escape=json: one line per session, each one JSON object that gives the value back.
         #expect(jsonLines.count == count, "escape=json: \(jsonLines.count) lines for \(count) sessions")
         for object in jsonObjects(jsonLines) {
-            guard let port = (object["port"] as? String).flatMap({ UInt16($0) }), let s = sent[port] else {
+            guard let port = object["port"] as? String, let s = sent[port] else {
                 Issue.record("escape=json object without a known port: \(object)"); continue
             }
             #expect(object.count == fields.count + 2 && object["status"] as? Int == 403, "a field was forged: \(object.keys)")
@@ -99,10 +101,10 @@ struct LogInjectionTests {
         let audit = jsonObjects(auditLines)
         #expect(audit.count == count)
         for object in audit {
-            let peer = try #require(object["peer"] as? String)
-            let port = try #require(UInt16(peer.split(separator: ":").last ?? ""))
-            let s = try #require(sent[port], "\(peer)")
-            #expect(object["status"] as? Int == 403 && object["client"] as? String == client)
+            let port = try #require(object["peer"] as? String)
+            let s = try #require(sent[port], "\(port)")
+            #expect(object["status"] as? Int == 403)
+            #expect(object["client"] as? String == (client ?? String(port.split(separator: ":")[0])))
             #expect(object["forged"] == nil && object["x"] == nil, "a field was forged")
             let variable = try #require(object["variable"] as? [String: Any])
             #expect(variable["name"] as? String == "$" + s.variable)
@@ -135,9 +137,9 @@ struct LogInjectionTests {
         let plain = fields.map { "\"$\($0)\"" }.joined(separator: " ")
         let json = fields.map { "\"\($0)\":\"$\($0)\"" }.joined(separator: ",")
         return """
-            log_format d '$realip_remote_port \(plain) $status';
-            log_format j escape=json '{"port":"$realip_remote_port",\(json),"status":$status}';
-            log_format n escape=none 'N<$realip_remote_port|$\(none)>N';
+            log_format d '$realip_remote_addr:$realip_remote_port \(plain) $status';
+            log_format j escape=json '{"port":"$realip_remote_addr:$realip_remote_port",\(json),"status":$status}';
+            log_format n escape=none 'N<$realip_remote_addr:$realip_remote_port|$\(none)>N';
             access_log {DIR}/default.log d;
             access_log {DIR}/json.log j;
             access_log {DIR}/none.log n;
@@ -155,7 +157,7 @@ struct LogInjectionTests {
                 \(Self.formats(fields, none: "proxy_protocol_tlv_0xe0"))
                 server {
                     listen 127.0.0.1:{PORT} proxy_protocol;
-                    set_real_ip_from 127.0.0.1;
+                    set_real_ip_from 127.0.0.0/8;
                     deny $proxy_protocol_tlv_0xe0;
                     deny $proxy_protocol_tlv_unique_id;
                     deny $proxy_protocol_tlv_authority;
@@ -164,14 +166,15 @@ struct LogInjectionTests {
             }
             """)
         let types: [(String, UInt8)] = [(fields[0], 0x02), (fields[1], 0x05), (fields[2], 0xE0)]
-        var sent: [UInt16: Sent] = [:]
-        for value in Self.hostile(long: 20_000) {
-            for (name, type) in types {
+        var sent: [String: Sent] = [:]
+        for (i, value) in Self.hostile(long: 20_000).enumerated() {
+            for (j, (name, type)) in types.enumerated() {
                 let header = ProxyHeaderEncoder.v2(
                     source: SocketEndpoint("198.51.100.7:40000")!, destination: SocketEndpoint("203.0.113.9:443")!,
                     tlvs: [ProxyTLV(type: type, value: value)])
-                let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
-                sent[localPort(of: client)] = Sent(variable: name, value: value)
+                let source = "127.0.1.\(1 + i * types.count + j)"
+                let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
+                sent["\(source):\(localPort(of: client))"] = Sent(variable: name, value: value)
                 try client.send(header + Array("payload".utf8))
                 #expect(client.isClosedByPeer(), "a session with \(name) set was not refused")
             }
@@ -215,20 +218,21 @@ struct LogInjectionTests {
                 }
             }
             """)
-        var sent: [UInt16: Sent] = [:]
-        for value in Self.hostile(long: 8_000) {
-            for name in fields {
+        var sent: [String: Sent] = [:]
+        for (i, value) in Self.hostile(long: 8_000).enumerated() {
+            for (j, name) in fields.enumerated() {
                 // An ALPN name is at most 255 bytes; a server name here up to 8,000.
                 let v = name == fields[1] ? Array(value.prefix(255)) : value
                 let bytes = name == fields[0] ? Self.hello(serverName: v, alpn: nil) : Self.hello(serverName: nil, alpn: v)
-                let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port)
-                sent[localPort(of: client)] = Sent(variable: name, value: v)
+                let source = "127.0.2.\(1 + i * fields.count + j)"
+                let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
+                sent["\(source):\(localPort(of: client))"] = Sent(variable: name, value: v)
                 try client.send(bytes)
                 #expect(client.isClosedByPeer(), "a session with \(name) set was not refused")
             }
         }
         #expect(sent.count == 20)
-        try await Self.checkLogs(gateway, sent: sent, fields: fields, noneField: "ssl_preread_server_name", client: "127.0.0.1",
+        try await Self.checkLogs(gateway, sent: sent, fields: fields, noneField: "ssl_preread_server_name", client: nil,
                                  absent: "")
         await gateway.stop()
     }

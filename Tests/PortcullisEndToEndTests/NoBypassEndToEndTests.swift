@@ -75,22 +75,25 @@ struct NoBypassEndToEndTests {
             ("127.0.0.8", false, "deny $map_bad;"),
             ("127.0.0.6", true, nil),
         ]
-        var ports: [UInt16: (String, Bool, String?)] = [:]
+        // Keyed by source and port: two sources may be given the same ephemeral port.
+        var ports: [String: (String, Bool, String?)] = [:]
         for (source, relayed, rule) in cases {
             let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
-            ports[localPort(of: client)] = (source, relayed, rule)
+            ports["\(source) \(localPort(of: client))"] = (source, relayed, rule)
             #expect(try Self.outcome(client, sending: []) == relayed, "\(source)")
         }
         // Over IPv6 loopback the same listener sees ::1 itself.
         let v6 = try TestConnection.connect(to: "::1", port: gateway.port)
-        ports[localPort(of: v6)] = ("::1", true, nil)
+        ports["::1 \(localPort(of: v6))"] = ("::1", true, nil)
         #expect(try Self.outcome(v6, sending: []))
 
         let lines = await gateway.waitForLines(of: "access.log") { $0.count >= ports.count }
         #expect(lines.count == ports.count)
         for line in lines {
             let fields = line.split(separator: " ")
-            guard fields.count == 4, let port = UInt16(fields[0]), let (source, relayed, _) = ports[port] else {
+            let address = fields.count == 4 ? String(fields[1]) : ""
+            let source = address.hasPrefix("::ffff:") ? String(address.dropFirst(7)) : address
+            guard fields.count == 4, let (_, relayed, _) = ports["\(source) \(fields[0])"] else {
                 Issue.record("unexpected line \(line)"); continue
             }
             let mapped = source == "::1" ? "::1" : "::ffff:" + source
@@ -107,7 +110,8 @@ struct NoBypassEndToEndTests {
         for object in objects {
             let peer = try #require(object["peer"] as? String)
             let port = try #require(UInt16(peer.split(separator: ":").last ?? ""))
-            let (source, relayed, rule) = try #require(ports[port], "\(peer)")
+            let client = try #require(object["client"] as? String)
+            let (source, relayed, rule) = try #require(ports["\(client.dropFirst(7)) \(port)"], "\(peer)")
             #expect(!relayed)
             #expect(object["client"] as? String == "::ffff:" + source)
             #expect(peer == "[::ffff:\(source)]:\(port)")
@@ -194,14 +198,15 @@ struct NoBypassEndToEndTests {
             }
             """)
         struct Expected { var client: String; var status: Int; var claimed: String? }
-        var expected: [UInt16: Expected] = [:]
+        // Keyed by the TCP peer "ip:port": two sources may be given the same ephemeral port.
+        var expected: [String: Expected] = [:]
         for peer in ["127.0.0.1", "127.0.0.3", "127.0.0.9"] {
             let trusted = peer != "127.0.0.9"
             for (name, header, names, broken) in Self.headers {
                 let client = (trusted ? names : nil) ?? peer
                 let status = broken ? 400 : Self.denied(client) ? 403 : 200
                 let connection = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: peer)
-                expected[localPort(of: connection)] = Expected(client: broken ? peer : client, status: status, claimed: names)
+                expected["\(peer):\(localPort(of: connection))"] = Expected(client: broken ? peer : client, status: status, claimed: names)
                 #expect(try Self.outcome(connection, sending: header) == (status == 200), "\(name) from \(peer)")
             }
         }
@@ -209,7 +214,7 @@ struct NoBypassEndToEndTests {
         #expect(lines.count == expected.count)
         for line in lines {
             let fields = line.split(separator: " ").map(String.init)
-            guard fields.count == 5, let port = UInt16(fields[0]), let want = expected[port] else {
+            guard fields.count == 5, let want = expected["\(fields[2]):\(fields[0])"] else {
                 Issue.record("unexpected line \(line)"); continue
             }
             #expect(fields[1] == want.client, "\(line)")
@@ -224,8 +229,7 @@ struct NoBypassEndToEndTests {
         #expect(objects.count == refusedCount && audit.count == refusedCount)
         for object in objects {
             let peer = try #require(object["peer"] as? String)
-            let port = try #require(UInt16(peer.split(separator: ":").last ?? ""))
-            let want = try #require(expected[port])
+            let want = try #require(expected[peer], "\(peer)")
             #expect(object["client"] as? String == want.client, "\(peer)")
             #expect(object["status"] as? Int == want.status, "\(peer)")
             if want.status == 400 {
