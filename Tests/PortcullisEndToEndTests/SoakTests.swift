@@ -235,7 +235,8 @@ struct SoakTests {
             }.start()
         }
 
-        // Reload every second and sample the RSS every 100 ms until the clients are done.
+        // Reload (reloadEvery after the last answer) and sample the RSS every 100 ms until the
+        // clients are done.
         var reloads = 0, reloadFailures: [String] = [], reloadSeconds = 0.0
         var samples: [(relayed: Int, rss: Int)] = []
         var lastReload = Date()
