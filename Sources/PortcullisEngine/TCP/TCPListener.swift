@@ -3,6 +3,7 @@ import Glibc
 import Logging
 import PortcullisCore
 import PortcullisPolicy
+import Synchronization
 
 /// One listening socket of one TCP `listen`, on one event loop.
 ///
@@ -21,7 +22,10 @@ final class TCPListener: LoopListener {
     /// TCP_NODELAY as set on the listening socket: accepted sockets inherit it (and the
     /// keepalive options), so a connection costs no setsockopt unless a reload changed it.
     private let inheritedNoDelay: Bool
-    private var lastDescriptorComplaint: UInt64 = 0
+    /// When the process last said it is out of descriptors (monotonic ns, 0: never). One for
+    /// the whole process: each listen has a socket per loop, and a per-socket time let every
+    /// one of them say it once a second (4 lines a second with 2 listens on 2 loops).
+    private static let lastDescriptorComplaint = Atomic<UInt64>(0)
     private static let acceptBatch = 64
 
     private init(fd: Int32, box: RuntimeBox, endpoint: SocketEndpoint) {
@@ -95,10 +99,13 @@ final class TCPListener: LoopListener {
         if noDelay != inheritedNoDelay { try? Socket.setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, noDelay ? 1 : 0) }
     }
 
-    /// nginx's line (crit), at most once a second, not once per refused accept.
+    /// nginx's line (crit), at most once a second for the whole process, not once per refused
+    /// accept nor once per listening socket. (Loops read the clock at different moments, so
+    /// another loop's complaint may be stamped a little after this loop's `now`.)
     private func complainAboutDescriptors(_ error: Int32, runtime: ServerRuntime, now: UInt64) {
-        guard lastDescriptorComplaint == 0 || now &- lastDescriptorComplaint >= 1_000_000_000 else { return }
-        lastDescriptorComplaint = now
+        let last = Self.lastDescriptorComplaint.load(ordering: .relaxed)
+        guard last == 0 || (now > last && now - last >= 1_000_000_000) else { return }
+        guard Self.lastDescriptorComplaint.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged else { return }
         runtime.errorLog.critical("\(SystemCallError("accept4", errno: error)) on \(runtime.listen), accepting again in 100 ms")
     }
 }
