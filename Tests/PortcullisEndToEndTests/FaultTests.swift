@@ -27,76 +27,6 @@ struct FaultTests {
         }
     }
 
-    final class Gateway: @unchecked Sendable {
-        let running: PortcullisBinary.Running
-        let folder: URL
-        var pid: Int32 { running.pid }
-
-        /// Writes `rules` (with `{DIR}` for the folder) to FOLDER/gateway.conf and runs it.
-        init(_ rules: String, waitFor port: UInt16) throws {
-            folder = try makeTemporaryDirectory("portcullis-fault")
-            let path = folder.appendingPathComponent("gateway.conf").path
-            try rules.replacingOccurrences(of: "{DIR}", with: folder.path).write(toFile: path, atomically: true, encoding: .utf8)
-            running = try PortcullisBinary.launch(["run", "-c", path])
-            let deadline = Date().addingTimeInterval(20)
-            var listening = false
-            while running.process.isRunning && !listening && Date() < deadline {
-                listening = waitUntilListening(port: port, timeout: 0.5)
-            }
-            guard listening else {
-                running.signal(SIGKILL)
-                _ = running.wait(timeout: 5)
-                throw HarnessError("the gateway did not listen on \(port): \(running.stderr())")
-            }
-        }
-
-        func path(_ name: String) -> String { folder.appendingPathComponent(name).path }
-
-        func lines(of name: String) -> [String] {
-            ((try? String(contentsOfFile: path(name), encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
-        }
-
-        var isRunning: Bool { running.process.isRunning }
-
-        /// A field of /proc/PID/status, in KiB (VmRSS, VmHWM, RssAnon).
-        func status(_ field: String) -> Int {
-            FaultTests.procStatus(pid: pid, field)
-        }
-
-        /// Descriptors the gateway has open now.
-        var descriptors: Int {
-            (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
-        }
-
-        /// Stops it as an operator would (SIGTERM) and returns its exit status, nil if it did not
-        /// exit within 10 s (then it is killed).
-        func stop() -> Int32? {
-            running.signal(SIGTERM)
-            let status = running.wait(timeout: 10)
-            if status == nil {
-                running.signal(SIGKILL)
-                _ = running.wait(timeout: 5)
-            }
-            return status
-        }
-
-        deinit {
-            if running.process.isRunning {
-                running.signal(SIGKILL)
-                _ = running.wait(timeout: 5)
-            }
-            try? FileManager.default.removeItem(at: folder)
-        }
-    }
-
-    static func procStatus(pid: Int32, _ field: String) -> Int {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return -1 }
-        for line in text.split(separator: "\n") where line.hasPrefix(field + ":") {
-            return Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
-        }
-        return -1
-    }
-
     /// The metrics endpoint's samples, `name{labels}` → value.
     static func scrape(_ port: UInt16) throws -> [String: Double] {
         let connection = try TestConnection.connect(to: "127.0.0.1", port: port, timeout: 5)
@@ -167,7 +97,7 @@ struct FaultTests {
         }
         defer { upstream.stop() }
         let port = try freePort(), metricsPort = try freePort()
-        let gateway = try Gateway("""
+        let gateway = try MeasuredGateway(rules: """
             error_log {DIR}/error.log;
             stream {
                 metrics_listen 127.0.0.1:\(metricsPort);
@@ -332,7 +262,7 @@ struct FaultTests {
             return probe.localPort
         }
         let floodPort = try freeUDP(), otherPort = try freeUDP(), metricsPort = try freePort()
-        let gateway = try Gateway("""
+        let gateway = try MeasuredGateway(rules: """
             error_log {DIR}/error.log;
             stream {
                 metrics_listen 127.0.0.1:\(metricsPort);
@@ -526,7 +456,7 @@ struct FaultTests {
         let good = try Data(contentsOf: packageRoot.appendingPathComponent("data/country.mmdb"))
         try good.write(to: URL(fileURLWithPath: db))
         let port = try freePort()
-        let gateway = try Gateway("""
+        let gateway = try MeasuredGateway(rules: """
             error_log {DIR}/error.log info;
             stream {
                 log_format cc '$remote_addr $cc $status';
@@ -585,11 +515,8 @@ struct FaultTests {
         // Three auto_reload checks see the broken file.
         wait(3.5)
         // (b) A new database written beside it and renamed over it.
-        let staging = databases.appendingPathComponent("country.mmdb.new").path
-        try FileManager.default.copyItem(atPath: packageRoot.appendingPathComponent("Tests/Fixtures/geoip/types-v2.mmdb").path,
-                                         toPath: staging)
-        let renamedAt = now()
-        try #require(rename(staging, db) == 0)
+        let renamedAt = now()  // (copying the 1.7 KiB file beside it takes no time)
+        try VariablesEndToEndTests.publish(VariablesEndToEndTests.geoipFixture("types-v2.mmdb"), over: db)
         wait(3.5)
         stop.value = true
         #expect(Self.join(done, threads, timeout: 10))
@@ -618,7 +545,7 @@ struct FaultTests {
             error log: \(refusedReloads.count) refused reloads: \(refusedReloads.map { $0.suffix(120) })
             """)
 
-        #expect(alive, "the gateway died: \(gateway.running.process.isRunning ? "" : "status \(gateway.running.process.terminationStatus), reason \(gateway.running.process.terminationReason.rawValue)")")
+        #expect(alive, "the gateway died: \(gateway.exitDescription)")
         #expect(errors.isEmpty, "sessions without a decision: \(errors.prefix(5))")
         #expect(all.count >= 100, "only \(all.count) sessions")
         #expect(duringTruncation.count >= 30, "only \(duringTruncation.count) sessions while the file was truncated")

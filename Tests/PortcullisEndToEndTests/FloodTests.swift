@@ -419,124 +419,6 @@ struct FloodTests {
     }
 }
 
-// MARK: - The gateway as a measured child process
-
-/// `portcullis run -c` in a fresh folder (`{DIR}` in the rules), optionally under
-/// `ulimit -n`, with what /proc says about it.
-final class MeasuredGateway: @unchecked Sendable {
-    let process: Process
-    let directory: URL
-    var pid: Int32 { process.processIdentifier }
-
-    init(rules: String, descriptorLimit: Int? = nil) throws {
-        directory = try makeTemporaryDirectory("portcullis-flood")
-        let path = directory.appendingPathComponent("gateway.conf").path
-        try rules.replacingOccurrences(of: "{DIR}", with: directory.path).write(toFile: path, atomically: true, encoding: .utf8)
-        let binary = PortcullisBinary.url.path
-        let process = Process()
-        if let limit = descriptorLimit {
-            // Without -H or -S, ulimit sets both the soft and the hard limit; exec keeps the pid.
-            process.executableURL = URL(fileURLWithPath: "/bin/sh")
-            process.arguments = ["-c", "ulimit -n \(limit) && exec \"$0\" run -c \"$1\"", binary, path]
-        } else {
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["run", "-c", path]
-        }
-        // Output to a file, not a pipe nobody reads (a full pipe would block the gateway).
-        let output = directory.appendingPathComponent("output.txt").path
-        FileManager.default.createFile(atPath: output, contents: nil)
-        process.standardOutput = FileHandle(forWritingAtPath: output)
-        process.standardError = FileHandle(forWritingAtPath: output)
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        self.process = process
-    }
-
-    var isRunning: Bool { process.isRunning }
-
-    /// Open descriptors, counted in /proc/PID/fd.
-    var descriptors: Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1 }
-
-    /// RLIMIT_NOFILE as /proc/PID/limits shows it.
-    var descriptorLimits: (soft: Int, hard: Int)? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8) else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix("Max open files") {
-            let fields = line.dropFirst("Max open files".count).split(separator: " ")
-            guard fields.count >= 2, let soft = Int(fields[0]), let hard = Int(fields[1]) else { return nil }
-            return (soft, hard)
-        }
-        return nil
-    }
-
-    /// User plus system CPU time of all its threads, from /proc/PID/stat.
-    var cpuSeconds: Double? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = text.lastIndex(of: ")") else { return nil }
-        // After "pid (comm)": field 3 (state) is index 0, utime (14) index 11, stime (15) index 12.
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
-        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
-    }
-
-    /// VmRSS, KiB.
-    var residentKiB: Int? { Self.field("VmRSS:", in: "/proc/\(pid)/status") }
-
-    /// Pss from smaps_rollup, KiB.
-    var proportionalKiB: Int? { Self.field("Pss:", in: "/proc/\(pid)/smaps_rollup") }
-
-    private static func field(_ name: String, in path: String) -> Int? {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix(name) {
-            return Int(line.dropFirst(name.count).split(whereSeparator: \.isWhitespace).first ?? "")
-        }
-        return nil
-    }
-
-    func lines(of name: String) -> [String] {
-        let path = directory.appendingPathComponent(name).path
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
-        return text.split(separator: "\n").map(String.init)
-    }
-
-    /// Waits until `condition` holds for the lines of `name` (the gateway writes its logs from
-    /// a thread of its own), up to `timeout` seconds.
-    func waitForLines(of name: String, timeout: Double, until condition: ([String]) -> Bool) -> [String] {
-        let deadline = Flood.now() + timeout
-        while true {
-            let current = lines(of: name)
-            if condition(current) || Flood.now() > deadline { return current }
-            usleep(50_000)
-        }
-    }
-
-    /// SIGTERM, then its exit status (nil if it was still running after 15 s: then SIGKILL).
-    @discardableResult
-    func stop() -> Int32? {
-        guard process.isRunning else { return process.terminationStatus }
-        Glibc.kill(pid, SIGTERM)
-        let deadline = Flood.now() + 15
-        while process.isRunning && Flood.now() < deadline { usleep(20_000) }
-        if process.isRunning {
-            self.kill()
-            return nil
-        }
-        process.waitUntilExit()
-        return process.terminationStatus
-    }
-
-    func kill() {
-        if process.isRunning {
-            Glibc.kill(pid, SIGKILL)
-            process.waitUntilExit()
-        }
-    }
-
-    deinit {
-        kill()
-        try? FileManager.default.removeItem(at: directory)
-    }
-}
-
 // MARK: - Sockets and figures
 
 enum Flood {
@@ -557,22 +439,6 @@ enum Flood {
     static func errorKind(_ line: String) -> String {
         let text = line.split(separator: " ", maxSplits: 4).dropFirst(4).first.map(String.init) ?? line
         return String(text.prefix(60).map { $0.isNumber ? "N" : $0 })
-    }
-
-    /// A /proc file read to its end with read(2) (its size says 0).
-    static func readWhole(_ path: String) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return "" }
-        defer { Glibc.close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65_536)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { break }
-            bytes += buffer.prefix(n)
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// Raises this process's soft RLIMIT_NOFILE to `wanted` (or the hard limit); the result.
@@ -625,14 +491,8 @@ enum Flood {
         return fd
     }
 
-    static func localPort(_ fd: Int32) -> UInt16 {
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-        }
-        return withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(fromByteOffset: 2, as: UInt16.self)) }
-    }
+    /// The port `fd` is bound to (0 if getsockname fails).
+    static func localPort(_ fd: Int32) -> UInt16 { (try? TestServer.localPort(fd)) ?? 0 }
 
     /// Closes with a reset: no TIME-WAIT left behind by thousands of test sockets.
     static func reset(_ fd: Int32) {

@@ -174,7 +174,7 @@ struct LogInjectionTests {
                     tlvs: [ProxyTLV(type: type, value: value)])
                 let source = "127.0.1.\(1 + i * types.count + j)"
                 let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
-                sent["\(source):\(localPort(of: client))"] = Sent(variable: name, value: value)
+                sent["\(source):\(try client.localEndpoint().port)"] = Sent(variable: name, value: value)
                 try client.send(header + Array("payload".utf8))
                 #expect(client.isClosedByPeer(), "a session with \(name) set was not refused")
             }
@@ -226,7 +226,7 @@ struct LogInjectionTests {
                 let bytes = name == fields[0] ? Self.hello(serverName: v, alpn: nil) : Self.hello(serverName: nil, alpn: v)
                 let source = "127.0.2.\(1 + i * fields.count + j)"
                 let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
-                sent["\(source):\(localPort(of: client))"] = Sent(variable: name, value: v)
+                sent["\(source):\(try client.localEndpoint().port)"] = Sent(variable: name, value: v)
                 try client.send(bytes)
                 #expect(client.isClosedByPeer(), "a session with \(name) set was not refused")
             }

@@ -7,16 +7,6 @@ import PortcullisTestSupport
 import PortcullisWire
 import Testing
 
-/// The local port of a connected test socket (the gateway's `$realip_remote_port`).
-func localPort(of connection: TestConnection) -> UInt16 {
-    var storage = sockaddr_storage()
-    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-    _ = withUnsafeMutablePointer(to: &storage) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(connection.fd, $0, &length) }
-    }
-    return withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(fromByteOffset: 2, as: UInt16.self)) }
-}
-
 /// Every line of a JSON-lines file as one parsed object; records an issue for a line that is not.
 func jsonObjects(_ lines: [String]) -> [[String: Any]] {
     lines.compactMap { line in
@@ -79,12 +69,12 @@ struct NoBypassEndToEndTests {
         var ports: [String: (String, Bool, String?)] = [:]
         for (source, relayed, rule) in cases {
             let client = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: source)
-            ports["\(source) \(localPort(of: client))"] = (source, relayed, rule)
+            ports["\(source) \(try client.localEndpoint().port)"] = (source, relayed, rule)
             #expect(try Self.outcome(client, sending: []) == relayed, "\(source)")
         }
         // Over IPv6 loopback the same listener sees ::1 itself.
         let v6 = try TestConnection.connect(to: "::1", port: gateway.port)
-        ports["::1 \(localPort(of: v6))"] = ("::1", true, nil)
+        ports["::1 \(try v6.localEndpoint().port)"] = ("::1", true, nil)
         #expect(try Self.outcome(v6, sending: []))
 
         let lines = await gateway.waitForLines(of: "access.log") { $0.count >= ports.count }
@@ -206,7 +196,7 @@ struct NoBypassEndToEndTests {
                 let client = (trusted ? names : nil) ?? peer
                 let status = broken ? 400 : Self.denied(client) ? 403 : 200
                 let connection = try TestConnection.connect(to: "127.0.0.1", port: gateway.port, from: peer)
-                expected["\(peer):\(localPort(of: connection))"] = Expected(client: broken ? peer : client, status: status, claimed: names)
+                expected["\(peer):\(try connection.localEndpoint().port)"] = Expected(client: broken ? peer : client, status: status, claimed: names)
                 #expect(try Self.outcome(connection, sending: header) == (status == 200), "\(name) from \(peer)")
             }
         }

@@ -204,7 +204,8 @@ public final class TestServer: @unchecked Sendable {
         thread.start()
     }
 
-    static func localPort(_ fd: Int32) throws -> UInt16 {
+    /// The port a socket is bound to (getsockname).
+    public static func localPort(_ fd: Int32) throws -> UInt16 {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         try withUnsafeMutablePointer(to: &storage) {

@@ -63,6 +63,20 @@ def recv_exactly(sock, count):
     return bytes(out)
 
 
+def recv_digest(sock, count, what):
+    """Reads exactly `count` bytes (`what` names them in the error) and returns their SHA-256."""
+    hasher = hashlib.sha256()
+    view = memoryview(bytearray(BLOCK))
+    left = count
+    while left:
+        n = sock.recv_into(view, min(left, BLOCK))
+        if n == 0:
+            raise EOFError(f"{what}: EOF with {left} of {count} bytes missing")
+        hasher.update(view[:n])
+        left -= n
+    return hasher.digest()
+
+
 # ---------------------------------------------------------------------------- upstream
 
 class Totals:
@@ -106,17 +120,7 @@ def run_upstream(port):
                 magic, conn, up, down = HEADER.unpack(head)
                 if magic != MAGIC:
                     raise ValueError(f"bad header {head!r}")
-                hasher = hashlib.sha256()
-                buffer = bytearray(BLOCK)
-                view = memoryview(buffer)
-                left = up
-                while left:
-                    n = sock.recv_into(view, min(left, BLOCK))
-                    if n == 0:
-                        raise EOFError(f"connection {conn}: EOF with {left} of {up} upload bytes missing")
-                    hasher.update(view[:n])
-                    left -= n
-                sock.sendall(hasher.digest())
+                sock.sendall(recv_digest(sock, up, f"connection {conn}: upload"))
                 hasher = hashlib.sha256()
                 start = random.randrange(POOL - down + 1)
                 source = memoryview(pool)[start:start + down]
@@ -244,18 +248,9 @@ class Load:
             theirs = recv_exactly(sock, DIGEST)
             if theirs != hasher.digest():
                 raise ValueError(f"connection {conn}: the upstream's digest of {up} upload bytes differs")
-            hasher = hashlib.sha256()
-            buffer = bytearray(BLOCK)
-            view = memoryview(buffer)
-            left = down
-            while left:
-                n = sock.recv_into(view, min(left, BLOCK))
-                if n == 0:
-                    raise EOFError(f"connection {conn}: EOF with {left} of {down} download bytes missing")
-                hasher.update(view[:n])
-                left -= n
+            mine = recv_digest(sock, down, f"connection {conn}: download")
             theirs = recv_exactly(sock, DIGEST)
-            if theirs != hasher.digest():
+            if theirs != mine:
                 raise ValueError(f"connection {conn}: {down} download bytes differ from the upstream's digest")
             extra = sock.recv(16)
             if extra:

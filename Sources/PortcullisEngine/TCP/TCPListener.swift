@@ -3,7 +3,6 @@ import Glibc
 import Logging
 import PortcullisCore
 import PortcullisPolicy
-import Synchronization
 
 /// One listening socket of one TCP `listen`, on one event loop.
 ///
@@ -22,10 +21,10 @@ final class TCPListener: LoopListener {
     /// TCP_NODELAY as set on the listening socket: accepted sockets inherit it (and the
     /// keepalive options), so a connection costs no setsockopt unless a reload changed it.
     private let inheritedNoDelay: Bool
-    /// When the process last said it is out of descriptors (monotonic ns, 0: never). One for
-    /// the whole process: each listen has a socket per loop, and a per-socket time let every
-    /// one of them say it once a second (4 lines a second with 2 listens on 2 loops).
-    private static let lastDescriptorComplaint = Atomic<UInt64>(0)
+    /// One for the whole process (monotonic ns): each listen has a socket per loop, and a
+    /// per-socket limit let every one of them say it once a second (4 lines a second with 2
+    /// listens on 2 loops).
+    private static let descriptorComplaints = ReportThrottle(interval: 1_000_000_000)
     private static let acceptBatch = 64
 
     private init(fd: Int32, box: RuntimeBox, endpoint: SocketEndpoint) {
@@ -100,12 +99,9 @@ final class TCPListener: LoopListener {
     }
 
     /// nginx's line (crit), at most once a second for the whole process, not once per refused
-    /// accept nor once per listening socket. (Loops read the clock at different moments, so
-    /// another loop's complaint may be stamped a little after this loop's `now`.)
+    /// accept nor once per listening socket.
     private func complainAboutDescriptors(_ error: Int32, runtime: ServerRuntime, now: UInt64) {
-        let last = Self.lastDescriptorComplaint.load(ordering: .relaxed)
-        guard last == 0 || (now > last && now - last >= 1_000_000_000) else { return }
-        guard Self.lastDescriptorComplaint.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged else { return }
+        guard Self.descriptorComplaints.allows(now: Int64(truncatingIfNeeded: now)) else { return }
         runtime.errorLog.critical("\(SystemCallError("accept4", errno: error)) on \(runtime.listen), accepting again in 100 ms")
     }
 }

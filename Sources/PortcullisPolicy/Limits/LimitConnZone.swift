@@ -17,8 +17,8 @@ public final class LimitConnZone: Sendable {
     static let bytesPerState = 64
 
     private let shards: [Locked<[[UInt8]: Int]>]
-    /// The second the zone last said it was full (so it says so at most once a second).
-    private let lastFullReport = Atomic<Int64>(.min)
+    /// So that the zone says it is full at most once a second.
+    private let fullReports = ReportThrottle(interval: 1)
     private let shardCapacity: Int
 
     public init(name: String, key: LogTemplate, size: Int, location: SourceLocation?) {
@@ -81,11 +81,7 @@ public final class LimitConnZone: Sendable {
     }
 
     /// Whether to log "zone full" now (`now`: seconds): true at most once per second.
-    public func shouldReportFull(now: Int64) -> Bool {
-        let last = lastFullReport.load(ordering: .relaxed)
-        guard now != last else { return false }
-        return lastFullReport.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged
-    }
+    public func shouldReportFull(now: Int64) -> Bool { fullReports.allows(now: now) }
 
     /// Sessions counted for `key` now.
     public func count(_ key: [UInt8]) -> Int {
