@@ -80,7 +80,8 @@ import PortcullisTestSupport
     @Test func randomizedAgainstScan() {
         var rng = SplitMix64(seed: 0xF1257)
         for _ in 0..<200 {
-            let count = Int.random(in: 1...40, using: &rng)
+            // Up to 120 ranges: tables on both sides of SegmentTable.unindexedLimit.
+            let count = Int.random(in: 1...120, using: &rng)
             var ranges: [(range: ClosedRange<UInt16>, rule: Int32)] = []
             for rule in 0..<count {
                 let a = UInt16.random(in: 0...UInt16.max, using: &rng) & 0xFF0F
@@ -100,6 +101,30 @@ import PortcullisTestSupport
                 let expected = ranges.filter { $0.range.contains(key) }.map(\.rule).min()
                 #expect(table.firstMatch(key) == expected, "key \(key) in \(ranges)")
             }
+        }
+    }
+
+    @Test func smallTablesHaveNoIndex() {
+        let limit = SegmentTable<UInt32>.unindexedLimit
+        // n disjoint single-key ranges with gaps make 2n + 1 segments.
+        func table(_ n: Int) -> SegmentTable<UInt32> {
+            var starts: [UInt32] = [0]
+            var values: [Int32] = [-1]
+            for i in 0..<n {
+                starts += [UInt32(i * 10 + 5), UInt32(i * 10 + 6)]
+                values += [Int32(i), -1]
+            }
+            return SegmentTable(starts: starts, values: values)
+        }
+        let small = table((limit - 1) / 2), large = table(limit)
+        #expect(!small.isIndexed && small.count <= limit)
+        #expect(large.isIndexed)
+        for (n, t) in [((limit - 1) / 2, small), (limit, large)] {
+            for i in 0..<n {
+                #expect(t.value(at: UInt32(i * 10 + 5)) == Int32(i))
+                #expect(t.value(at: UInt32(i * 10 + 6)) == nil)
+            }
+            #expect(t.value(at: .max) == nil)
         }
     }
 }
