@@ -36,6 +36,7 @@ public enum RuleLoader {
     static func compile(_ file: RuleFile, parseDiagnostics: [Diagnostic], resolver: any HostResolver,
                         geoip: (any GeoIPOpener)?, carrying: CarriedState) -> CompileResult {
         var compiler = PolicyCompiler(resolver: resolver, geoip: geoip, carried: carrying)
+        compiler.mainFile = file.mainFile
         compiler.diagnostics.append(contentsOf: parseDiagnostics)
         let snapshot = compiler.compile(file.directives)
         let diagnostics = compiler.diagnostics.all
@@ -49,6 +50,8 @@ public enum RuleLoader {
 /// blocks, duplicates.
 struct PolicyCompiler {
     var diagnostics = DiagnosticBag()
+    /// The file the load started from, where problems of the whole file are reported.
+    var mainFile = ""
     /// Upstream blocks that had errors of their own: a `proxy_pass` naming one says nothing more.
     var brokenUpstreams: Set<String> = []
     let resolver: any HostResolver
@@ -190,7 +193,8 @@ struct PolicyCompiler {
         guard let stream else {
             // After a syntax error the block may simply not have been read: say nothing more.
             if !diagnostics.hasErrors {
-                diagnostics.error("no \"stream\" block is defined: there is nothing to listen on", at: nil)
+                diagnostics.error("no \"stream\" block is defined: there is nothing to listen on",
+                                  at: SourceLocation(file: mainFile, line: 1, column: 1))
             }
             return nil
         }

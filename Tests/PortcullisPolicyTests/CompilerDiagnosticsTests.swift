@@ -150,7 +150,7 @@ func load(_ text: String) -> CompileResult {
 
     @Test func noStreamBlock() {
         let result = load("worker_processes 1;\n")
-        #expect(result.rendered == "error: no \"stream\" block is defined: there is nothing to listen on")
+        #expect(result.rendered == "rules.conf:1:1: error: no \"stream\" block is defined: there is nothing to listen on\nworker_processes 1;\n^")
         #expect(result.snapshot == nil)
     }
 
