@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Synchronization
 public import PortcullisCore
 
@@ -68,11 +73,20 @@ public struct SourceFiles: Sendable {
 
         init(_ bytes: [UInt8]) { self.bytes = bytes }
 
-        func line(_ number: Int) -> Substring? {
+        /// Line `number`'s bytes, without its line break.
+        func lineBytes(_ number: Int) -> ArraySlice<UInt8>? {
             let starts = lineStarts.withLock { cached in
                 if let cached { return cached }
                 var found = [0]
-                for (index, byte) in bytes.enumerated() where byte == UInt8(ascii: "\n") { found.append(index + 1) }
+                bytes.withUnsafeBufferPointer { buffer in
+                    guard let base = buffer.baseAddress else { return }
+                    var offset = 0
+                    while offset < buffer.count,
+                          let newline = memchr(base + offset, Int32(UInt8(ascii: "\n")), buffer.count - offset) {
+                        offset = base.distance(to: newline.assumingMemoryBound(to: UInt8.self)) + 1
+                        found.append(offset)
+                    }
+                }
                 cached = found
                 return found
             }
@@ -80,7 +94,7 @@ public struct SourceFiles: Sendable {
             let start = starts[number - 1]
             var end = number < starts.count ? starts[number] - 1 : bytes.count
             if end > start && bytes[end - 1] == UInt8(ascii: "\r") { end -= 1 }
-            return Substring(String(decoding: bytes[start..<max(start, end)], as: UTF8.self))
+            return bytes[start..<max(start, end)]
         }
     }
 
@@ -93,21 +107,58 @@ public struct SourceFiles: Sendable {
     }
 
     public func line(_ number: Int, of file: String) -> Substring? {
-        files[file]?.line(number)
+        files[file]?.lineBytes(number).map { Substring(String(decoding: $0, as: UTF8.self)) }
     }
 
     /// `file:line:col: error: message`, the source line, and a caret under the column.
     public func render(_ diagnostic: Diagnostic) -> String {
         var out = diagnostic.description
-        guard let location = diagnostic.location, let source = line(location.line, of: location.file) else {
+        guard let location = diagnostic.location, let source = files[location.file]?.lineBytes(location.line) else {
             return out
         }
-        out += "\n" + source + "\n"
+        let (shown, column) = Self.window(of: source, column: location.column)
+        out += "\n" + shown + "\n"
         // Keep tabs so the caret lines up under tab-indented source.
-        let prefix = source.utf8.prefix(max(0, location.column - 1))
-        out += String(decoding: prefix.map { $0 == UInt8(ascii: "\t") ? $0 : UInt8(ascii: " ") }, as: UTF8.self)
-        out += "^" + String(repeating: "~", count: max(0, diagnostic.length - 1))
+        let prefix = shown.unicodeScalars.prefix(max(0, column - 1))
+        out += String(String.UnicodeScalarView(prefix.map { $0 == "\t" ? "\t" : " " }))
+        let underline = min(diagnostic.length, max(1, Self.widestLine - column + 1))
+        out += "^" + String(repeating: "~", count: max(0, underline - 1))
         return out
+    }
+
+    /// Source lines longer than this are quoted as a window around the column.
+    static let widestLine = 160
+
+    /// The part of `line` to quote and where `column` falls in it: a line of a minified or
+    /// generated file can be megabytes long, and the caret only needs its neighbourhood. Only
+    /// the scalars up to the window's end are looked at.
+    static func window(of line: ArraySlice<UInt8>, column: Int) -> (text: String, column: Int) {
+        let target = max(column - 1, 0)
+        // Where each scalar starts, up to one past the widest window ending at or after target.
+        let wanted = target + widestLine / 2 + 1
+        var starts: [Int] = []
+        var offset = line.startIndex
+        while offset < line.endIndex && (starts.count <= wanted || starts.count <= widestLine) {
+            if line[offset] & 0xC0 != 0x80 { starts.append(offset) }
+            offset += 1
+        }
+        let complete = offset >= line.endIndex
+        guard !complete || starts.count > widestLine else {
+            return (String(decoding: line, as: UTF8.self), column)
+        }
+        // Scalars known: starts.count (the whole line if complete, else at least wanted + 1).
+        var first = max(0, target - widestLine / 2)
+        if complete { first = min(first, starts.count - widestLine) }
+        let last = first + widestLine  // exclusive
+        let endByte = last < starts.count ? starts[last] : line.endIndex
+        var text = String(decoding: line[starts[first]..<endByte], as: UTF8.self)
+        var shownColumn = min(target, starts.count) - first + 1
+        if first > 0 {
+            text = "..." + text
+            shownColumn += 3
+        }
+        if !complete || last < starts.count { text += "..." }
+        return (text, shownColumn)
     }
 
     public func render(_ diagnostics: [Diagnostic]) -> String {
@@ -115,13 +166,24 @@ public struct SourceFiles: Sendable {
     }
 }
 
-/// "did you mean" by edit distance, only when the guess is close enough to help.
+/// "did you mean" by edit distance, only when the guess is close enough to help. Ties go to
+/// the alphabetically first candidate, so the same mistake always gets the same suggestion
+/// (candidates often come from a Set, whose order changes from run to run).
 public func closestMatch(to word: String, in candidates: some Sequence<String>) -> String? {
+    // A long word is no typo of a directive or variable name; and edit distance is quadratic.
+    let length = word.utf8.count
+    guard length <= 64 else { return nil }
     let limit = max(1, word.count / 3)
     var best: (String, Int)?
     for candidate in candidates {
+        // The distance is at least the difference in length: skip what cannot be close.
+        guard abs(candidate.utf8.count - length) <= limit else { continue }
         let distance = editDistance(word, candidate)
-        if distance <= limit, distance < (best?.1 ?? .max) { best = (candidate, distance) }
+        guard distance <= limit else { continue }
+        if let (bestWord, bestDistance) = best, distance > bestDistance || (distance == bestDistance && candidate >= bestWord) {
+            continue
+        }
+        best = (candidate, distance)
     }
     return best?.0
 }

@@ -24,6 +24,11 @@ public struct LocatedToken: Equatable, Sendable {
 /// - `"…"` and `'…'` quote, and must be followed by whitespace, `;` or `{`;
 /// - `\"`, `\'`, `\\`, `\t`, `\r`, `\n` are escapes in every word; other backslashes stay.
 public struct Lexer {
+    /// nginx reads a configuration through a 4 KiB buffer, so no word of a valid nginx config is
+    /// longer ("too long parameter"). The same bound keeps a 50 MB token out of memory twice
+    /// over and out of error messages.
+    public static let maximumWordLength = 4096
+
     private let bytes: [UInt8]
     public let file: String
     private var index = 0
@@ -119,17 +124,18 @@ public struct Lexer {
             return (.word(quoted: true), start, index - startIndex, span)
         default:
             let startIndex = index
-            let span = unquoted(into: &out)
+            let span = try unquoted(start: start, into: &out)
             return (.word(quoted: false), start, index - startIndex, span)
         }
     }
 
     /// Returns the word's span in `bytes` if it had no escape; else its bytes are in `out`.
-    private mutating func unquoted(into out: inout [UInt8]) -> Range<Int>? {
+    private mutating func unquoted(start: SourceLocation, into out: inout [UInt8]) throws(Failure) -> Range<Int>? {
         let startIndex = index
         var copying = false
         var previous: UInt8 = 0
         while index < bytes.count {
+            try checkLength(from: startIndex, start: start)
             let byte = bytes[index]
             if Self.isSpace(byte) || byte == UInt8(ascii: ";") { break }
             if byte == UInt8(ascii: "{") && previous != UInt8(ascii: "$") { break }
@@ -154,11 +160,13 @@ public struct Lexer {
     /// Returns the span inside the quotes if there was no escape; else the bytes are in `out`.
     private mutating func quoted(start: SourceLocation, into out: inout [UInt8]) throws(Failure) -> Range<Int>? {
         let quote = bytes[index]
+        let startIndex = index
         advance()
         let contentStart = index
         var contentEnd = index
         var copying = false
         while true {
+            try checkLength(from: startIndex, start: start)
             guard index < bytes.count else {
                 throw Failure(message: "unterminated quoted string, expecting \(quote == UInt8(ascii: "\"") ? "'\"'" : "\"'\"")", location: start)
             }
@@ -190,6 +198,20 @@ public struct Lexer {
             }
         }
         return copying ? nil : contentStart..<contentEnd
+    }
+
+    private func checkLength(from startIndex: Int, start: SourceLocation) throws(Failure) {
+        guard index - startIndex > Self.maximumWordLength else { return }
+        let opening = String(decoding: bytes[startIndex..<startIndex + 24], as: UTF8.self)
+        let shown = opening.unicodeScalars.map { scalar in
+            scalar.value < 0x20 || scalar.value == 0x7F || scalar == "\"" || scalar == "\\"
+                ? scalar.escaped(asASCII: true) : String(scalar)
+        }.joined()
+        var message = "too long word (more than \(Self.maximumWordLength) bytes) starting \"\(shown)...\""
+        if bytes[startIndex] == UInt8(ascii: "\"") || bytes[startIndex] == UInt8(ascii: "'") {
+            message += "; a missing closing quote?"
+        }
+        throw Failure(message: message, location: start)
     }
 
     private func appendEscape(_ byte: UInt8, to out: inout [UInt8]) {

@@ -10,10 +10,17 @@ import PortcullisCore
 /// find instead of stopping at the first (a syntax error ends only the file it is in).
 public struct RuleParser {
     public static let maximumIncludeDepth = 16
+    /// Blocks inside blocks, across includes. nginx's grammar has at most four levels
+    /// (stream, server, a block inside); the bound keeps a hostile file from exhausting the stack.
+    public static let maximumBlockDepth = 64
+    /// Files read in one load, includes of includes counted; globs can fan out quickly.
+    public static let maximumFiles = 10_000
 
     public private(set) var diagnostics = DiagnosticBag()
     public private(set) var sources = SourceFiles()
     private var includeStack: [String] = []
+    private var blockDepth = 0
+    private var filesRead = 0
 
     public init() {}
 
@@ -36,47 +43,84 @@ public struct RuleParser {
         return parseBytes(bytes, file: path)
     }
 
-    /// The file's bytes, checked to be UTF-8.
+    /// The file's bytes, checked to be text: UTF-8 without NUL bytes. Only regular files are
+    /// read (a directory, /dev/zero or a FIFO named by mistake is an error, not a hang), and
+    /// a problem inside the file is reported where it is, with a note where it was included.
     private mutating func readFile(path: String, includedFrom: Argument?) -> [UInt8]? {
-        // open(2) first, for the system's own words ("No such file or directory").
-        let descriptor = open(path, O_RDONLY)
+        func refuse(_ problem: String) -> [UInt8]? {
+            diagnostics.error(problem, at: includedFrom?.location, length: includedFrom?.length ?? 1)
+            return nil
+        }
+        guard filesRead < Self.maximumFiles else {
+            return refuse("more than \(Self.maximumFiles) rule files are included; \"\(path)\" is not read")
+        }
+        // O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        let descriptor = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard descriptor >= 0 else {
-            diagnostics.error(
-                "cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))",
-                at: includedFrom?.location, length: includedFrom?.length ?? 1)
-            return nil
+            return refuse("cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))")
         }
-        close(descriptor)
-        let data: Data
-        do {
-            data = try Data(contentsOf: URL(fileURLWithPath: path))
-        } catch {
-            diagnostics.error(
-                "cannot read rule file \"\(path)\": \(error.localizedDescription)",
-                at: includedFrom?.location, length: includedFrom?.length ?? 1)
-            return nil
+        defer { close(descriptor) }
+        var status = stat()
+        guard fstat(descriptor, &status) == 0 else {
+            return refuse("cannot read rule file \"\(path)\": \(String(cString: strerror(errno)))")
         }
+        switch status.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFDIR:
+            return refuse("cannot read rule file \"\(path)\": it is a directory (to include the files in it, write \"\(path)/*.conf\")")
+        default:
+            return refuse("cannot read rule file \"\(path)\": it is not a regular file")
+        }
+        filesRead += 1
         // Word offsets in bulk blocks are 31-bit (EntryTable): a rule file stays under 2 GiB.
-        guard data.count < 1 << 31 else {
-            diagnostics.error("rule file \"\(path)\" is larger than 2 GiB", at: includedFrom?.location)
-            return nil
+        let limit = 1 << 31
+        guard status.st_size < limit else { return refuse("rule file \"\(path)\" is larger than 2 GiB") }
+        // One byte more than its size, so the read that finds the end needs no larger buffer.
+        var bytes = [UInt8](repeating: 0, count: Int(status.st_size) + 1)
+        var count = 0
+        while true {
+            // Read to the end rather than trusting st_size: the file may grow while it is read.
+            if count == bytes.count { bytes += [UInt8](repeating: 0, count: max(4096, bytes.count)) }
+            let n = bytes.withUnsafeMutableBytes { read(descriptor, $0.baseAddress! + count, $0.count - count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { return refuse("cannot read rule file \"\(path)\": \(String(cString: strerror(errno)))") }
+            if n == 0 { break }
+            count += n
+            guard count < limit else { return refuse("rule file \"\(path)\" is larger than 2 GiB") }
         }
-        let bytes = [UInt8](data)
-        // Rule files are almost always ASCII; check that quickly before a full validation.
-        let ascii = bytes.withUnsafeBufferPointer { buffer in
-            var combined: UInt8 = 0
-            for byte in buffer { combined |= byte }
-            return combined < 0x80
+        bytes.removeSubrange(count...)
+        if let bad = UTF8Check.firstInvalidByte(bytes) {
+            return refuseContent(bytes, path: path, at: bad, includedFrom: includedFrom,
+                                 "invalid UTF-8 (byte 0x\(String(bytes[bad], radix: 16, uppercase: true))); rule files are UTF-8 text")
         }
-        guard ascii || String(validating: bytes, as: UTF8.self) != nil else {
-            diagnostics.error("rule file \"\(path)\" is not valid UTF-8 text", at: includedFrom?.location)
-            return nil
+        if let nul = UTF8Check.firstNul(bytes) {
+            return refuseContent(bytes, path: path, at: nul, includedFrom: includedFrom,
+                                 "a NUL byte (0x00) in a rule file; is this a binary file?")
         }
         return bytes
     }
 
+    /// An error at byte `offset` of a file that is not read further. The readable part is kept
+    /// as the file's source so the diagnostic can quote its line.
+    private mutating func refuseContent(_ bytes: [UInt8], path: String, at offset: Int,
+                                        includedFrom: Argument?, _ problem: String) -> [UInt8]? {
+        // Quote the line only up to the bad byte: what follows may not be text at all.
+        sources.add(file: path, bytes: Array(bytes[..<offset]))
+        diagnostics.error(problem, at: SourceLocation(offset: offset, in: bytes, file: path))
+        if let includedFrom {
+            diagnostics.note("included from here", at: includedFrom.location, length: includedFrom.length)
+        }
+        return nil
+    }
+
     private mutating func parseText(_ text: String, file: String) -> [Directive] {
-        parseBytes(Array(text.utf8), file: file)
+        let bytes = Array(text.utf8)
+        if let nul = UTF8Check.firstNul(bytes) {
+            _ = refuseContent(bytes, path: file, at: nul, includedFrom: nil,
+                              "a NUL byte (0x00) in a rule file; is this a binary file?")
+            return []
+        }
+        return parseBytes(bytes, file: file)
     }
 
     private mutating func parseBytes(_ bytes: [UInt8], file: String) -> [Directive] {
@@ -139,6 +183,12 @@ public struct RuleParser {
                     words = []
                     continue
                 }
+                guard blockDepth < Self.maximumBlockDepth else {
+                    throw SyntaxError(message: "blocks nested deeper than \(Self.maximumBlockDepth) levels",
+                                      location: first.location, length: first.length)
+                }
+                blockDepth += 1
+                defer { blockDepth -= 1 }
                 var children: [Directive] = []
                 try parseBlock(&lexer, opener: first, into: &children)
                 directives.append(makeDirective(first, words.dropFirst(), block: children))

@@ -157,7 +157,7 @@ public final class ExternalPeer: @unchecked Sendable {
     /// peers would then never see them close) and the runner's blocked signal mask (nginx
     /// without its master process would never see SIGTERM). Here the child gets /dev/null, two
     /// files, nothing else, no blocked signals and default signal actions.
-    static func spawn(_ path: String, _ arguments: [String], stdout: String, stderr: String) throws -> pid_t {
+    public static func spawn(_ path: String, _ arguments: [String], stdout: String, stderr: String) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
