@@ -302,7 +302,10 @@ struct FloodTests {
     func neverReadingUpstream() throws {
         let sink = try SinkServer()
         defer { sink.stop() }
-        let port = try freePort()
+        let port = try freePort(), port50 = try freePort()
+        // The 50 sessions get their own server with a long proxy_timeout: on a loaded machine,
+        // pushing and settling can take longer than 3 s, and a session ended by the timeout
+        // has no queues left to measure.
         let gateway = try MeasuredGateway(rules: """
             worker_processes 2;
             error_log {DIR}/error.log;
@@ -310,6 +313,7 @@ struct FloodTests {
                 log_format rec '$remote_port $status $bytes_received $bytes_sent $session_time';
                 access_log {DIR}/access.log rec;
                 server { listen 127.0.0.1:\(port); proxy_timeout 3s; proxy_pass 127.0.0.1:\(sink.port); }
+                server { listen 127.0.0.1:\(port50); proxy_timeout 60s; proxy_pass 127.0.0.1:\(sink.port); }
             }
             """)
         defer { gateway.kill() }
@@ -363,7 +367,7 @@ struct FloodTests {
         let acceptedBefore = sink.acceptedPorts.count
         var clients: [Int32] = []
         defer { for fd in clients { Flood.reset(fd) } }
-        for _ in 0..<sessions { clients.append(try Flood.connectStart(to: port, sendBuffer: 64 << 10)) }
+        for _ in 0..<sessions { clients.append(try Flood.connectStart(to: port50, sendBuffer: 64 << 10)) }
         let clientPorts = clients.map { Flood.localPort($0) }
         let pushed50 = Flood.push(clients, upTo: perClient, stallAfter: 1.5)
         // Let the gateway pass on what it will, until nothing moves any more.
@@ -385,9 +389,12 @@ struct FloodTests {
         let held50 = try #require(gateway.residentKiB)
         let pss50 = gateway.proportionalKiB ?? 0
         // Per client: what waits unread in front of the gateway (the client's and the gateway's queues).
-        let waitingAtGateway = clientPorts.map { clientPort in
-            (KernelQueues.lookup(local: clientPort, remote: port)?.tx ?? 0) + (KernelQueues.lookup(local: port, remote: clientPort)?.rx ?? 0)
+        let clientQueues = clientPorts.map { clientPort in
+            (KernelQueues.lookup(local: clientPort, remote: port50), KernelQueues.lookup(local: port50, remote: clientPort))
         }
+        try #require(clientQueues.allSatisfy { $0.0 != nil && $0.1 != nil },
+                     "every client socket and its gateway side are still established")
+        let waitingAtGateway = clientQueues.map { ($0.0?.tx ?? 0) + ($0.1?.rx ?? 0) }
         let heldBy50 = pushed50.reduce(0, +) - waitingAtGateway.reduce(0, +) - passedOn
         let perSession = Double(held50 - before50) / Double(sessions)
         #expect(pushed50.allSatisfy { $0 > 0 }, "every client pushed: \(pushed50.min() ?? 0)...\(pushed50.max() ?? 0)")
