@@ -3,8 +3,9 @@
 # bounded time. See docs/fuzzing.md.
 #
 # Usage: bash Tests/Fuzz/run-fuzzer.sh [TARGET] [SECONDS] [--merge] [--no-build] [-- LIBFUZZER_FLAGS...]
-#   TARGET    proxy-header (the PROXY protocol codec, the default) or client-hello (the TLS
-#             ClientHello peeker); its harness, corpus and dictionary are named after it
+#   TARGET    proxy-header (the PROXY protocol codec, the default), client-hello (the TLS
+#             ClientHello peeker) or rule-file (lexer, parser and compiler of rule files);
+#             its harness, corpus and dictionary are named after it
 #   SECONDS   how long to fuzz (default 60; passed as -max_total_time)
 #   --merge   afterwards, merge inputs that add coverage into the committed corpus
 #             (Tests/Fuzz/corpus/TARGET); otherwise they stay in .build-fuzz/TARGET/new-corpus
@@ -21,10 +22,10 @@ SECONDS_TO_RUN=60
 MERGE=0
 BUILD=1
 EXTRA=()
-USAGE="usage: $0 [proxy-header|client-hello] [SECONDS] [--merge] [--no-build] [-- LIBFUZZER_FLAGS...]"
+USAGE="usage: $0 [proxy-header|client-hello|rule-file] [SECONDS] [--merge] [--no-build] [-- LIBFUZZER_FLAGS...]"
 while [ $# -gt 0 ]; do
     case "$1" in
-        proxy-header|client-hello) TARGET=$1 ;;
+        proxy-header|client-hello|rule-file) TARGET=$1 ;;
         --merge) MERGE=1 ;;
         --no-build) BUILD=0 ;;
         --) shift; EXTRA=("$@"); break ;;
@@ -57,6 +58,16 @@ case "$TARGET" in
         HARNESS=Tests/Fuzz/ClientHelloFuzz.swift
         RUN=$OUT/client-hello
         MAX_LEN=16384 ;;     # preread_buffer_size's default: the caller stops there
+    rule-file)
+        HARNESS=Tests/Fuzz/RuleFileFuzz.swift
+        CHECKS=(Tests/PortcullisPolicyTests/FuzzChecks/RuleFileFuzzChecks.swift)
+        MODULES=(PortcullisCore PortcullisRules PortcullisWire PortcullisPolicy)
+        RUN=$OUT/rule-file
+        TIMEOUT=(-timeout=30)  # a rule file that takes seconds to compile is a finding too
+        # --merge keeps a small corpus: the fewest inputs that cover every edge, hit counts
+        # aside (a plain merge of a 2-minute run added 376 files).
+        MERGE_FLAGS=(-set_cover_merge=1 -use_counters=0)
+        MAX_LEN=8192 ;;      # the largest example in rules/ is under 5 KB
 esac
 mkdir -p "$OUT/modules" "$RUN/new-corpus" "$RUN/artifacts"
 
