@@ -4,7 +4,8 @@
 #
 # Usage: bash Tests/Fuzz/run-fuzzer.sh [TARGET] [SECONDS] [--merge] [--no-build] [-- LIBFUZZER_FLAGS...]
 #   TARGET    proxy-header (the PROXY protocol codec, the default), client-hello (the TLS
-#             ClientHello peeker) or rule-file (lexer, parser and compiler of rule files);
+#             ClientHello peeker), rule-file (lexer, parser and compiler of rule files) or
+#             log-format (log_format rendering and the audit line, with hostile values);
 #             its harness, corpus and dictionary are named after it
 #   SECONDS   how long to fuzz (default 60; passed as -max_total_time)
 #   --merge   afterwards, merge inputs that add coverage into the committed corpus
@@ -22,10 +23,10 @@ SECONDS_TO_RUN=60
 MERGE=0
 BUILD=1
 EXTRA=()
-USAGE="usage: $0 [proxy-header|client-hello|rule-file] [SECONDS] [--merge] [--no-build] [-- LIBFUZZER_FLAGS...]"
+USAGE="usage: $0 [proxy-header|client-hello|rule-file|log-format] [SECONDS] [--merge] [--no-build] [-- LIBFUZZER_FLAGS...]"
 while [ $# -gt 0 ]; do
     case "$1" in
-        proxy-header|client-hello|rule-file) TARGET=$1 ;;
+        proxy-header|client-hello|rule-file|log-format) TARGET=$1 ;;
         --merge) MERGE=1 ;;
         --no-build) BUILD=0 ;;
         --) shift; EXTRA=("$@"); break ;;
@@ -68,6 +69,14 @@ case "$TARGET" in
         # aside (a plain merge of a 2-minute run added 376 files).
         MERGE_FLAGS=(-set_cover_merge=1 -use_counters=0)
         MAX_LEN=8192 ;;      # the largest example in rules/ is under 5 KB
+    log-format)
+        HARNESS=Tests/Fuzz/LogFormatFuzz.swift
+        CHECKS=(Tests/PortcullisPolicyTests/FuzzChecks/LogFormatFuzzChecks.swift)
+        MODULES=(PortcullisCore PortcullisRules PortcullisWire PortcullisPolicy)
+        RUN=$OUT/log-format
+        TIMEOUT=(-timeout=30)
+        MERGE_FLAGS=(-set_cover_merge=1 -use_counters=0)
+        MAX_LEN=4096 ;;      # a template and a dozen values
 esac
 mkdir -p "$OUT/modules" "$RUN/new-corpus" "$RUN/artifacts"
 
