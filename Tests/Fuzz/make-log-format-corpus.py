@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Writes the log-format fuzzer's seed corpus (Tests/Fuzz/corpus/log-format).
 
-An input is a log_format template, then 0xFF, then the session's client-chosen values, each
-ended by 0xFF, in the order of LogFormatFuzzChecks.Slot:
+An input is a log_format template, then the session's client-chosen values, each after a
+0xFF byte, in the order of LogFormatFuzzChecks.Slot:
   0 preread SNI (Latin-1 bytes)   1 preread ALPN names (0x00 between names)
   2 TLV authority   3 TLV unique_id   4 TLV 0xE0   5 SSL sub-TLV CN (all raw bytes)
   6 TLS SNI   7 TLS client subject DN   8 TLS ALPN (UTF-8 text, as OpenSSL gives it)
