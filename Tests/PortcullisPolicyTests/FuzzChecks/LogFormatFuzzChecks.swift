@@ -233,6 +233,11 @@ enum LogFormatFuzzChecks {
     static func auditLine(_ r: SessionRecord, _ values: [[UInt8]?]) -> [String] {
         let line = AuditLine.render(r)
         var found = oneLine(line, "audit line")
+        // The audit log is Portcullis's own: one line even for readers that also end lines at
+        // NEL, LINE SEPARATOR or PARAGRAPH SEPARATOR (Python's splitlines, Swift's isNewline).
+        if let separator = line.unicodeScalars.first(where: { [0x85, 0x2028, 0x2029].contains($0.value) }) {
+            found.append("audit line: raw U+\(String(separator.value, radix: 16, uppercase: true)) in \(line.debugDescription)")
+        }
         guard let object = jsonObject(line) else { return found + ["audit line: not a JSON object: \(line)"] }
         found += same(object["client"], r.client.hostText, "audit client")
         found += same(object["peer"], r.peer.description, "audit peer")
