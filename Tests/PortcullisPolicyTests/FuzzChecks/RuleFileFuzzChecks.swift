@@ -27,7 +27,7 @@ enum RuleFileFuzzChecks {
     /// misspelt one, which of them "did you mean" offers depends on a dictionary's order, which
     /// differs from one dictionary to the next (closestMatch keeps the first best candidate).
     /// Two loads may then differ in the suggestion only; that is tolerated, anything else not.
-    /// RuleFileCorpusReplayTests checks that the reproducer still shows it.
+    /// RuleFileCorpusReplayTests checks that the cause is still there.
     static let suggestionTieReproducer = """
         stream {
             upstream l { server 10.0.0.1:80; }
