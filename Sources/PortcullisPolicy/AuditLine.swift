@@ -2,6 +2,9 @@ import PortcullisCore
 
 /// One JSON line of the audit log for a refused session: who, when, where, and which rule.
 /// Every string goes through the JSON escaper, so a hostile value cannot forge a field or a line.
+/// Unlike nginx's `escape=json` (which the access log keeps), the line also escapes NEL,
+/// LINE SEPARATOR and PARAGRAPH SEPARATOR, which some readers end lines at (Python's
+/// `splitlines`, Swift's `Character.isNewline`, JavaScript before ES2019).
 public enum AuditLine {
     public static func render(_ r: SessionRecord) -> String {
         var fields: [(String, String)] = [
@@ -41,6 +44,22 @@ public enum AuditLine {
             fields.append(("upstream", "[" + list.joined(separator: ",") + "]"))
         }
         fields.append(("dry_run", r.outcome.enforcement == .dryRun ? "true" : "false"))
-        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+        return escapingLineSeparators("{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}")
+    }
+
+    /// U+0085, U+2028 and U+2029 as `\u0085`, `\u2028`, `\u2029`. Outside strings the line is
+    /// ASCII, so every one found is inside a string, where the escape means the same.
+    static func escapingLineSeparators(_ line: String) -> String {
+        guard !line.utf8.allSatisfy({ $0 < 0x80 }) else { return line }
+        var out = String.UnicodeScalarView()
+        for scalar in line.unicodeScalars {
+            switch scalar.value {
+            case 0x85: out.append(contentsOf: "\\u0085".unicodeScalars)
+            case 0x2028: out.append(contentsOf: "\\u2028".unicodeScalars)
+            case 0x2029: out.append(contentsOf: "\\u2029".unicodeScalars)
+            default: out.append(scalar)
+            }
+        }
+        return String(out)
     }
 }

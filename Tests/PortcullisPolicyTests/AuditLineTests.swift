@@ -97,4 +97,18 @@ import PortcullisCore
         #expect(object["reason"] as? String == "no live upstreams")
         #expect(object["upstream"] as? [String] == ["10.0.0.9:80", "[::1]:81"])
     }
+
+    /// JSON allows U+2028 raw in a string, but readers that split lines the Unicode way
+    /// (Python's splitlines, Swift's isNewline) would cut the line there. The log-format
+    /// fuzzer checks the same (its seed-hostile-line-separators holds all three).
+    @Test func unicodeLineSeparatorsAreEscaped() throws {
+        var r = refused(ruleText: "deny $v; # a\u{2028}b")
+        r.decidingVariable = (name: "$v", value: Array("x\u{85}y\u{2029}z".utf8))
+        let line = AuditLine.render(r)
+        #expect(line.split(whereSeparator: \.isNewline).count == 1)
+        #expect(line.contains(#"a\u2028b"#) && line.contains(#"x\u0085y\u2029z"#))
+        let object = try parse(line)
+        #expect((object["rule"] as? [String: Any])?["text"] as? String == "deny $v; # a\u{2028}b")
+        #expect((object["variable"] as? [String: Any])?["value"] as? String == "x\u{85}y\u{2029}z")
+    }
 }
