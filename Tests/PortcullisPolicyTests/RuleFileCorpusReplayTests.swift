@@ -36,24 +36,29 @@ import Testing
         #expect(skipped * 10 <= Self.files.count, "\(skipped) of \(Self.files.count) files skipped")
     }
 
-    /// Each problem the checks tolerate still happens for its reproducer; once it is fixed,
-    /// take it out of `RuleFileFuzzChecks.toleratedUnlocated`.
-    @Test func toleratedProblemsStillHappen() {
-        for (message, reproducer) in RuleFileFuzzChecks.toleratedUnlocated {
-            let result = RuleFileFuzzChecks.load(reproducer)
-            #expect(result.diagnostics.contains { $0.location == nil && $0.message.hasPrefix(message) },
-                    "fixed? \(message.debugDescription) for \(reproducer.debugDescription): \(result.rendered)")
+    /// The two problems the fuzzer found, as fixed: a tie between equally close names is
+    /// broken by name, whatever order the candidates come in (an upstream table's), and a
+    /// file without a stream block is told so at its first line.
+    @Test func foundProblemsStayFixed() {
+        let tie = """
+            stream {
+                upstream l { server 10.0.0.1:80; }
+                upstream r { server 10.0.0.1:80; }
+                server { listen 1; proxy_pass u; }
+            }
+            """
+        var suggestions: Set<String> = []
+        for _ in 0..<20 {
+            let result = RuleFileFuzzChecks.load(tie)
+            for diagnostic in result.diagnostics where diagnostic.message.hasPrefix("unknown upstream \"u\"") {
+                suggestions.insert(diagnostic.message)
+            }
         }
-    }
-
-    /// The suggestion tie's cause is still there: closestMatch keeps whichever best candidate
-    /// comes first, so the order of a dictionary's keys decides. Once ties are broken by name,
-    /// take the tolerance out of `RuleFileFuzzChecks.violations`.
-    @Test func suggestionTieStillDependsOnOrder() {
-        #expect(closestMatch(to: "u", in: ["l", "r"]) != closestMatch(to: "u", in: ["r", "l"]),
-                "fixed? take the suggestion tolerance out of RuleFileFuzzChecks")
-        let result = RuleFileFuzzChecks.load(RuleFileFuzzChecks.suggestionTieReproducer)
-        #expect(result.diagnostics.contains { $0.message.hasPrefix("unknown upstream \"u\"") }, "\(result.rendered)")
+        #expect(suggestions.count == 1 && suggestions.first?.contains("did you mean \"l\"") == true, "\(suggestions)")
+        #expect(RuleFileFuzzChecks.violations(tie).isEmpty)
+        let empty = RuleFileFuzzChecks.load("")
+        #expect(empty.diagnostics.map(\.description) == ["fuzz.conf:1:1: error: no \"stream\" block is defined: there is nothing to listen on"])
+        #expect(RuleFileFuzzChecks.violations("").isEmpty)
     }
 
     /// Seeds that are whole rule files from rules/ must still compile without errors (a seed

@@ -14,53 +14,21 @@ enum RuleFileFuzzChecks {
     /// glob it), which a fuzzer must not; everything else the compiler reads is the text.
     static func accepts(_ text: String) -> Bool { !text.contains("include") }
 
-    /// Known problems, reported to the compiler's owner and not yet fixed: an error whose
-    /// message starts with one of these may have no location. Each comes with its reproducer;
-    /// RuleFileCorpusReplayTests checks that it still happens, so the entry is taken out when
-    /// it is fixed.
-    static let toleratedUnlocated: [(message: String, reproducer: String)] = [
-        // Whole-file errors name no place in the file (`portcullis check` prints no file name).
-        ("no \"stream\" block is defined", ""),
-    ]
-
-    /// Known problem, reported and not yet fixed: when several names are as close to a
-    /// misspelt one, which of them "did you mean" offers depends on a dictionary's order, which
-    /// differs from one dictionary to the next (closestMatch keeps the first best candidate).
-    /// Two loads may then differ in the suggestion only; that is tolerated, anything else not.
-    /// RuleFileCorpusReplayTests checks that the cause is still there.
-    static let suggestionTieReproducer = """
-        stream {
-            upstream l { server 10.0.0.1:80; }
-            upstream r { server 10.0.0.1:80; }
-            server { listen 1; proxy_pass u; }
-        }
-        """
-
-    /// The message without its `; did you mean "…"?`.
-    static func withoutSuggestion(_ diagnostic: Diagnostic) -> Diagnostic {
-        var copy = diagnostic
-        if let start = copy.message.range(of: "; did you mean \""),
-           let end = copy.message.range(of: "\"?", range: start.upperBound..<copy.message.endIndex) {
-            copy.message.removeSubrange(start.lowerBound..<end.upperBound)
-        }
-        return copy
-    }
-
     /// Loads the text twice as `portcullis check` does (lexer, parser, compiler), with a fixed
     /// resolver and GeoIP opener, and returns what is wrong, if anything:
     /// - every error has a location; every location is in the text (this file, a line it has,
     ///   a column on that line or just past its end);
     /// - a snapshot exactly when there is no error;
-    /// - the second load gives the same diagnostics, in the same order, rendered the same.
+    /// - the second load gives the same diagnostics, in the same order, rendered the same
+    ///   (a "did you mean" between equally close names used to follow a dictionary's order).
     /// Not crashing is checked by getting here.
     static func violations(_ text: String) -> [String] {
         let first = load(text)
         let second = load(text)
         var found: [String] = []
-        if first.diagnostics != second.diagnostics,
-           first.diagnostics.map(withoutSuggestion) != second.diagnostics.map(withoutSuggestion) {
+        if first.diagnostics != second.diagnostics {
             found.append("two loads disagree:\n\(first.rendered)\n-- then --\n\(second.rendered)")
-        } else if first.diagnostics == second.diagnostics, first.rendered != second.rendered {
+        } else if first.rendered != second.rendered {
             found.append("two loads render differently:\n\(first.rendered)\n-- then --\n\(second.rendered)")
         }
         if (first.snapshot == nil) != first.hasErrors {
@@ -69,10 +37,7 @@ enum RuleFileFuzzChecks {
         let lines = text.utf8.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
         for diagnostic in first.diagnostics {
             guard let location = diagnostic.location else {
-                if diagnostic.severity == .error,
-                   !toleratedUnlocated.contains(where: { diagnostic.message.hasPrefix($0.message) }) {
-                    found.append("error without a location: \(diagnostic)")
-                }
+                if diagnostic.severity == .error { found.append("error without a location: \(diagnostic)") }
                 continue
             }
             guard location.file == file else {
