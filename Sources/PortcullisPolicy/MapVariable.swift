@@ -107,7 +107,13 @@ struct MapRegex: Sendable {
         self.pattern = pattern
         self.value = value
         names = program.names.map(\.name)
+        var numbers: [String: Int] = [:]
+        for (name, index) in program.names { numbers[name] = index }
+        self.numbers = numbers
     }
+
+    /// Named groups' numbers.
+    private let numbers: [String: Int]
 
     func firstMatch(in key: String) -> Captures? {
         firstMatch(utf8: Array(key.utf8))
@@ -115,8 +121,6 @@ struct MapRegex: Sendable {
 
     func firstMatch(utf8 subject: [UInt8]) -> Captures? {
         guard let slots = subject.withUnsafeBufferPointer({ PikeVM.search(program, in: $0, encoding: .utf8) }) else { return nil }
-        var numbers: [String: Int] = [:]
-        for (name, index) in program.names { numbers[name] = index }
         return Captures(subject: subject, slots: slots, names: names, numbers: numbers)
     }
 

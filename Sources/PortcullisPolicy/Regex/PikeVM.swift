@@ -82,23 +82,24 @@ struct PikeVM {
         hasEmptyLoops = program.hasEmptyLoops
         slotCount = program.slotCount
         captureSlotCount = program.captureSlotCount
+        // One allocation, carved up (a map key is short; the allocations were a good part of a match).
         let states = program.stateCount
-        currentPCs = .allocate(capacity: states)
-        currentSlots = .allocate(capacity: states * slotCount)
-        nextPCs = .allocate(capacity: states)
-        nextSlots = .allocate(capacity: states * slotCount)
-        visited = .allocate(capacity: states)
+        let slots = states * slotCount
+        storage = .allocate(capacity: 5 * states + 2 + 2 * slots + slotCount)
+        currentPCs = storage
+        nextPCs = storage + states
+        visited = storage + 2 * states
         visited.initialize(repeating: -1, count: states)
-        stackPCs = .allocate(capacity: states + 1)
-        stackValues = .allocate(capacity: states + 1)
-        scratch = .allocate(capacity: slotCount)
+        stackPCs = storage + 3 * states
+        stackValues = storage + 4 * states + 1
+        currentSlots = storage + 5 * states + 2
+        nextSlots = currentSlots + slots
+        scratch = nextSlots + slots
     }
 
-    private func deallocate() {
-        for pointer in [currentPCs, currentSlots, nextPCs, nextSlots, visited, stackPCs, stackValues, scratch] {
-            pointer.deallocate()
-        }
-    }
+    private let storage: UnsafeMutablePointer<Int>
+
+    private func deallocate() { storage.deallocate() }
 
     /// The scalar at `offset` and its length in bytes; invalid UTF-8 is U+FFFD, one byte.
     @inline(__always)
