@@ -49,7 +49,7 @@ struct ScalarSet: Sendable, Equatable {
         var negated: Bool
     }
 
-    /// `Unicode.GeneralCategory` is not `Hashable` everywhere; a stable code for it.
+    /// A general category as a small number (`code(_:)`), so a class's categories are a cheap set.
     typealias GeneralCategoryCode = UInt8
 
     init() {}
