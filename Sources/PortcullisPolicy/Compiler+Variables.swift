@@ -222,11 +222,6 @@ extension PolicyCompiler {
             if key.hasPrefix("~") {
                 let caseInsensitive = key.hasPrefix("~*")
                 let pattern = String(key.dropFirst(caseInsensitive ? 2 : 1))
-                if let group = MapRegex.exponentialRisk(in: pattern) {
-                    error("regular expression \"\(pattern)\" in \"map\" can take exponential time: \"\(group)\" repeats a group that itself repeats or alternates; rewrite it without the nested repetition (e.g. \"(a+)+\" as \"a+\")", at: keyArgument)
-                    ok = false
-                    continue
-                }
                 let regex: MapRegex
                 do {
                     regex = try MapRegex(pattern: pattern, caseInsensitive: caseInsensitive, value: map.values.count)

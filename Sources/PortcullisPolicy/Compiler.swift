@@ -534,11 +534,6 @@ struct PolicyCompiler {
                         failed = true
                         continue
                     }
-                    if let group = MapRegex.exponentialRisk(in: pattern) {
-                        error("the regex in match \"\(name)\" can take exponential time on a hostile answer (\(group)); rewrite it without a repeated group that itself repeats", at: patternArgument)
-                        failed = true
-                        continue
-                    }
                     do {
                         match.expect = .regex(try HealthRegex(pattern: pattern, caseInsensitive: caseInsensitive))
                     } catch {

@@ -71,120 +71,61 @@ public struct MapVariable: Sendable {
     }
 }
 
-/// One `~regex value;` entry of a map. Swift's `Regex` with Unicode-scalar semantics; its
-/// syntax is Perl-compatible for everything an nginx operator commonly writes (classes,
-/// anchors, alternation, quantifiers, `(?<name>…)`, `(?:…)`, `\d`, `\w`, `\s`, `\b`).
-struct MapRegex: @unchecked Sendable {
-    // Regex is immutable and safe to match from any thread; it is not declared Sendable.
-    let regex: Regex<AnyRegexOutput>
+/// One `~regex value;` entry of a map, or a health check's `expect ~regex`: PCRE syntax run
+/// by a linear-time Pike VM (`Regex/`, decision 0016), so a client-chosen key (an SNI name, a
+/// PROXY TLV) cannot make a match take exponential time. Map keys are matched as UTF-8 (`.`
+/// and classes take a whole scalar).
+struct MapRegex: Sendable {
+    let program: RegexProgram
     let pattern: String
     let value: Int
     /// Named groups, as written in the pattern.
     let names: [String]
 
     struct Captures {
-        let match: Regex<AnyRegexOutput>.Match
+        /// The subject's bytes and the match's slots (byte offsets; -1 unset).
+        let subject: [UInt8]
+        let slots: [Int]
         let names: [String]
+        let numbers: [String: Int]
 
         func numbered(_ n: Int) -> [UInt8] {
-            guard n < match.output.count, let text = match.output[n].substring else { return [] }
-            return Array(text.utf8)
+            guard n >= 0, 2 * n + 1 < slots.count else { return [] }
+            let start = slots[2 * n], end = slots[2 * n + 1]
+            guard start >= 0, end >= start else { return [] }
+            return Array(subject[start..<end])
         }
 
         func named(_ name: String) -> [UInt8] {
-            guard let text = match.output[name]?.substring else { return [] }
-            return Array(text.utf8)
+            guard let n = numbers[name] else { return [] }
+            return numbered(n)
         }
     }
 
-    init(pattern: String, caseInsensitive: Bool, value: Int) throws {
-        var regex = try Regex(pattern).matchingSemantics(.unicodeScalar)
-        if caseInsensitive { regex = regex.ignoresCase() }
-        self.regex = regex
+    init(pattern: String, caseInsensitive: Bool, value: Int) throws(RegexSyntaxError) {
+        program = try RegexProgram(pattern: pattern, caseInsensitive: caseInsensitive)
         self.pattern = pattern
         self.value = value
-        self.names = Self.groupNames(in: pattern)
+        names = program.names.map(\.name)
+        var numbers: [String: Int] = [:]
+        for (name, index) in program.names { numbers[name] = index }
+        self.numbers = numbers
     }
+
+    /// Named groups' numbers.
+    private let numbers: [String: Int]
 
     func firstMatch(in key: String) -> Captures? {
-        guard let match = try? regex.firstMatch(in: key) else { return nil }
-        return Captures(match: match, names: names)
+        firstMatch(utf8: Array(key.utf8))
     }
 
-    /// Swift's `Regex` backtracks without a step limit (PCRE, in nginx, stops at a match
-    /// limit), and a map's source can be client-chosen (a PROXY TLV, an SNI name). So a pattern
-    /// that can take exponential time is refused at compile time: a group repeated without bound
-    /// (`*`, `+`, `{n,}`) that itself contains an unbounded repetition or an alternation, such as
-    /// `(a+)+`, `(\w*\s?)*` or `(a|ab)+`. Returns the offending group, or nil.
-    static func exponentialRisk(in pattern: String) -> String? {
-        let chars = Array(pattern)
-        struct Group { var start: Int; var unbounded = false; var alternation = false }
-        var stack = [Group(start: 0)]
-        var i = 0
-        // After an atom at `i`, an unbounded quantifier? (Returns the index after it.)
-        func unboundedQuantifier(at j: Int) -> Bool {
-            guard j < chars.count else { return false }
-            if chars[j] == "*" || chars[j] == "+" { return true }
-            guard chars[j] == "{", let close = chars[j...].firstIndex(of: "}") else { return false }
-            let body = String(chars[(j + 1)..<close])
-            return body.hasSuffix(",") && Int(body.dropLast()) != nil
-        }
-        while i < chars.count {
-            switch chars[i] {
-            case "\\":
-                i += 2
-                if unboundedQuantifier(at: i) { stack[stack.count - 1].unbounded = true }
-                continue
-            case "[":
-                var j = i + 1
-                if j < chars.count && chars[j] == "^" { j += 1 }
-                if j < chars.count && chars[j] == "]" { j += 1 }
-                while j < chars.count && chars[j] != "]" { j += chars[j] == "\\" ? 2 : 1 }
-                i = j + 1
-                if unboundedQuantifier(at: i) { stack[stack.count - 1].unbounded = true }
-                continue
-            case "(":
-                stack.append(Group(start: i))
-            case "|":
-                stack[stack.count - 1].alternation = true
-            case ")":
-                guard stack.count > 1 else { break }
-                let group = stack.removeLast()
-                if unboundedQuantifier(at: i + 1) {
-                    if group.unbounded || group.alternation { return String(chars[group.start...i]) + String(chars[i + 1]) }
-                    stack[stack.count - 1].unbounded = true
-                } else if group.unbounded {
-                    stack[stack.count - 1].unbounded = true
-                }
-            default:
-                if unboundedQuantifier(at: i + 1) { stack[stack.count - 1].unbounded = true }
-            }
-            i += 1
-        }
-        return nil
+    func firstMatch(utf8 subject: [UInt8]) -> Captures? {
+        guard let slots = subject.withUnsafeBufferPointer({ PikeVM.search(program, in: $0, encoding: .utf8) }) else { return nil }
+        return Captures(subject: subject, slots: slots, names: names, numbers: numbers)
     }
 
-    /// `(?<name>`, `(?P<name>` and `(?'name'` groups.
-    static func groupNames(in pattern: String) -> [String] {
-        var names: [String] = []
-        let chars = Array(pattern)
-        var i = 0
-        while i < chars.count {
-            if chars[i] == "\\" { i += 2; continue }
-            if chars[i] == "(", i + 2 < chars.count, chars[i + 1] == "?" {
-                var j = i + 2
-                if j < chars.count, chars[j] == "P" { j += 1 }
-                if j < chars.count, chars[j] == "<" || chars[j] == "'", j + 1 < chars.count,
-                   chars[j + 1] != "=", chars[j + 1] != "!" {
-                    let close: Character = chars[j] == "<" ? ">" : "'"
-                    var k = j + 1
-                    var name = ""
-                    while k < chars.count, chars[k] != close { name.append(chars[k]); k += 1 }
-                    if !name.isEmpty { names.append(name) }
-                }
-            }
-            i += 1
-        }
-        return names
+    /// Whether the bytes, one character each (Latin-1), contain a match; captures are not kept.
+    func matches(latin1 subject: [UInt8]) -> Bool {
+        subject.withUnsafeBufferPointer { PikeVM.search(program, in: $0, encoding: .latin1, captures: false) } != nil
     }
 }

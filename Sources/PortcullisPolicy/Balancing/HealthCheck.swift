@@ -32,19 +32,17 @@ public struct HealthMatch: Sendable {
     }
 }
 
-/// A `~` expectation. Swift's `Regex` is immutable and safe to use from any thread.
-public struct HealthRegex: @unchecked Sendable {
+/// A `~` expectation, matched by the linear-time engine of map regexes (`MapRegex`).
+public struct HealthRegex: Sendable {
     let regex: MapRegex
 
-    init(pattern: String, caseInsensitive: Bool) throws {
+    init(pattern: String, caseInsensitive: Bool) throws(RegexSyntaxError) {
         regex = try MapRegex(pattern: pattern, caseInsensitive: caseInsensitive, value: 0)
     }
 
     func matches(_ bytes: [UInt8]) -> Bool {
         // One character per byte (ISO 8859-1), so binary answers are matched byte for byte.
-        var text = String.UnicodeScalarView()
-        text.append(contentsOf: bytes.map { Unicode.Scalar($0) })
-        return regex.firstMatch(in: String(text)) != nil
+        regex.matches(latin1: bytes)
     }
 }
 
