@@ -3,7 +3,9 @@ import Glibc
 #endif
 import Foundation
 import Testing
+import PortcullisCore
 import PortcullisTestSupport
+import PortcullisWire
 
 /// Issue #16 item 2: hostile rule files through `portcullis check` and `portcullis run`, as
 /// separate processes whose wall time and peak RSS are measured. The peak is VmHWM from
@@ -42,6 +44,7 @@ import PortcullisTestSupport
             reaped = wait4(pid, &status, WNOHANG, &usage)
             if reaped == 0, !signalled, let port, waitUntilListening(port: port, timeout: 0.05) {
                 defer {
+                    peakKiB = max(peakKiB, highWaterKiB(pid))
                     kill(pid, SIGTERM)
                     signalled = true
                 }
@@ -190,5 +193,63 @@ import PortcullisTestSupport
         #expect(answers == ["hit\n", "miss\n"], "\(run.stderr.prefix(2000))")
         #expect(run.status == 0, "stopped by SIGTERM: \(String(describing: run.status)), signal \(String(describing: run.signal))")
         #expect(run.seconds < 90 && run.peakMiB < 600, "\(run.described)")
+    }
+
+    @Test("map regexes built for catastrophic backtracking: the file loads, and 60 KB client-chosen PROXY TLVs matched against each are decided within seconds on a debug build")
+    func catastrophicRegexes() throws {
+        let port = try freePort()
+        // Each pattern backtracks exponentially, or as a high power of the length, in a
+        // backtracking engine on the values below ((.*a){20} took 24.7 s on 33 bytes with
+        // Swift's Regex); each gets its own map so every value meets every pattern.
+        let patterns = ["(.*a){20}", "a*a*a*a*a*b", "^(a+)+$", "(a|aa)*c", "(x+x+)+y", "^(\\\\w+\\\\s?)*$"]
+        let maps = patterns.enumerated().map { index, pattern in
+            "        map $proxy_protocol_tlv_0xe0 $h\(index) { default 0; \"~\(pattern)\" 1; }"
+        }
+        let rules = """
+            error_log {DIR}/error.log;
+            stream {
+            \(maps.joined(separator: "\n"))
+                server {
+                    listen 127.0.0.1:\(port) proxy_protocol;
+                    set_real_ip_from 127.0.0.0/8;
+                    return "$h0$h1$h2$h3$h4$h5\\n";
+                }
+            }
+            """
+        let directory = try makeTemporaryDirectory("portcullis-hostile-regex")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        try Data(rules.replacingOccurrences(of: "{DIR}", with: directory.path).utf8)
+            .write(to: directory.appendingPathComponent("main.conf"))
+        let path = directory.appendingPathComponent("main.conf").path
+        let check = try Self.measure(["check", "-c", path], in: directory, timeout: 60)
+        print("HOSTILE-FIGURES regex check: exit \(check.status.map(String.init) ?? "none"), \(check.described)")
+        #expect(check.status == 0, "\(check.stderr.prefix(2000))")
+
+        // Each value fails some patterns only at its very end, after every split was possible.
+        let values: [(value: String, expected: String)] = [
+            (String(repeating: "a", count: 19) + String(repeating: "-", count: 60_000), "000000"),  // 19 a's for 20 groups
+            (String(repeating: "a", count: 60_000) + "!", "100000"),  // no b, no c, not all a's
+            (String(repeating: "x", count: 60_000), "000001"),  // no y
+            (String(repeating: "ab ", count: 20_000) + "!", "110000"),  // words, then a non-word
+        ]
+        var answers: [String] = []
+        var slowest = 0.0
+        let run = try Self.measure(["run", "-c", path], in: directory, timeout: 180, waitFor: port) {
+            for (value, _) in values {
+                let header = ProxyHeaderEncoder.v2(
+                    source: SocketEndpoint("198.51.100.7:40000")!, destination: SocketEndpoint("203.0.113.9:443")!,
+                    tlvs: [ProxyTLV(type: 0xE0, value: Array(value.utf8))])
+                let started = Date()
+                let client = try TestConnection.connect(to: "127.0.0.1", port: port, timeout: 60)
+                defer { client.close() }
+                try client.send(header)
+                answers.append(String(decoding: try client.receiveAll(limit: 100), as: UTF8.self))
+                slowest = max(slowest, Date().timeIntervalSince(started))
+            }
+        }
+        print("HOSTILE-FIGURES regex run: \(values.count) values of 60 KB against \(patterns.count) patterns, slowest answer \(String(format: "%.3f", slowest)) s; \(run.described)")
+        #expect(answers == values.map { $0.expected + "\n" })
+        #expect(slowest < 5, "the slowest value took \(slowest) s")
+        #expect(run.status == 0, "stopped by SIGTERM: \(String(describing: run.status)), signal \(String(describing: run.signal))")
     }
 }
