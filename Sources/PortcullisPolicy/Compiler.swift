@@ -37,6 +37,7 @@ public enum RuleLoader {
                         geoip: (any GeoIPOpener)?, carrying: CarriedState) -> CompileResult {
         var compiler = PolicyCompiler(resolver: resolver, geoip: geoip, carried: carrying)
         compiler.mainFile = file.mainFile
+        compiler.sources = file.sources
         compiler.diagnostics.append(contentsOf: parseDiagnostics)
         let snapshot = compiler.compile(file.directives)
         let diagnostics = compiler.diagnostics.all
@@ -52,6 +53,8 @@ struct PolicyCompiler {
     var diagnostics = DiagnosticBag()
     /// The file the load started from, where problems of the whole file are reported.
     var mainFile = ""
+    /// The text of every file read, to locate a problem inside a multi-line argument.
+    var sources = SourceFiles()
     /// Upstream blocks that had errors of their own: a `proxy_pass` naming one says nothing more.
     var brokenUpstreams: Set<String> = []
     let resolver: any HostResolver
@@ -1269,7 +1272,6 @@ struct PolicyCompiler {
         do {
             return try LogTemplate.parse(argument.text, resolve: resolve)
         } catch {
-            var location = argument.location
             let offset: Int
             let message: String
             switch error {
@@ -1287,8 +1289,9 @@ struct PolicyCompiler {
                 offset = at
                 message = "invalid variable name in \"\(argument.text)\": \"$\" must be followed by a name"
             }
-            location.column += offset + (argument.quoted ? 1 : 0)
-            diagnostics.error(message, at: location)
+            // The parser's offset counts Characters of the text; the source counts scalars.
+            let scalars = argument.text.prefix(offset).unicodeScalars.count
+            diagnostics.error(message, at: sources.location(in: argument, scalarOffset: scalars))
             return nil
         }
     }

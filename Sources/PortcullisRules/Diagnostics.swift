@@ -110,6 +110,57 @@ public struct SourceFiles: Sendable {
         files[file]?.lineBytes(number).map { Substring(String(decoding: $0, as: UTF8.self)) }
     }
 
+    /// Where the scalar at `offset` of `argument.text` was written. The text is the word after
+    /// quote removal and escapes, and may run over several lines (a quoted `log_format`
+    /// string), so this walks the source as the lexer read it. Falls back to the word's start
+    /// if the file is not known.
+    public func location(in argument: Argument, scalarOffset offset: Int) -> SourceLocation {
+        guard let file = files[argument.location.file],
+              let line = file.lineBytes(argument.location.line) else { return argument.location }
+        let bytes = file.bytes
+        var index = line.startIndex
+        var column = 1
+        // To the word's first byte: its column counts scalars.
+        while column < argument.location.column && index < line.endIndex {
+            index += 1
+            while index < line.endIndex && bytes[index] & 0xC0 == 0x80 { index += 1 }
+            column += 1
+        }
+        var lineNumber = argument.location.line
+        func step() {
+            if bytes[index] == UInt8(ascii: "\n") {
+                lineNumber += 1
+                column = 1
+            } else if bytes[index] & 0xC0 != 0x80 {
+                column += 1
+            }
+            index += 1
+        }
+        if argument.quoted && index < bytes.count { step() }
+        var remaining = offset
+        let escaped: Set<UInt8> = [UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"),
+                                   UInt8(ascii: "t"), UInt8(ascii: "r"), UInt8(ascii: "n")]
+        while remaining > 0 && index < bytes.count {
+            if bytes[index] == UInt8(ascii: "\\"), index + 1 < bytes.count {
+                // An escape is one scalar of the text for two of the source; any other
+                // backslash stays, and is one scalar like the character after it.
+                let isEscape = escaped.contains(bytes[index + 1])
+                step()
+                if isEscape {
+                    step()
+                    remaining -= 1
+                    continue
+                }
+                remaining -= 1
+                continue
+            }
+            step()
+            while index < bytes.count && bytes[index] & 0xC0 == 0x80 { step() }
+            remaining -= 1
+        }
+        return SourceLocation(file: argument.location.file, line: lineNumber, column: column)
+    }
+
     /// `file:line:col: error: message`, the source line, and a caret under the column.
     public func render(_ diagnostic: Diagnostic) -> String {
         var out = diagnostic.description

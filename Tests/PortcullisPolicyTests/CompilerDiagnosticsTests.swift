@@ -37,6 +37,10 @@ func load(_ text: String) -> CompileResult {
          "rules.conf:5:20: error: unknown upstream \"backnd\" in \"proxy_pass\"; did you mean \"backend\"?\n        proxy_pass backnd;\n                   ^~~~~~"),
         ("unknownVar", "stream {\n    log_format main \"$remote_addr $remote_adr\";\n    server { listen 8080; proxy_pass 127.0.0.1:9000; }\n}\n",
          "rules.conf:2:35: error: unknown variable \"$remote_adr\" in \"log_format\"; did you mean \"$remote_addr\"?\n    log_format main \"$remote_addr $remote_adr\";\n                                  ^"),
+        // A quoted string over several lines, with escapes before the variable: located where
+        // it is written (the fuzzer found it put at line 2, column 280).
+        ("unknownVarNextLine", "stream {\n    log_format main '$remote_addr \\t\\\"x\\\"\n        é $remote_adr';\n    server { listen 8080; proxy_pass 127.0.0.1:9000; }\n}\n",
+         "rules.conf:3:11: error: unknown variable \"$remote_adr\" in \"log_format\"; did you mean \"$remote_addr\"?\n        é $remote_adr';\n          ^"),
         ("unknownFormat", "stream {\n    log_format main \"$remote_addr\";\n    server {\n        listen 8080;\n        access_log /tmp/a.log mian;\n        proxy_pass 127.0.0.1:9000;\n    }\n}\n",
          "rules.conf:5:31: error: unknown log format \"mian\"; did you mean \"main\"?\n        access_log /tmp/a.log mian;\n                              ^~~~"),
         ("dupSingle", "stream {\n    server {\n        listen 8080;\n        proxy_pass 127.0.0.1:9000;\n        proxy_pass 127.0.0.1:9001;\n    }\n}\n",
