@@ -1,4 +1,5 @@
 import Foundation
+import PortcullisTestSupport
 import Testing
 
 /// Replays the log-format fuzzer's committed corpus (Tests/Fuzz/corpus/log-format) through the
@@ -7,23 +8,16 @@ import Testing
 /// `crash-…` a reproducer of a fixed bug, anything else merged in by the fuzzer. See
 /// docs/fuzzing.md.
 @Suite struct LogFormatCorpusReplayTests {
-    static let corpus = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent()
-        .deletingLastPathComponent()
-        .appendingPathComponent("Fuzz/corpus/log-format")
-
-    static let files: [String] = {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: corpus.path)) ?? []
-        return names.filter { !$0.hasPrefix(".") }.sorted()
-    }()
+    static let corpus = FuzzCorpus("log-format")
+    static var files: [String] { corpus.files }
 
     @Test func corpusIsThere() {
-        #expect(Self.files.filter { $0.hasPrefix("seed-") }.count >= 30, "corpus at \(Self.corpus.path)")
+        #expect(Self.files.filter { $0.hasPrefix("seed-") }.count >= 30, "corpus at \(Self.corpus.directory.path)")
     }
 
     @Test func replaysEveryFile() throws {
         for name in Self.files {
-            let bytes = [UInt8](try Data(contentsOf: Self.corpus.appendingPathComponent(name)))
+            let bytes = [UInt8](try Data(contentsOf: Self.corpus.directory.appendingPathComponent(name)))
             for violation in LogFormatFuzzChecks.violations(bytes) {
                 Issue.record("\(name): \(violation)")
             }

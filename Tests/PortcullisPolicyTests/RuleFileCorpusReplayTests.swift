@@ -1,5 +1,6 @@
 import Foundation
 import PortcullisRules
+import PortcullisTestSupport
 import Testing
 
 /// Replays the rule-file fuzzer's committed corpus (Tests/Fuzz/corpus/rule-file) through the
@@ -8,24 +9,17 @@ import Testing
 /// `crash-…` a reproducer of a fixed bug, anything else merged in by the fuzzer. See
 /// docs/fuzzing.md.
 @Suite struct RuleFileCorpusReplayTests {
-    static let corpus = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent()
-        .deletingLastPathComponent()
-        .appendingPathComponent("Fuzz/corpus/rule-file")
-
-    static let files: [String] = {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: corpus.path)) ?? []
-        return names.filter { !$0.hasPrefix(".") }.sorted()
-    }()
+    static let corpus = FuzzCorpus("rule-file")
+    static var files: [String] { corpus.files }
 
     @Test func corpusIsThere() {
-        #expect(Self.files.filter { $0.hasPrefix("seed-") }.count >= 30, "corpus at \(Self.corpus.path)")
+        #expect(Self.files.filter { $0.hasPrefix("seed-") }.count >= 30, "corpus at \(Self.corpus.directory.path)")
     }
 
     @Test func replaysEveryFile() throws {
         var skipped = 0
         for name in Self.files {
-            let data = try Data(contentsOf: Self.corpus.appendingPathComponent(name))
+            let data = try Data(contentsOf: Self.corpus.directory.appendingPathComponent(name))
             let text = String(decoding: data, as: UTF8.self)
             guard RuleFileFuzzChecks.accepts(text) else { skipped += 1; continue }
             for violation in RuleFileFuzzChecks.violations(text) {
@@ -67,7 +61,7 @@ import Testing
         let examples = Self.files.filter { $0.hasPrefix("seed-rules-") }
         #expect(!examples.isEmpty)
         for name in examples {
-            let data = try Data(contentsOf: Self.corpus.appendingPathComponent(name))
+            let data = try Data(contentsOf: Self.corpus.directory.appendingPathComponent(name))
             let result = RuleFileFuzzChecks.load(String(decoding: data, as: UTF8.self))
             #expect(!result.hasErrors, "\(name):\n\(result.rendered)")
         }

@@ -1,5 +1,6 @@
 import Foundation
 import PortcullisWire
+import PortcullisTestSupport
 import Testing
 
 /// Replays the ClientHello fuzzer's committed corpus (Tests/Fuzz/corpus/client-hello) through
@@ -7,22 +8,15 @@ import Testing
 /// `partial-…` need more; anything else (`crash-…` reproducers, inputs merged in by the
 /// fuzzer) must only not crash. See docs/fuzzing.md and Tests/Fuzz/make-client-hello-corpus.py.
 @Suite struct ClientHelloCorpusReplayTests {
-    static let corpus = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent()
-        .deletingLastPathComponent()
-        .appendingPathComponent("Fuzz/corpus/client-hello")
-
-    static let files: [String] = {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: corpus.path)) ?? []
-        return names.filter { !$0.hasPrefix(".") }.sorted()
-    }()
+    static let corpus = FuzzCorpus("client-hello")
+    static var files: [String] { corpus.files }
 
     static func bytes(_ name: String) throws -> [UInt8] {
-        [UInt8](try Data(contentsOf: corpus.appendingPathComponent(name)))
+        try corpus.bytes(name)
     }
 
     @Test func corpusIsThere() {
-        #expect(Self.files.count >= 100, "corpus at \(Self.corpus.path)")
+        #expect(Self.files.count >= 100, "corpus at \(Self.corpus.directory.path)")
         #expect(Self.files.filter { $0.hasPrefix("hello-capture-") }.count >= 9)
         #expect(Self.files.contains { $0.hasPrefix("bad-") })
         #expect(Self.files.contains { $0.hasPrefix("partial-") })

@@ -1,5 +1,6 @@
 import Foundation
 import PortcullisWire
+import PortcullisTestSupport
 import Testing
 
 /// Replays the fuzzer's committed corpus (Tests/Fuzz/corpus/proxy-header) through the decoder.
@@ -8,18 +9,11 @@ import Testing
 /// `encoder-…` seeds of the harness's encoder mode, inputs merged in by the fuzzer) must only
 /// not crash. See docs/fuzzing.md.
 @Suite struct FuzzCorpusReplayTests {
-    static let corpus = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent()
-        .deletingLastPathComponent()
-        .appendingPathComponent("Fuzz/corpus/proxy-header")
-
-    static let files: [String] = {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: corpus.path)) ?? []
-        return names.filter { !$0.hasPrefix(".") }.sorted()
-    }()
+    static let corpus = FuzzCorpus("proxy-header")
+    static var files: [String] { corpus.files }
 
     @Test func corpusIsThere() {
-        #expect(Self.files.count >= 50, "corpus at \(Self.corpus.path)")
+        #expect(Self.files.count >= 50, "corpus at \(Self.corpus.directory.path)")
         #expect(Self.files.contains { $0.hasPrefix("bad-") })
         #expect(Self.files.contains { $0.hasPrefix("v1-") })
         #expect(Self.files.contains { $0.hasPrefix("v2-") })
@@ -27,7 +21,7 @@ import Testing
 
     @Test func replaysEveryFile() throws {
         for name in Self.files {
-            let data = try Data(contentsOf: Self.corpus.appendingPathComponent(name))
+            let data = try Data(contentsOf: Self.corpus.directory.appendingPathComponent(name))
             let bytes = [UInt8](data)
             let outcome: Result<(header: ProxyHeader, length: Int)?, ProxyHeaderError> = Result {
                 () throws(ProxyHeaderError) in try ProxyHeaderDecoder.decode(bytes)
@@ -49,11 +43,11 @@ import Testing
     /// Every spec vector in the tests is also a seed of the fuzzer, byte for byte.
     @Test func corpusHoldsTheSpecVectors() throws {
         for vector in SpecVectors.valid {
-            let data = try? Data(contentsOf: Self.corpus.appendingPathComponent("\(vector.name).bin"))
+            let data = try? Data(contentsOf: Self.corpus.directory.appendingPathComponent("\(vector.name).bin"))
             #expect(data.map { [UInt8]($0) } == vector.bytes, "\(vector.name).bin")
         }
         for vector in SpecVectors.invalid {
-            let data = try? Data(contentsOf: Self.corpus.appendingPathComponent("\(vector.name).bin"))
+            let data = try? Data(contentsOf: Self.corpus.directory.appendingPathComponent("\(vector.name).bin"))
             #expect(data.map { [UInt8]($0) } == vector.bytes, "\(vector.name).bin")
         }
     }
