@@ -181,35 +181,54 @@ public struct SourceFiles: Sendable {
     static let widestLine = 160
 
     /// The part of `line` to quote and where `column` falls in it: a line of a minified or
-    /// generated file can be megabytes long, and the caret only needs its neighbourhood. Only
-    /// the scalars up to the window's end are looked at.
+    /// generated file can be megabytes long, and the caret only needs its neighbourhood. The
+    /// line is walked at most three times, in constant memory. Control characters and bidi
+    /// overrides are shown as U+FFFD: a hostile file must not drive the operator's terminal.
     static func window(of line: ArraySlice<UInt8>, column: Int) -> (text: String, column: Int) {
+        /// The byte where scalar `n` starts (the end if there are fewer), and how many scalars
+        /// were counted on the way (at most n, or all of them).
+        func scalarStart(_ n: Int) -> (byte: Int, counted: Int) {
+            var counted = 0
+            var offset = line.startIndex
+            while offset < line.endIndex {
+                if line[offset] & 0xC0 != 0x80 {
+                    if counted == n { return (offset, counted) }
+                    counted += 1
+                }
+                offset += 1
+            }
+            return (line.endIndex, counted)
+        }
         let target = max(column - 1, 0)
-        // Where each scalar starts, up to one past the widest window ending at or after target.
-        let wanted = target + widestLine / 2 + 1
-        var starts: [Int] = []
-        var offset = line.startIndex
-        while offset < line.endIndex && (starts.count <= wanted || starts.count <= widestLine) {
-            if line[offset] & 0xC0 != 0x80 { starts.append(offset) }
-            offset += 1
-        }
-        let complete = offset >= line.endIndex
-        guard !complete || starts.count > widestLine else {
-            return (String(decoding: line, as: UTF8.self), column)
-        }
-        // Scalars known: starts.count (the whole line if complete, else at least wanted + 1).
+        // Whether the line reaches past a window that starts half a window before the target.
         var first = max(0, target - widestLine / 2)
-        if complete { first = min(first, starts.count - widestLine) }
-        let last = first + widestLine  // exclusive
-        let endByte = last < starts.count ? starts[last] : line.endIndex
-        var text = String(decoding: line[starts[first]..<endByte], as: UTF8.self)
-        var shownColumn = min(target, starts.count) - first + 1
+        let (_, reached) = scalarStart(first + widestLine)
+        let count = reached < first + widestLine ? reached : nil  // known only if the line is short of that
+        if let count {
+            guard count > widestLine else { return (printable(line), column) }
+            first = min(first, count - widestLine)
+        }
+        let from = scalarStart(first).byte
+        let to = scalarStart(first + widestLine).byte
+        var text = printable(line[from..<to])
+        var shownColumn = min(target, count ?? target) - first + 1
         if first > 0 {
             text = "..." + text
             shownColumn += 3
         }
-        if !complete || last < starts.count { text += "..." }
+        if to < line.endIndex { text += "..." }
         return (text, shownColumn)
+    }
+
+    /// The bytes as text, each control character (but tab) and bidi control as U+FFFD.
+    static func printable(_ bytes: ArraySlice<UInt8>) -> String {
+        func isUnsafe(_ scalar: Unicode.Scalar) -> Bool {
+            (scalar.value < 0x20 && scalar != "\t") || scalar.value == 0x7F
+                || (0x202A...0x202E).contains(scalar.value) || (0x2066...0x2069).contains(scalar.value)
+        }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard text.unicodeScalars.contains(where: isUnsafe) else { return text }
+        return String(String.UnicodeScalarView(text.unicodeScalars.map { isUnsafe($0) ? "\u{FFFD}" : $0 }))
     }
 
     public func render(_ diagnostics: [Diagnostic]) -> String {

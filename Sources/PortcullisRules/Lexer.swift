@@ -135,7 +135,7 @@ public struct Lexer {
         var copying = false
         var previous: UInt8 = 0
         while index < bytes.count {
-            try checkLength(from: startIndex, start: start)
+            try checkLength(from: startIndex, start: start, pending: 0)
             let byte = bytes[index]
             if Self.isSpace(byte) || byte == UInt8(ascii: ";") { break }
             if byte == UInt8(ascii: "{") && previous != UInt8(ascii: "$") { break }
@@ -154,6 +154,7 @@ public struct Lexer {
             previous = byte
             advance()
         }
+        try checkLength(from: startIndex, start: start, pending: 0)  // a word that ends the file
         return copying ? nil : startIndex..<index
     }
 
@@ -166,7 +167,7 @@ public struct Lexer {
         var contentEnd = index
         var copying = false
         while true {
-            try checkLength(from: startIndex, start: start)
+            try checkLength(from: startIndex, start: start, pending: 1)  // the closing quote
             guard index < bytes.count else {
                 throw Failure(message: "unterminated quoted string, expecting \(quote == UInt8(ascii: "\"") ? "'\"'" : "\"'\"")", location: start)
             }
@@ -200,9 +201,14 @@ public struct Lexer {
         return copying ? nil : contentStart..<contentEnd
     }
 
-    private func checkLength(from startIndex: Int, start: SourceLocation) throws(Failure) {
-        guard index - startIndex > Self.maximumWordLength else { return }
-        let opening = String(decoding: bytes[startIndex..<startIndex + 24], as: UTF8.self)
+    /// A word is at most `maximumWordLength` bytes as written, quotes included; `pending` is
+    /// what it must still have (a closing quote).
+    private func checkLength(from startIndex: Int, start: SourceLocation, pending: Int) throws(Failure) {
+        guard index - startIndex + pending > Self.maximumWordLength else { return }
+        // The first 24 bytes, less a character they would cut in two.
+        var end = startIndex + 24
+        while end > startIndex && bytes[end] & 0xC0 == 0x80 { end -= 1 }
+        let opening = String(decoding: bytes[startIndex..<end], as: UTF8.self)
         let shown = opening.unicodeScalars.map { scalar in
             scalar.value < 0x20 || scalar.value == 0x7F || scalar == "\"" || scalar == "\\"
                 ? scalar.escaped(asASCII: true) : String(scalar)

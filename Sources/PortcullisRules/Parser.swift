@@ -21,6 +21,7 @@ public struct RuleParser {
     private var includeStack: [String] = []
     private var blockDepth = 0
     private var filesRead = 0
+    private var fileLimitReported = false
 
     public init() {}
 
@@ -52,17 +53,18 @@ public struct RuleParser {
             return nil
         }
         guard filesRead < Self.maximumFiles else {
-            return refuse("more than \(Self.maximumFiles) rule files are included; \"\(path)\" is not read")
+            // Once, not once per further path (a glob past the limit can name thousands).
+            if !fileLimitReported {
+                fileLimitReported = true
+                _ = refuse("more than \(Self.maximumFiles) rule files are included; \"\(path)\" and any after it are not read")
+            }
+            return nil
         }
-        // O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
-        let descriptor = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-        guard descriptor >= 0 else {
-            return refuse("cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))")
-        }
-        defer { close(descriptor) }
+        // The type first, from the path: opening a device can itself do something (a tty
+        // becomes the controlling terminal, a watchdog is armed, a tape rewinds).
         var status = stat()
-        guard fstat(descriptor, &status) == 0 else {
-            return refuse("cannot read rule file \"\(path)\": \(String(cString: strerror(errno)))")
+        guard stat(path, &status) == 0 else {
+            return refuse("cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))")
         }
         switch status.st_mode & S_IFMT {
         case S_IFREG: break
@@ -71,29 +73,52 @@ public struct RuleParser {
         default:
             return refuse("cannot read rule file \"\(path)\": it is not a regular file")
         }
+        // O_NONBLOCK and O_NOCTTY in case the path was swapped for a FIFO or a tty since the
+        // stat; fstat then says whether it is still the file that was checked.
+        let descriptor = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+        guard descriptor >= 0 else {
+            return refuse("cannot open rule file \"\(path)\": \(String(cString: strerror(errno)))")
+        }
+        defer { close(descriptor) }
+        var opened = stat()
+        guard fstat(descriptor, &opened) == 0 else {
+            return refuse("cannot read rule file \"\(path)\": \(String(cString: strerror(errno)))")
+        }
+        guard opened.st_dev == status.st_dev, opened.st_ino == status.st_ino, opened.st_mode & S_IFMT == S_IFREG else {
+            return refuse("cannot read rule file \"\(path)\": it was replaced while being opened")
+        }
         filesRead += 1
         // Word offsets in bulk blocks are 31-bit (EntryTable): a rule file stays under 2 GiB.
-        let limit = 1 << 31
-        guard status.st_size < limit else { return refuse("rule file \"\(path)\" is larger than 2 GiB") }
+        guard opened.st_size < 1 << 31 else { return refuse("rule file \"\(path)\" is larger than 2 GiB") }
+        let size = Int(opened.st_size)
+        // A file that grows while it is read may add a little; one whose size says 0 but which
+        // has content (/proc, /sys) is read up to 64 MiB.
+        let limit = size > 0 ? min(1 << 31, size + (1 << 20)) : 64 << 20
         // One byte more than its size, so the read that finds the end needs no larger buffer.
-        var bytes = [UInt8](repeating: 0, count: Int(status.st_size) + 1)
+        var bytes = [UInt8](repeating: 0, count: size + 1)
         var count = 0
-        while true {
-            // Read to the end rather than trusting st_size: the file may grow while it is read.
-            if count == bytes.count { bytes += [UInt8](repeating: 0, count: max(4096, bytes.count)) }
+        var nul: Int?
+        while nul == nil {
+            if count == bytes.count { bytes += [UInt8](repeating: 0, count: min(max(4096, bytes.count), limit + 1 - count)) }
             let n = bytes.withUnsafeMutableBytes { read(descriptor, $0.baseAddress! + count, $0.count - count) }
             if n < 0 && errno == EINTR { continue }
             guard n >= 0 else { return refuse("cannot read rule file \"\(path)\": \(String(cString: strerror(errno)))") }
             if n == 0 { break }
+            // A binary file stops at its first NUL, not after all of it is read.
+            nul = UTF8Check.firstNul(bytes, in: count..<count + n)
             count += n
-            guard count < limit else { return refuse("rule file \"\(path)\" is larger than 2 GiB") }
+            guard count <= limit else {
+                return refuse("rule file \"\(path)\" is larger than \(size > 0 ? "2 GiB, or grew by over 1 MiB while read" : "64 MiB")")
+            }
         }
         bytes.removeSubrange(count...)
-        if let bad = UTF8Check.firstInvalidByte(bytes) {
+        // Whichever comes first: a NUL is valid UTF-8, so the check stops before it.
+        let text = nul.map { Array(bytes[..<$0]) } ?? bytes
+        if let bad = UTF8Check.firstInvalidByte(text) {
             return refuseContent(bytes, path: path, at: bad, includedFrom: includedFrom,
                                  "invalid UTF-8 (byte 0x\(String(bytes[bad], radix: 16, uppercase: true))); rule files are UTF-8 text")
         }
-        if let nul = UTF8Check.firstNul(bytes) {
+        if let nul {
             return refuseContent(bytes, path: path, at: nul, includedFrom: includedFrom,
                                  "a NUL byte (0x00) in a rule file; is this a binary file?")
         }
@@ -115,7 +140,7 @@ public struct RuleParser {
 
     private mutating func parseText(_ text: String, file: String) -> [Directive] {
         let bytes = Array(text.utf8)
-        if let nul = UTF8Check.firstNul(bytes) {
+        if let nul = UTF8Check.firstNul(bytes, in: 0..<bytes.count) {
             _ = refuseContent(bytes, path: file, at: nul, includedFrom: nil,
                               "a NUL byte (0x00) in a rule file; is this a binary file?")
             return []

@@ -24,10 +24,11 @@ extension SourceLocation {
 }
 
 enum UTF8Check {
-    /// The offset of the first NUL byte, if any.
-    static func firstNul(_ bytes: [UInt8]) -> Int? {
+    /// The offset of the first NUL byte in `range` of `bytes`, if any.
+    static func firstNul(_ bytes: [UInt8], in range: Range<Int>) -> Int? {
         bytes.withUnsafeBufferPointer { buffer in
-            guard let base = buffer.baseAddress, let found = memchr(base, 0, buffer.count) else { return nil }
+            guard let base = buffer.baseAddress, !range.isEmpty,
+                  let found = memchr(base + range.lowerBound, 0, range.count) else { return nil }
             return base.distance(to: found.assumingMemoryBound(to: UInt8.self))
         }
     }

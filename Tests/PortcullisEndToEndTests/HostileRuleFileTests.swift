@@ -48,7 +48,13 @@ import PortcullisWire
                     kill(pid, SIGTERM)
                     signalled = true
                 }
-                try whileRunning?()
+                do {
+                    try whileRunning?()
+                } catch {
+                    kill(pid, SIGKILL)
+                    _ = wait4(pid, &status, 0, &usage)
+                    throw error
+                }
             }
             if reaped == 0 { usleep(10_000) }
         }
@@ -179,7 +185,7 @@ import PortcullisWire
         let check = try Self.measure(["check", "-c", path], in: dir, timeout: 120)
         print("HOSTILE-FIGURES geo-2000000 check: exit \(check.status.map(String.init) ?? "none"), \(check.described)")
         #expect(check.status == 0, "\(check.stderr.prefix(2000))")
-        #expect(check.seconds < 90 && check.peakMiB < 600, "\(check.described)")
+        #expect(check.seconds < 90 && check.peakMiB > 0 && check.peakMiB < 600, "\(check.described)")
 
         var answers: [String] = []
         let run = try Self.measure(["run", "-c", path], in: dir, timeout: 120, waitFor: port) {
@@ -192,7 +198,7 @@ import PortcullisWire
         print("HOSTILE-FIGURES geo-2000000 run: exit \(run.status.map(String.init) ?? "none"), \(run.described)")
         #expect(answers == ["hit\n", "miss\n"], "\(run.stderr.prefix(2000))")
         #expect(run.status == 0, "stopped by SIGTERM: \(String(describing: run.status)), signal \(String(describing: run.signal))")
-        #expect(run.seconds < 90 && run.peakMiB < 600, "\(run.described)")
+        #expect(run.seconds < 90 && run.peakMiB > 0 && run.peakMiB < 600, "\(run.described)")
     }
 
     @Test("map regexes built for catastrophic backtracking: the file loads, and 60 KB client-chosen PROXY TLVs matched against each are decided within seconds on a debug build")
@@ -249,7 +255,7 @@ import PortcullisWire
         }
         print("HOSTILE-FIGURES regex run: \(values.count) values of 60 KB against \(patterns.count) patterns, slowest answer \(String(format: "%.3f", slowest)) s; \(run.described)")
         #expect(answers == values.map { $0.expected + "\n" })
-        #expect(slowest < 5, "the slowest value took \(slowest) s")
+        #expect(slowest < 10, "the slowest value took \(slowest) s")
         #expect(run.status == 0, "stopped by SIGTERM: \(String(describing: run.status)), signal \(String(describing: run.signal))")
     }
 }
