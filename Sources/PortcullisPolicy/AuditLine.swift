@@ -1,10 +1,9 @@
 import PortcullisCore
 
 /// One JSON line of the audit log for a refused session: who, when, where, and which rule.
-/// Every string goes through the JSON escaper, so a hostile value cannot forge a field or a line.
-/// Unlike nginx's `escape=json` (which the access log keeps), the line also escapes NEL,
-/// LINE SEPARATOR and PARAGRAPH SEPARATOR, which some readers end lines at (Python's
-/// `splitlines`, Swift's `Character.isNewline`, JavaScript before ES2019).
+/// Every string goes through the JSON escaper, so a hostile value cannot forge a field or a line;
+/// unlike nginx's `escape=json` (which the access log keeps), it escapes the Unicode line
+/// separators too (`LogEscaping.appendJSONEscaped(_:to:lineSeparators:)`).
 public enum AuditLine {
     public static func render(_ r: SessionRecord) -> String {
         var fields: [(String, String)] = [
@@ -30,12 +29,12 @@ public enum AuditLine {
         if let variable = r.decidingVariable {
             // The value came from a lookup or a client-chosen header: escaped like everything else.
             var value = "\""
-            LogEscaping.appendJSONEscaped(variable.value, to: &value)
+            LogEscaping.appendJSONEscaped(variable.value, to: &value, lineSeparators: true)
             fields.append(("variable", "{\"name\":\(LogEscaping.jsonString(variable.name)),\"value\":\(value)\"}"))
         }
         if let limit = r.limit {
             var key = "\""
-            LogEscaping.appendJSONEscaped(limit.key, to: &key)  // a key can hold client-chosen bytes
+            LogEscaping.appendJSONEscaped(limit.key, to: &key, lineSeparators: true)  // a key can hold client-chosen bytes
             fields.append(("limit", "{\"zone\":\(LogEscaping.jsonString(limit.zone)),\"key\":\(key)\",\"limit\":\(LogEscaping.jsonString(limit.limit))}"))
         }
         if let reason = r.reason { fields.append(("reason", LogEscaping.jsonString(reason))) }
@@ -44,22 +43,6 @@ public enum AuditLine {
             fields.append(("upstream", "[" + list.joined(separator: ",") + "]"))
         }
         fields.append(("dry_run", r.outcome.enforcement == .dryRun ? "true" : "false"))
-        return escapingLineSeparators("{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}")
-    }
-
-    /// U+0085, U+2028 and U+2029 as `\u0085`, `\u2028`, `\u2029`. Outside strings the line is
-    /// ASCII, so every one found is inside a string, where the escape means the same.
-    static func escapingLineSeparators(_ line: String) -> String {
-        guard !line.utf8.allSatisfy({ $0 < 0x80 }) else { return line }
-        var out = String.UnicodeScalarView()
-        for scalar in line.unicodeScalars {
-            switch scalar.value {
-            case 0x85: out.append(contentsOf: "\\u0085".unicodeScalars)
-            case 0x2028: out.append(contentsOf: "\\u2028".unicodeScalars)
-            case 0x2029: out.append(contentsOf: "\\u2029".unicodeScalars)
-            default: out.append(scalar)
-            }
-        }
-        return String(out)
+        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
     }
 }

@@ -350,11 +350,17 @@ public enum LogEscaping {
         }
     }
 
-    /// The inside of a JSON string: `"` and `\` escaped, control bytes as `\n` or `\u00XX`.
-    public static func appendJSONEscaped(_ value: [UInt8], to out: inout String) {
+    /// The inside of a JSON string: `"` and `\` escaped, control bytes as `\n` or `\u00XX`
+    /// (nginx's `escape=json`). `lineSeparators` also escapes NEL, LINE SEPARATOR and PARAGRAPH
+    /// SEPARATOR, valid in JSON but line ends to some readers (Python's `splitlines`, Swift's
+    /// `Character.isNewline`, JavaScript before ES2019): the audit log's lines must stay lines.
+    public static func appendJSONEscaped(_ value: [UInt8], to out: inout String, lineSeparators: Bool = false) {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(value.count)
-        for byte in value {
+        var i = 0
+        while i < value.count {
+            let byte = value[i]
+            i += 1
             switch byte {
             case UInt8(ascii: "\""): bytes += Array("\\\"".utf8)
             case UInt8(ascii: "\\"): bytes += Array("\\\\".utf8)
@@ -365,15 +371,23 @@ public enum LogEscaping {
             case 0x0C: bytes += Array("\\f".utf8)
             case 0..<0x20:
                 bytes += Array("\\u00".utf8) + [hex[Int(byte >> 4)], hex[Int(byte & 0xF)]]
+            case 0xC2 where lineSeparators && i < value.count && value[i] == 0x85:  // U+0085
+                bytes += Array("\\u0085".utf8)
+                i += 1
+            case 0xE2 where lineSeparators && i + 1 < value.count && value[i] == 0x80
+                && (value[i + 1] == 0xA8 || value[i + 1] == 0xA9):  // U+2028, U+2029
+                bytes += Array((value[i + 1] == 0xA8 ? "\\u2028" : "\\u2029").utf8)
+                i += 2
             default: bytes.append(byte)
             }
         }
         out += String(decoding: bytes, as: UTF8.self)
     }
 
+    /// `text` as a JSON string for the audit log (line separators escaped too).
     public static func jsonString(_ text: String) -> String {
         var out = "\""
-        appendJSONEscaped(Array(text.utf8), to: &out)
+        appendJSONEscaped(Array(text.utf8), to: &out, lineSeparators: true)
         return out + "\""
     }
 }

@@ -75,6 +75,17 @@ let host = HostFacts(hostname: "gw1", pid: 4242)
         #expect(LogEscaping.jsonString("say \"hi\"\n") == #""say \"hi\"\n""#)
     }
 
+    @Test func lineSeparatorsAreEscapedOnlyWhenAsked() {
+        // The access log's escape=json is nginx's: U+0085, U+2028, U+2029 pass as they are.
+        // The audit log asks for them escaped; a lone or truncated lead byte is not a separator.
+        let value = Array("a\u{85}b\u{2028}c\u{2029}d".utf8) + [0xE2, 0x80]
+        var nginx = "", audit = ""
+        LogEscaping.appendJSONEscaped(value, to: &nginx)
+        LogEscaping.appendJSONEscaped(value, to: &audit, lineSeparators: true)
+        #expect(nginx == String(decoding: value, as: UTF8.self))
+        #expect(audit == #"a\u0085b\u2028c\u2029d"# + String(decoding: [0xE2, 0x80] as [UInt8], as: UTF8.self))
+    }
+
     @Test func jsonFormatRendersValidJSON() throws {
         let f = try format("{\"addr\":\"$binary_remote_addr\",\"status\":$status}", escape: .json)
         let line = f.render(record(client: "10.0.0.1"), host: host)
