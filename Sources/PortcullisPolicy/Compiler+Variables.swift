@@ -230,11 +230,10 @@ extension PolicyCompiler {
                     ok = false
                     continue
                 }
-                let names = regex.names
                 let table = variables
                 guard let value = template(valueArgument, in: d, resolve: { name in
                     if name.count == 1, let digit = Int(name) { return .capture(digit) }
-                    if let index = names.firstIndex(of: name) { return .namedCapture(index) }
+                    if let number = regex.groupNumber(named: name) { return .capture(number) }
                     return Variable(name: name) ?? table.index(of: name).map(Variable.defined)
                 }) else { ok = false; continue }
                 map.values.append(value)

@@ -15,12 +15,11 @@ public enum Variable: Sendable, Equatable {
     /// A variable the rules define (`geo`, `map`, `geoip2`, `set`): an index into the
     /// snapshot's `VariableTable`.
     case defined(Int)
-    /// `$0`…`$9` in a `map` value: a numbered capture of the regex that matched.
+    /// `$0`…`$9` in a `map` value, or `$name` for a group `(?<name>…)` of the regex, whose
+    /// number the compiler looks up: a capture of the regex that matched. (No strings in this
+    /// enum: access rules hold variables, and a plain-data rule is copied without reference
+    /// counting.)
     case capture(Int)
-    /// `$name` in a `map` value, where the regex that matched has a group `(?<name>…)`: the
-    /// position of the name in that regex's group names. (No strings in this enum: access rules
-    /// hold variables, and a plain-data rule is copied without reference counting.)
-    case namedCapture(Int)
 
     public init?(name: String) {
         if let fixed = LogVariable(rawValue: name) {
@@ -256,7 +255,7 @@ public enum VariableRenderer {
             guard let ssl = r.proxyHeader?.tlv(ProxyTLVType.ssl.rawValue).flatMap(ProxySSLInfo.init) else { return nil }
             return ssl.subTLVs.first { $0.type == type }?.value
         case .defined(let index): return r.variables?.value(index, in: r, host: host)
-        case .capture, .namedCapture: return nil  // only meaningful inside a map value
+        case .capture: return nil  // only meaningful inside a map value
         }
     }
 

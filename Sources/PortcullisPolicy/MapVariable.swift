@@ -48,8 +48,10 @@ public struct MapVariable: Sendable {
                 end = dot
             }
         }
+        guard !regexes.isEmpty else { return defaultValue.map { ($0, nil) } }
+        let subject = Array(key.utf8)  // once, for every regex entry
         for regex in regexes {
-            if let captures = regex.firstMatch(in: key) { return (regex.value, captures) }
+            if let captures = regex.firstMatch(utf8: subject) { return (regex.value, captures) }
         }
         return defaultValue.map { ($0, nil) }
     }
@@ -63,7 +65,6 @@ public struct MapVariable: Sendable {
             switch part {
             case .literal(let text): out += Array(text.utf8)
             case .variable(.capture(let n)): out += captures.numbered(n)
-            case .variable(.namedCapture(let index)): out += captures.named(captures.names[index])
             case .variable(let variable): out += VariableRenderer.value(of: variable, in: record, host: host) ?? []
             }
         }
@@ -77,17 +78,12 @@ public struct MapVariable: Sendable {
 /// and classes take a whole scalar).
 struct MapRegex: Sendable {
     let program: RegexProgram
-    let pattern: String
     let value: Int
-    /// Named groups, as written in the pattern.
-    let names: [String]
 
     struct Captures {
         /// The subject's bytes and the match's slots (byte offsets; -1 unset).
         let subject: [UInt8]
         let slots: [Int]
-        let names: [String]
-        let numbers: [String: Int]
 
         func numbered(_ n: Int) -> [UInt8] {
             guard n >= 0, 2 * n + 1 < slots.count else { return [] }
@@ -95,25 +91,17 @@ struct MapRegex: Sendable {
             guard start >= 0, end >= start else { return [] }
             return Array(subject[start..<end])
         }
-
-        func named(_ name: String) -> [UInt8] {
-            guard let n = numbers[name] else { return [] }
-            return numbered(n)
-        }
     }
 
     init(pattern: String, caseInsensitive: Bool, value: Int) throws(RegexSyntaxError) {
         program = try RegexProgram(pattern: pattern, caseInsensitive: caseInsensitive)
-        self.pattern = pattern
         self.value = value
-        names = program.names.map(\.name)
-        var numbers: [String: Int] = [:]
-        for (name, index) in program.names { numbers[name] = index }
-        self.numbers = numbers
     }
 
-    /// Named groups' numbers.
-    private let numbers: [String: Int]
+    /// The number of the group `(?<name>…)`, for the compiler: a `map` value refers to it.
+    func groupNumber(named name: String) -> Int? {
+        program.names.first { $0.name == name }?.index
+    }
 
     func firstMatch(in key: String) -> Captures? {
         firstMatch(utf8: Array(key.utf8))
@@ -121,7 +109,7 @@ struct MapRegex: Sendable {
 
     func firstMatch(utf8 subject: [UInt8]) -> Captures? {
         guard let slots = subject.withUnsafeBufferPointer({ PikeVM.search(program, in: $0, encoding: .utf8) }) else { return nil }
-        return Captures(subject: subject, slots: slots, names: names, numbers: numbers)
+        return Captures(subject: subject, slots: slots)
     }
 
     /// Whether the bytes, one character each (Latin-1), contain a match; captures are not kept.

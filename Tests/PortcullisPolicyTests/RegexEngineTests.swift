@@ -142,7 +142,7 @@ import PortcullisTestSupport
     @Test("differential against Swift's Regex", .timeLimit(.minutes(2)))
     func differential() throws {
         var random = SplitMix64(seed: 0x5EED_0016)
-        var compared = 0
+        var compared = 0, matched = 0, captured = 0
         for _ in 0..<2_000 {
             let pattern = Self.randomPattern(&random, depth: 4)
             let caseInsensitive = random.next() % 5 == 0
@@ -164,9 +164,16 @@ import PortcullisTestSupport
                 }
                 #expect(mine == theirs, "~\(caseInsensitive ? "*" : "")\(pattern) on \(subject.debugDescription)")
                 compared += 1
+                if mine != nil { matched += 1 }
+                if mine?.dropFirst().contains(where: { $0 != nil && $0 != "" }) == true { captured += 1 }
             }
         }
         #expect(compared == 8_000)
+        // The comparison means something only if both sides often match, and often capture
+        // text: an engine that never matched would agree with Swift's Regex on no-match only.
+        print("regex differential: \(compared) compared, \(matched) matched, \(captured) with non-empty groups")
+        #expect(matched > compared / 4 && matched < compared, "\(matched) of \(compared) matched")
+        #expect(captured > compared / 10, "\(captured) of \(compared) captured text")
     }
 
     static func randomPattern(_ random: inout SplitMix64, depth: Int) -> String {
