@@ -138,21 +138,11 @@ public struct SourceFiles: Sendable {
         }
         if argument.quoted && index < bytes.count { step() }
         var remaining = offset
-        let escaped: Set<UInt8> = [UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"),
-                                   UInt8(ascii: "t"), UInt8(ascii: "r"), UInt8(ascii: "n")]
         while remaining > 0 && index < bytes.count {
-            if bytes[index] == UInt8(ascii: "\\"), index + 1 < bytes.count {
-                // An escape is one scalar of the text for two of the source; any other
-                // backslash stays, and is one scalar like the character after it.
-                let isEscape = escaped.contains(bytes[index + 1])
+            // An escape (Lexer.escaped) is one scalar of the text for two of the source; any
+            // other backslash stays, one scalar like the character after it.
+            if bytes[index] == UInt8(ascii: "\\"), index + 1 < bytes.count, Lexer.escaped(bytes[index + 1]) != nil {
                 step()
-                if isEscape {
-                    step()
-                    remaining -= 1
-                    continue
-                }
-                remaining -= 1
-                continue
             }
             step()
             while index < bytes.count && bytes[index] & 0xC0 == 0x80 { step() }

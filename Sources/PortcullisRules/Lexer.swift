@@ -220,13 +220,23 @@ public struct Lexer {
         throw Failure(message: message, location: start)
     }
 
-    private func appendEscape(_ byte: UInt8, to out: inout [UInt8]) {
+    /// What `\` followed by `byte` stands for, or nil if that is no escape (both bytes stay).
+    /// Diagnostics that map a word's text back to its source use the same rule.
+    static func escaped(_ byte: UInt8) -> UInt8? {
         switch byte {
-        case UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"): out.append(byte)
-        case UInt8(ascii: "t"): out.append(UInt8(ascii: "\t"))
-        case UInt8(ascii: "r"): out.append(UInt8(ascii: "\r"))
-        case UInt8(ascii: "n"): out.append(UInt8(ascii: "\n"))
-        default: out += [UInt8(ascii: "\\"), byte]
+        case UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"): byte
+        case UInt8(ascii: "t"): UInt8(ascii: "\t")
+        case UInt8(ascii: "r"): UInt8(ascii: "\r")
+        case UInt8(ascii: "n"): UInt8(ascii: "\n")
+        default: nil
+        }
+    }
+
+    private func appendEscape(_ byte: UInt8, to out: inout [UInt8]) {
+        if let meaning = Self.escaped(byte) {
+            out.append(meaning)
+        } else {
+            out += [UInt8(ascii: "\\"), byte]
         }
     }
 }

@@ -113,8 +113,7 @@ public struct RuleParser {
         }
         bytes.removeSubrange(count...)
         // Whichever comes first: a NUL is valid UTF-8, so the check stops before it.
-        let text = nul.map { Array(bytes[..<$0]) } ?? bytes
-        if let bad = UTF8Check.firstInvalidByte(text) {
+        if let bad = UTF8Check.firstInvalidByte(bytes[..<(nul ?? count)]) {
             return refuseContent(bytes, path: path, at: bad, includedFrom: includedFrom,
                                  "invalid UTF-8 (byte 0x\(String(bytes[bad], radix: 16, uppercase: true))); rule files are UTF-8 text")
         }

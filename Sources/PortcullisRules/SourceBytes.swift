@@ -34,7 +34,7 @@ enum UTF8Check {
     }
 
     /// The offset of the first byte that is not part of well-formed UTF-8, or nil if all is.
-    static func firstInvalidByte(_ bytes: [UInt8]) -> Int? {
+    static func firstInvalidByte(_ bytes: ArraySlice<UInt8>) -> Int? {
         // Rule files are almost always ASCII; check that quickly before a full validation.
         let ascii = bytes.withUnsafeBufferPointer { buffer in
             var combined: UInt8 = 0
@@ -44,7 +44,7 @@ enum UTF8Check {
         if ascii { return nil }
         var iterator = bytes.makeIterator()
         var decoder = UTF8()
-        var offset = 0
+        var offset = bytes.startIndex
         while true {
             switch decoder.decode(&iterator) {
             case .scalarValue(let scalar): offset += UTF8.width(scalar)

@@ -95,6 +95,8 @@ import PortcullisWire
             #expect(result.stderr.contains(expected), "\(name) \(command): \(result.stderr.prefix(2000))")
             #expect(result.seconds < seconds, "\(name) \(command): \(result.described)")
             #expect(result.peakMiB < peakMiB, "\(name) \(command): \(result.described)")
+            // A run that lasted past a few samples must have been measured, or the bound says nothing.
+            #expect(result.seconds < 0.1 || result.peakMiB > 0, "\(name) \(command): no memory sample")
             // The rendered diagnostics stay readable: no 50 MB line quoted back.
             #expect(result.stderr.utf8.count < 20_000, "\(name) \(command): \(result.stderr.utf8.count) bytes on stderr")
         }

@@ -86,7 +86,7 @@ import PortcullisCore
     @Test func aNulBeforeInvalidUTF8IsWhatIsReported() throws {
         let dir = try TempFolder()
         defer { dir.cleanup() }
-        FileManager.default.createFile(atPath: dir.path + "/main.conf", contents: Data(Array("ab".utf8) + [0] + Array("cdefg".utf8) + [0xFF]))
+        try Data(Array("ab".utf8) + [0] + Array("cdefg".utf8) + [0xFF]).write(to: URL(fileURLWithPath: dir.path + "/main.conf"))
         let (_, diagnostics, _) = parse(file: dir.path + "/main.conf")
         #expect(diagnostics.map(\.description) == ["\(dir.path)/main.conf:1:3: error: a NUL byte (0x00) in a rule file; is this a binary file?"])
     }
@@ -115,7 +115,7 @@ import PortcullisCore
         defer { dir.cleanup() }
         try dir.write("main.conf", "stream {\n  include bad.conf;\n}\n")
         let bytes = Array("allow all;\n# caf".utf8) + [0xC3, 0x28] + Array(" here\n".utf8)
-        FileManager.default.createFile(atPath: dir.path + "/bad.conf", contents: Data(bytes))
+        try Data(bytes).write(to: URL(fileURLWithPath: dir.path + "/bad.conf"))
         let (_, diagnostics, rendered) = parse(file: dir.path + "/main.conf")
         #expect(rendered == [
             "\(dir.path)/bad.conf:2:6: error: invalid UTF-8 (byte 0xC3); rule files are UTF-8 text",
@@ -156,7 +156,7 @@ import PortcullisCore
         let dir = try TempFolder()
         defer { dir.cleanup() }
         try dir.write("main.conf", "stream {\n  geo $g {\n    include nets.txt;\n  }\n}\n")
-        FileManager.default.createFile(atPath: dir.path + "/nets.txt", contents: Data(Array("10.0.0.0/8 a;\n".utf8) + [0, 1, 2]))
+        try Data(Array("10.0.0.0/8 a;\n".utf8) + [0, 1, 2]).write(to: URL(fileURLWithPath: dir.path + "/nets.txt"))
         let (_, diagnostics, _) = parse(file: dir.path + "/main.conf")
         #expect(diagnostics.map(\.description) == [
             "\(dir.path)/nets.txt:2:1: error: a NUL byte (0x00) in a rule file; is this a binary file?",
