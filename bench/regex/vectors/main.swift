@@ -1,13 +1,10 @@
 // Writes random map-regex vectors (FLAGS, PATTERN, SUBJECT, the engine's answer) in the format
 // of Tests/Fixtures/regex/pcre2-vectors.tsv; bench/regex/pcre2-check.c then checks every answer
 // against PCRE2. The fixture is this with 1500 (and its three comment lines):
-//   swiftc -O Sources/PortcullisPolicy/Regex/*.swift bench/regex/vectors/main.swift -o /tmp/vectors
+//   swiftc -O Sources/PortcullisPolicy/Regex/*.swift Tests/PortcullisTestSupport/SplitMix64.swift \
+//     bench/regex/vectors/main.swift -o /tmp/vectors
 //   /tmp/vectors 1500 > vectors.tsv && /tmp/pcre2-check < vectors.tsv
-struct SplitMix: RandomNumberGenerator {
-  var state: UInt64
-  mutating func next() -> UInt64 { state &+= 0x9E3779B97F4A7C15; var z = state; z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9; z = (z ^ (z >> 27)) &* 0x94D049BB133111EB; return z ^ (z >> 31) }
-}
-func gen(_ rng: inout SplitMix, depth: Int) -> String {
+func gen(_ rng: inout SplitMix64, depth: Int) -> String {
   let atoms = ["a", "b", "c", ".", "[ab]", "[^a]", "\\b", "^", "$", "a", "b", "", "\\w", "\\s", "[a-c]", "\\B", "\\Z", "\\z", "\\n", "(?i)a", "[[:alpha:]]", "\\d"]
   let r = Int.random(in: 0..<10, using: &rng)
   if depth <= 0 || r < 3 { return atoms.randomElement(using: &rng)! }
@@ -29,7 +26,7 @@ func caps(_ prog: RegexProgram, _ s: String) -> [String?]? {
 }
 
 
-var rng = SplitMix(state: 2026)
+var rng = SplitMix64(seed: 2026)
 func enc(_ s: String) -> String { s.unicodeScalars.map { $0 == "\n" ? "\\n" : String($0) }.joined() }
 for _ in 0..<Int(CommandLine.arguments[1])! {
   let p = gen(&rng, depth: 4)
